@@ -1,0 +1,31 @@
+# adareg — the README's commands. Everything the project needs is installed here.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export MPLBACKEND := Agg
+
+.PHONY: install test demo lint bench clean
+
+install: $(BIN)/adareg
+
+$(BIN)/adareg: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,dev]'
+	@touch $(BIN)/adareg
+
+test: install
+	$(BIN)/python -m pytest -q -x --timeout 600 tests
+
+demo: install
+	$(BIN)/adareg sweep run sweeps/demo.yaml --gpus none
+	$(BIN)/adareg report sweeps/demo.yaml --out demo-report
+
+lint: install
+	$(BIN)/ruff check training orchestrator tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/trainer_throughput.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

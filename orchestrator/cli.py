@@ -1,0 +1,53 @@
+"""``adareg``: the click command line. It only parses arguments and calls library functions."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from orchestrator.errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="adareg")
+def cli() -> None:
+    """Adapting regularization with learning rate: tapered weight decay and sparse gradients under
+    warm-restarted SGD, run as crash-safe sweeps tracked in MLflow."""
+
+
+def _register() -> None:
+    from orchestrator import cli_report, cli_sweep, cli_train
+
+    for module in (cli_train, cli_sweep, cli_report):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: known errors become one ``error: ...`` line, never a traceback."""
+    from training.config import ConfigError
+    from training.data import DataError
+
+    _register()
+    try:
+        rc = cli.main(args=argv, prog_name="adareg", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except (UserError, ConfigError, DataError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # the last line of defence: still one line, the traceback on request
+        if os.environ.get("ADAREG_DEBUG"):
+            raise
+        click.echo(f"error: unexpected {type(e).__name__}: {e} (set ADAREG_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(rc if isinstance(rc, int) else 0)

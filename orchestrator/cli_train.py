@@ -1,0 +1,117 @@
+"""``adareg train`` (one tracked run) and ``adareg schedule`` (a scheme's per-epoch values)."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import click
+
+from orchestrator.cli_common import tracking_uri_option
+from orchestrator.errors import UserError
+
+TABLE1 = "sweeps/table1.yaml"
+
+
+def default_sweep_file() -> str:
+    """``sweeps/table1.yaml`` of the working directory, else the one shipped beside the package."""
+    if Path(TABLE1).exists():
+        return TABLE1
+    shipped = Path(__file__).resolve().parent.parent / TABLE1
+    return str(shipped) if shipped.exists() else TABLE1
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+sweep_option = click.option("--sweep", "sweep_file", default=None, metavar="FILE",
+                            help="Sweep file whose schemes and settings to use [default: sweeps/table1.yaml].")
+epochs_scale_option = click.option("--epochs-scale", type=float, default=None, metavar="F",
+                                   help="Every step lasts max(1, round(n x F)) epochs (0.1: 45 epochs).")
+
+
+@click.command("train")
+@click.option("--arch", required=True, help="resnet14, resnet32 or any resnet{6n+2}.")
+@click.option("--dataset", required=True, help="cifar10, cifar100 or digits.")
+@click.option("--scheme", required=True, help="A scheme of the sweep file (01, 22, wd-1e-4, ...).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@sweep_option
+@epochs_scale_option
+@click.option("--train-subset", type=int, default=None, metavar="N", help="Train on N images of the split.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present).")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
+              help="Where run folders (checkpoints) live [default: $ADAREG_RUNS_DIR or ./adareg_runs].")
+@tracking_uri_option
+def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_subset, device, threads, runs_dir,
+                  tracking_uri):
+    """Train one run, logged to MLflow. Re-running the same command resumes it, or says it is finished."""
+    from orchestrator.identity import run_key
+    from orchestrator.sweepfile import load_sweep
+    from orchestrator.worker import Outcome, WorkerSpec, default_runs_dir, execute
+
+    sweep = load_sweep(sweep_file or default_sweep_file(), epochs_scale=epochs_scale, train_subset=train_subset)
+    config = sweep.run_config(scheme, arch, dataset, seed)
+    key = run_key(config)
+    run_dir = Path(runs_dir) if runs_dir else default_runs_dir()
+    spec = WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run_dir / key),
+                      tracking_uri=tracking_uri, sweep=sweep.name, device=resolve_device(device), threads=threads)
+    click.echo(f"run {key}: {config.scheme} {config.arch} {config.dataset} seed {config.seed} on {spec.device}")
+    outcome: Outcome = execute(spec, callbacks=[EpochEcho()])
+    if outcome.status == "locked":
+        raise UserError(outcome.message)
+    click.echo(f"{outcome.status}: MLflow run {outcome.run_id}" + (f" ({outcome.message})" if outcome.message else ""))
+    if outcome.exit_code:
+        sys.exit(outcome.exit_code)
+
+
+class EpochEcho:
+    """Prints one line per epoch."""
+
+    def on_start(self, config, plan, history):
+        self.total = len(plan)
+        if history:
+            click.echo(f"resuming after epoch {len(history)} of {self.total}")
+
+    def on_epoch_end(self, epoch, m):
+        click.echo(f"epoch {epoch:>3}/{self.total} lr {m['lr']:g} wd {m['weight_decay']:g} "
+                   f"sparsity {m['grad_sparsity']:g} | train loss {m['train_loss']:.4f} err {m['train_error']:.4f} "
+                   f"| test loss {m['test_loss']:.4f} err {m['test_error']:.4f} | {m['images_per_second']:.0f} img/s")
+
+
+@click.command("schedule")
+@click.argument("scheme")
+@sweep_option
+@epochs_scale_option
+@click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
+def schedule_command(scheme, sweep_file, epochs_scale, fmt):
+    """Every epoch's phase, learning rate, weight decay and gradient sparsity for SCHEME."""
+    from orchestrator.sweepfile import load_sweep
+    from training.schedules import plan_for
+
+    sweep = load_sweep(sweep_file or default_sweep_file(), epochs_scale=epochs_scale)
+    config = sweep.run_config(scheme, sweep.archs[0], sweep.datasets[0], sweep.seeds[0])
+    header = ["epoch", "phase", "lr", "weight_decay", "grad_sparsity"]
+    rows = [[str(e.epoch), str(e.phase), f"{e.lr:g}", f"{e.weight_decay:g}", f"{e.grad_sparsity:g}"]
+            for e in plan_for(config)]
+    if fmt == "csv":
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*header, title=f"scheme {scheme} ({len(rows)} epochs)")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+COMMANDS = [train_command, schedule_command]

@@ -1,0 +1,20 @@
+"""Shared test settings: never touch the network, the user's cache, ./mlflow.db or ./adareg_runs."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ["ADAREG_NO_DOWNLOAD"] = "1"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture
+def isolated(tmp_path, monkeypatch):
+    """A temp working directory with its own MLflow store, runs dir and data dir."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("ADAREG_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path

@@ -1,0 +1,98 @@
+"""The epoch loop: exact resume, frozen sparse entries, divergence, checkpoint-before-callback."""
+
+import pytest
+import torch
+
+from training import Callback, RunConfig, train
+from training.checkpoint import load_checkpoint
+from training.loop import METRICS, Diverged
+
+TIMING = {"epoch_seconds", "images_per_second"}
+SPARSE = [[0, 0, 0.5, 0.5, 0.5], [0] * 5, [0] * 5]
+
+
+def small(**kw):
+    base = dict(arch="resnet8", dataset="digits", seed=1, epochs_scale=0.02, train_subset=150,
+                grad_sparsity=SPARSE, weight_decay=[1e-4, 1e-4, 8e-4, 1.6e-3, 1.6e-3], label_noise=0.1)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAfter(Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, metrics):
+        if epoch == self.epoch:
+            raise Crash()
+
+
+def result_metrics(history):
+    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    torch.set_num_threads(1)
+    return train(small(), device="cpu")
+
+
+def test_plan_length_and_metric_names(uninterrupted):
+    assert len(uninterrupted.history) == 15
+    assert [int(h["epoch"]) for h in uninterrupted.history] == list(range(1, 16))
+    assert set(uninterrupted.history[0]) == {"epoch", *METRICS}
+    for h in uninterrupted.history:
+        assert 0 <= h["train_error"] <= 1 and 0 <= h["test_error"] <= 1
+        assert h["images_per_second"] > 0 and h["epoch_seconds"] > 0
+
+
+def test_updated_fraction_follows_sparsity(uninterrupted):
+    for h in uninterrupted.history:
+        if h["grad_sparsity"] == 0.5:
+            assert 0.45 <= h["updated_fraction"] <= 0.5 + 1e-6, h
+        else:
+            assert h["updated_fraction"] > 0.95, h
+
+
+def test_resume_after_crash_is_bit_identical(uninterrupted, tmp_path):
+    torch.set_num_threads(1)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    with pytest.raises(Crash):
+        train(small(), [CrashAfter(7)], device="cpu", checkpoint_path=ckpt)  # crashes inside the sparse phase
+    assert load_checkpoint(ckpt)["epoch"] == 7
+    resumed = train(small(), device="cpu", checkpoint_path=ckpt)
+    assert resumed.resumed_from == 7
+    assert result_metrics(resumed.history) == result_metrics(uninterrupted.history)
+    for (name, a), b in zip(resumed.model.state_dict().items(), uninterrupted.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_is_durable_before_callbacks(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    seen = []
+
+    class Check(Callback):
+        def on_epoch_end(self, epoch, metrics):
+            seen.append(load_checkpoint(ckpt)["epoch"] == epoch)
+
+    train(small(epochs_scale=0.01, grad_sparsity=0.0), [Check()], checkpoint_path=ckpt)
+    assert seen and all(seen)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    train(small(epochs_scale=0.01), checkpoint_path=ckpt)
+    from training.loop import CheckpointMismatch
+
+    with pytest.raises(CheckpointMismatch):
+        train(small(epochs_scale=0.01, seed=2), checkpoint_path=ckpt)
+
+
+def test_divergence_names_the_epoch():
+    with pytest.raises(Diverged, match=r"diverged at epoch [12]: train loss is (nan|inf)"):
+        train(small(lr=1e6, grad_sparsity=0.0))

@@ -1,0 +1,212 @@
+"""The run configuration: one frozen, validated dataclass that says everything about a run.
+
+Every taper is stored as a grid ``phases x steps``: phase p (a warm-restart cycle) has
+``len(lr[p])`` learning-rate steps, each lasting ``epochs_per_step[p]`` epochs before scaling.
+Callers may pass a scalar (same value everywhere), a list of per-step values (same in every
+phase) or a list of per-phase lists; construction normalises all three to tuples of tuples.
+
+Fields whose ``metadata["identity"]`` is False (labels, paths, evaluation batch size) do not change
+the result; the orchestrator leaves them out of the run key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ARCH_PATTERN = re.compile(r"^resnet(\d+)$")
+DATASETS = ("cifar10", "cifar100", "digits")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+
+TABLE1_LR = (0.1, 0.01, 0.001, 0.0001, 0.00001)
+TABLE1_EPOCHS_PER_STEP = (50, 20, 20)
+
+Grid = tuple[tuple[float, ...], ...]
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; ``field`` names the culprit."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+def default_data_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "adareg", "data")
+
+
+def resnet_depth(arch: str) -> int:
+    """Depth of a ``resnet{6n+2}`` name; ConfigError('arch') otherwise."""
+    m = ARCH_PATTERN.match(arch) if isinstance(arch, str) else None
+    if not m:
+        raise ConfigError("arch", f"unknown architecture {arch!r} (expected resnet{{6n+2}}, e.g. resnet14, resnet32)")
+    depth = int(m.group(1))
+    if depth < 8 or (depth - 2) % 6:
+        raise ConfigError("arch", f"{arch!r} is not a CIFAR ResNet: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, ...)")
+    return depth
+
+
+def to_grid(name: str, value: Any, phases: int, steps: int) -> Grid:
+    """Normalise scalar | per-step list | per-phase list of lists to a ``phases x steps`` grid."""
+    def num(v: Any, where: str) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(where, f"expected a number, got {v!r}")
+        if not math.isfinite(v):
+            raise ConfigError(where, f"must be finite, got {v!r}")
+        return float(v)
+
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return tuple(tuple(num(value, name) for _ in range(steps)) for _ in range(phases))
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(name, f"expected a number, a list of {steps} per-step values or {phases} such lists")
+    if all(isinstance(v, (list, tuple)) for v in value):
+        if len(value) != phases:
+            raise ConfigError(name, f"has {len(value)} phases, the schedule has {phases}")
+        rows = []
+        for p, row in enumerate(value):
+            if len(row) != steps:
+                raise ConfigError(f"{name}[{p}]", f"has {len(row)} steps, the schedule has {steps}")
+            rows.append(tuple(num(v, f"{name}[{p}][{s}]") for s, v in enumerate(row)))
+        return tuple(rows)
+    if len(value) != steps:
+        raise ConfigError(name, f"has {len(value)} values, the schedule has {steps} steps per phase")
+    row = tuple(num(v, f"{name}[{s}]") for s, v in enumerate(value))
+    return tuple(row for _ in range(phases))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines one training run (validated on construction)."""
+
+    arch: str = "resnet14"
+    """CIFAR ResNet of He et al. §4.2: ``resnet{6n+2}`` (resnet14 'Shallow Resnet', resnet32 'Resnet')."""
+    dataset: str = "digits"
+    """``cifar10``, ``cifar100`` or ``digits`` (scikit-learn's offline 8x8 digits, upscaled to 32x32)."""
+    seed: int = 0
+    """Seeds model init, data order, augmentation, sparsity masks, label noise and the subset."""
+    scheme: str = field(default="custom", metadata={"identity": False})
+    """Name of the regularization scheme (a label; the values below are what count)."""
+    lr: Grid = (TABLE1_LR,) * 3
+    """Learning rate per phase and step (Table 1: 1e-1 .. 1e-5 in 5 steps, restarted twice)."""
+    epochs_per_step: tuple[int, ...] = TABLE1_EPOCHS_PER_STEP
+    """Epochs of each learning-rate step, per phase (Table 1: 50, 20, 20), before ``epochs_scale``."""
+    weight_decay: Grid = ((1e-4,) * 5,) * 3
+    """Coupled L2 weight decay per phase and step."""
+    grad_sparsity: Grid = ((0.0,) * 5,) * 3
+    """Share of each parameter tensor frozen by a fixed random mask, per phase and step (0 = dense)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    batch_size: int = 50
+    """Training mini-batch size (the paper: 50)."""
+    epochs_scale: float = 1.0
+    """Every step lasts max(1, round(n x epochs_scale)) epochs (0.1 turns 450 epochs into 45)."""
+    train_subset: int = 0
+    """Train on the first N of a seeded permutation of the training split (0 = all of it)."""
+    label_noise: float = 0.0
+    """Share of training labels replaced by uniformly random classes (seeded)."""
+    augment: bool = True
+    """Random crop after 4-pixel zero padding (+ horizontal flip on CIFAR)."""
+    data_dir: str = field(default_factory=default_data_dir, metadata={"identity": False})
+    """Where CIFAR archives live (not part of the run's identity)."""
+    eval_batch_size: int = field(default=1000, metadata={"identity": False})
+    """Batch size for evaluation (does not change the result)."""
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        resnet_depth(self.arch)
+        if self.dataset not in DATASETS:
+            raise ConfigError("dataset", f"unknown dataset {self.dataset!r} (expected one of {', '.join(DATASETS)})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError("seed", f"must be a non-negative integer, got {self.seed!r}")
+        eps = self.epochs_per_step
+        if isinstance(eps, int) and not isinstance(eps, bool):
+            eps = (eps,) * 3
+        if not isinstance(eps, (list, tuple)) or not eps:
+            raise ConfigError("epochs_per_step", f"expected a list with one positive integer per phase, got {eps!r}")
+        for i, n in enumerate(eps):
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"epochs_per_step[{i}]", f"must be a positive integer, got {n!r}")
+        set_("epochs_per_step", tuple(eps))
+        phases = len(eps)
+        lr = self.lr
+        steps = len(lr[0]) if isinstance(lr, (list, tuple)) and lr and isinstance(lr[0], (list, tuple)) else (
+            len(lr) if isinstance(lr, (list, tuple)) else 5)
+        if steps < 1:
+            raise ConfigError("lr", "needs at least one step")
+        for name in ("lr", "weight_decay", "grad_sparsity"):
+            set_(name, to_grid(name, getattr(self, name), phases, steps))
+        for p, row in enumerate(self.lr):
+            for s, v in enumerate(row):
+                if v <= 0:
+                    raise ConfigError(f"lr[{p}][{s}]", f"must be > 0, got {v}")
+        for p, row in enumerate(self.weight_decay):
+            for s, v in enumerate(row):
+                if v < 0:
+                    raise ConfigError(f"weight_decay[{p}][{s}]", f"must be >= 0, got {v}")
+        for p, row in enumerate(self.grad_sparsity):
+            for s, v in enumerate(row):
+                if not 0 <= v < 1:
+                    raise ConfigError(f"grad_sparsity[{p}][{s}]", f"must be in [0, 1), got {v}")
+        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum!r}")
+        set_("momentum", float(self.momentum))
+        for name in ("batch_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(name, f"must be a positive integer, got {v!r}")
+        es = self.epochs_scale
+        if isinstance(es, bool) or not isinstance(es, (int, float)) or not math.isfinite(es) or es <= 0:
+            raise ConfigError("epochs_scale", f"must be > 0, got {es!r}")
+        set_("epochs_scale", float(es))
+        ts = self.train_subset
+        if ts is None:
+            ts = 0
+        if isinstance(ts, bool) or not isinstance(ts, int) or ts < 0:
+            raise ConfigError("train_subset", f"must be a non-negative integer (0 = all), got {ts!r}")
+        set_("train_subset", ts)
+        ln = self.label_noise
+        if isinstance(ln, bool) or not isinstance(ln, (int, float)) or not 0 <= ln <= 1:
+            raise ConfigError("label_noise", f"must be in [0, 1], got {ln!r}")
+        set_("label_noise", float(ln))
+        if not isinstance(self.augment, bool):
+            raise ConfigError("augment", f"must be true or false, got {self.augment!r}")
+        set_("data_dir", str(Path(self.data_dir).expanduser()))
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES[self.dataset]
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists); ``RunConfig.from_dict`` inverts it."""
+        return json_ready(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(unknown[0], "unknown configuration field")
+        return cls(**data)
+
+    def identity_dict(self) -> dict[str, Any]:
+        """The fields that change the result, as plain JSON-able values."""
+        full = self.to_dict()
+        return {f.name: full[f.name] for f in dataclasses.fields(self) if f.metadata.get("identity", True)}
+
+
+def json_ready(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj

@@ -1,0 +1,188 @@
+"""The epoch loop: SGD with tapered weight decay and sparse gradients, checkpointed every epoch.
+
+Read it top to bottom: ``train`` builds the data, the model and the optimizer, restores the last
+checkpoint if there is one, then for every epoch of the plan sets the schedule's values, trains,
+evaluates, writes the checkpoint atomically and only then tells the callbacks.
+
+Determinism: model init, data order, crops and masks come from generators seeded by the run's seed
+(and the epoch), never from global state, so a resumed run on the CPU repeats an uninterrupted one
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import RunConfig
+from training.data import Batches, Split, load_splits
+from training.models import build_model
+from training.regularizers import SparseSGD, draw_masks, mask_seed
+from training.schedules import EpochPlan, plan_for
+
+METRICS = (
+    "train_loss", "train_error", "test_loss", "test_error", "lr", "weight_decay", "grad_sparsity",
+    "updated_fraction", "epoch_seconds", "images_per_second",
+)
+CHECKPOINT_VERSION = 1
+
+
+class Diverged(RuntimeError):
+    """The training loss became non-finite."""
+
+    def __init__(self, epoch: int, loss: float):
+        super().__init__(f"diverged at epoch {epoch}: train loss is {loss}")
+        self.epoch = epoch
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint that belongs to another configuration."""
+
+
+class Callback:
+    """Hooks of a run; override what you need. Exceptions propagate (e.g. to prune a trial)."""
+
+    def on_start(self, config: RunConfig, plan: Sequence[EpochPlan], history: list[dict[str, float]]) -> None:
+        """Before the first epoch to train; ``history`` holds the epochs restored from a checkpoint."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        """After epoch ``epoch`` is trained, evaluated and (if checkpointing) durable on disk."""
+
+
+@dataclass
+class TrainResult:
+    config: RunConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    model: torch.nn.Module | None = None
+
+
+def epoch_seed(run_seed: int, epoch: int) -> int:
+    """Seed of epoch ``epoch``'s data order and augmentation."""
+    return (run_seed * 1_000_033 + epoch * 104_729 + 3) % (2**63 - 1)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy and error (fraction) over a whole split."""
+    model.eval()
+    loss_sum = torch.zeros((), device=batches.split.labels.device)
+    wrong = torch.zeros((), device=batches.split.labels.device, dtype=torch.long)
+    for x, y in batches.ordered(batch_size):
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        wrong += (logits.argmax(1) != y).sum()
+    n = len(batches.split.labels)
+    return loss_sum.item() / n, wrong.item() / n
+
+
+def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str | torch.device = "cpu",
+          checkpoint_path: str | Path | None = None, threads: int | None = None) -> TrainResult:
+    """Train one run. With ``checkpoint_path`` it resumes from and writes to that file every epoch."""
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    plan = plan_for(config)
+
+    train_split, test_split = load_splits(config, device)
+    train_batches = Batches(train_split, config.dataset, config.batch_size, augment=config.augment)
+    test_batches = Batches(test_split, config.dataset, config.eval_batch_size, augment=False)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = build_model(config.arch, config.num_classes)
+    model = model.to(device=device, memory_format=torch.channels_last)
+    params = [p for p in model.parameters()]
+    opt = SparseSGD(params, momentum=config.momentum)
+    total_weights = sum(p.numel() for p in params)
+
+    history: list[dict[str, float]] = []
+    state = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    if state is not None:
+        if state.get("identity") != config.identity_dict():
+            raise CheckpointMismatch(f"{checkpoint_path} belongs to another configuration")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        masks = state["masks"]
+        opt.set_masks([m.to(device) for m in masks] if masks else None)
+    start = len(history)
+
+    for cb in callbacks:
+        cb.on_start(config, plan, history)
+
+    for step in plan[start:]:
+        epoch = step.epoch
+        t0 = time.perf_counter()
+        opt.set_hyper(step.lr, step.weight_decay)
+        previous = plan[epoch - 2].grad_sparsity if epoch > 1 else 0.0
+        if step.grad_sparsity != previous:
+            opt.set_masks(draw_masks(params, step.grad_sparsity, mask_seed(config.seed, epoch)))
+        before = [p.detach().clone() for p in params]
+
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        wrong = torch.zeros((), device=device, dtype=torch.long)
+        generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+        for x, y in train_batches.epoch(generator):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * len(y)
+            wrong += (logits.detach().argmax(1) != y).sum()
+        _sync(device)
+        train_seconds = time.perf_counter() - t0
+
+        n_train = len(train_split.labels)
+        train_loss = loss_sum.item() / n_train
+        if not math.isfinite(train_loss):
+            raise Diverged(epoch, train_loss)
+        changed = int(sum((p.detach() != b).sum() for p, b in zip(params, before)))
+        test_loss, test_error = evaluate(model, test_batches, config.eval_batch_size)
+        metrics = {
+            "train_loss": train_loss,
+            "train_error": wrong.item() / n_train,
+            "test_loss": test_loss,
+            "test_error": test_error,
+            "lr": step.lr,
+            "weight_decay": step.weight_decay,
+            "grad_sparsity": step.grad_sparsity,
+            "updated_fraction": changed / total_weights,
+            "epoch_seconds": time.perf_counter() - t0,
+            "images_per_second": n_train / train_seconds,
+        }
+        history.append({"epoch": float(epoch), **metrics})
+        if checkpoint_path:
+            save_checkpoint(checkpoint_path, {
+                "version": CHECKPOINT_VERSION,
+                "identity": config.identity_dict(),
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "masks": [m.cpu() for m in opt.masks] if opt.masks is not None else [],
+                "history": history,
+                "rng": {"torch": torch.get_rng_state()},
+            })
+        for cb in callbacks:
+            cb.on_epoch_end(epoch, metrics)
+
+    return TrainResult(config=config, history=history, resumed_from=start, model=model)
+
+
+def history_metrics(entry: dict[str, Any]) -> dict[str, float]:
+    """The metrics of a history entry (without its epoch)."""
+    return {k: float(entry[k]) for k in METRICS}
