@@ -1,0 +1,48 @@
+"""Click pieces shared by the sweep, report and tune commands: they parse, ``load_selection`` calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import click
+
+from orchestrator.sweepfile import Sweep, expand, load_sweep
+from training.config import RunConfig
+
+F = TypeVar("F", bound=Callable)
+
+tracking_uri_option = click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, show_envvar=True, metavar="URI",
+    help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI, else MLflow's sqlite:///mlflow.db].")
+
+# Existence is not checked here: load_sweep's one-line error names the file.
+sweep_file_argument = click.argument("sweep_file", metavar="FILE", type=click.Path())
+
+_SELECTION = (
+    click.option("--set", "set_", multiple=True, metavar="KEY=VALUE",
+                 help="Override a sweep-file field: dotted KEY, VALUE as YAML, e.g. "
+                      "--set 'datasets=[digits]' --set schemes.01.lr=0.05. Repeatable."),
+    click.option("--only", multiple=True, metavar="FIELD=V1,V2",
+                 help="Keep the runs whose FIELD (arch, dataset, scheme, seed, ...) is one of the values, "
+                      "e.g. --only scheme=01,22. Repeatable; different fields must all match."),
+    click.option("--epochs-scale", type=float, default=None, metavar="F",
+                 help="Scale every learning-rate step's epochs (0.1: 450 epochs -> 45); "
+                      "overrides train.epochs_scale."),
+    click.option("--train-subset", type=int, default=None, metavar="N",
+                 help="Train on N examples (0 = all); overrides train.train_subset."),
+)
+
+
+def selection_options(func: F) -> F:
+    """Add ``--set``, ``--only``, ``--epochs-scale`` and ``--train-subset`` to a command."""
+    for option in reversed(_SELECTION):
+        func = option(func)
+    return func
+
+
+def load_selection(sweep_file: str, set_: Sequence[str], only: Sequence[str], epochs_scale: float | None,
+                   train_subset: int | None) -> tuple[Sweep, list[RunConfig]]:
+    """The sweep with its overrides applied, and the runs ``--only`` keeps."""
+    sweep = load_sweep(sweep_file, set_, epochs_scale=epochs_scale, train_subset=train_subset)
+    return sweep, expand(sweep, only)

@@ -1,0 +1,395 @@
+"""Sweep files: YAML in, a validated ``Sweep`` out, expanded (purely) into ``RunConfig`` s.
+
+A sweep crosses datasets x archs x schemes x seeds on one learning-rate schedule and one set of
+training settings. Values are checked by building RunConfigs, so the allowed ranges live in
+``training.config`` alone. Every failure is a one-line ``UserError`` naming the file and the
+culprit's dotted path, e.g. ``sweeps/x.yaml: schemes.01.weight_decay[2]: must be >= 0, got -1.0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from orchestrator.errors import UserError
+from orchestrator.identity import run_key
+from training.config import TABLE1_EPOCHS_PER_STEP, TABLE1_LR, ConfigError, RunConfig
+
+_MODELS = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
+_ONLY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if not isinstance(f.default, tuple))
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+_LISTS = {"arch": "archs", "dataset": "datasets", "seed": "seeds"}
+
+Taper = Any
+"""A number (same everywhere), a list of per-step values (same in every phase) or one such list per
+phase; checked by ``training.config.to_grid``."""
+
+
+class Schedule(BaseModel):
+    """The learning-rate schedule every scheme trains on: phases (warm restarts) x steps."""
+
+    model_config = _MODELS
+
+    lr: Taper = Field(default_factory=lambda: list(TABLE1_LR))
+    """Learning rate per step, restarted in each phase (Table 1: 0.1 down to 0.00001 in 5 steps)."""
+    epochs_per_step: Any = Field(default_factory=lambda: list(TABLE1_EPOCHS_PER_STEP))
+    """Epochs of each learning-rate step, one number per phase (Table 1: 50, 20, 20)."""
+
+
+class Scheme(BaseModel):
+    """One regularization scheme; values per step as in ``Schedule.lr``."""
+
+    model_config = _MODELS
+
+    weight_decay: Taper
+    """Coupled L2 weight decay, >= 0."""
+    grad_sparsity: Taper = 0.0
+    """Share of each weight tensor frozen by a fixed random mask, in [0, 1) (0 = dense)."""
+    lr: Taper = None
+    """Learning rate for this scheme only (null = ``schedule.lr``)."""
+
+
+class TrainSettings(BaseModel):
+    """Training settings shared by every run of the sweep (defaults: RunConfig's)."""
+
+    model_config = _MODELS
+
+    batch_size: int = _DEFAULT["batch_size"]
+    """Training mini-batch size (the paper: 50)."""
+    momentum: float = _DEFAULT["momentum"]
+    """SGD momentum, in [0, 1)."""
+    augment: bool = _DEFAULT["augment"]
+    """Random crop after 4-pixel padding (+ horizontal flip on CIFAR)."""
+    label_noise: float = _DEFAULT["label_noise"]
+    """Share of training labels replaced by random classes (seeded), in [0, 1]."""
+    train_subset: int = _DEFAULT["train_subset"]
+    """Train on N examples of a seeded permutation (0 = all)."""
+    epochs_scale: float = _DEFAULT["epochs_scale"]
+    """Every step lasts max(1, round(n x epochs_scale)) epochs (0.1: 450 epochs -> 45)."""
+    data_dir: str | None = None
+    """Where CIFAR archives live (null = RunConfig's default cache directory)."""
+    eval_batch_size: int = _DEFAULT["eval_batch_size"]
+    """Evaluation batch size (does not change results)."""
+
+
+class Sweep(BaseModel):
+    """A sweep file: the grid datasets x archs x schemes x seeds, validated on construction."""
+
+    model_config = _MODELS
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Sweep name (letters, digits, '.', '_', '-'); tags every MLflow run as ``adareg.sweep``."""
+    experiment: str = Field(min_length=1)
+    """MLflow experiment the runs are logged to."""
+    datasets: list[str] = Field(min_length=1)
+    """Datasets: cifar10, cifar100, digits."""
+    archs: list[str] = Field(min_length=1)
+    """Architectures: resnet{6n+2}, e.g. resnet14, resnet32."""
+    seeds: list[int] = Field(min_length=1)
+    """Seeds, one run each per dataset x arch x scheme."""
+    schedule: Schedule = Field(default_factory=Schedule)
+    """Learning-rate schedule."""
+    schemes: dict[str, Scheme] = Field(min_length=1)
+    """Regularization schemes by name, expanded in file order."""
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    """Training settings."""
+
+    @field_validator("schemes", mode="before")
+    @classmethod
+    def _scheme_names_are_text(cls, value: Any) -> Any:
+        for name in value if isinstance(value, dict) else ():
+            if not isinstance(name, str):
+                raise PydanticCustomError(
+                    "scheme_name", "scheme name {name} is not text: quote it (e.g. \"01\")", {"name": repr(name)})
+        return value
+
+    @field_validator("datasets", "archs", "seeds")
+    @classmethod
+    def _no_repeats(cls, values: list, info: Any) -> list:
+        for i, v in enumerate(values):
+            if v in values[:i]:
+                raise _at(f"{info.field_name}[{i}]", f"repeats {v!r} (already {info.field_name}[{values.index(v)}])")
+        return values
+
+    @model_validator(mode="after")
+    def _values_make_run_configs(self) -> Sweep:
+        """Build one RunConfig per scheme, arch, dataset and seed; name the culprit on failure."""
+        first_scheme = next(iter(self.schemes))
+        checks = [(s, {"arch": 0, "dataset": 0, "seed": 0}) for s in self.schemes]
+        checks += [(first_scheme, {"arch": 0, "dataset": 0, "seed": 0, field: i})
+                   for field, plural in _LISTS.items() for i in range(len(getattr(self, plural)))]
+        for scheme, index in checks:
+            args = {field: getattr(self, plural)[index[field]] for field, plural in _LISTS.items()}
+            try:
+                self.run_config(scheme, **args)
+            except ConfigError as e:
+                raise _at(self._locate(e.field, scheme, index), str(e).removeprefix(f"{e.field}: ")) from None
+        return self
+
+    def _locate(self, field: str, scheme: str, index: dict[str, int]) -> str:
+        """The sweep-file path of a RunConfig field name such as ``weight_decay[0][2]``."""
+        name, suffix = re.fullmatch(r"(\w+)(.*)", field).groups()
+        if name in _LISTS:
+            return f"{_LISTS[name]}[{index[name]}]"
+        owner = self.schemes[scheme]
+        if name in ("weight_decay", "grad_sparsity") or (name == "lr" and owner.lr is not None):
+            return f"schemes.{scheme}.{name}{_as_written(suffix, getattr(owner, name))}"
+        if name in ("lr", "epochs_per_step"):
+            return f"schedule.{name}{_as_written(suffix, getattr(self.schedule, name))}"
+        return f"train.{name}"
+
+    def run_config(self, scheme: str, arch: str, dataset: str, seed: int) -> RunConfig:
+        """The RunConfig of one run (arch, dataset and seed need not be in the sweep's lists)."""
+        if scheme not in self.schemes:
+            raise UserError(f"unknown scheme {scheme!r}{_did_you_mean(scheme, self.schemes)} "
+                            f"(this sweep has {', '.join(self.schemes)})")
+        chosen = self.schemes[scheme]
+        return RunConfig(
+            arch=arch, dataset=dataset, seed=seed, scheme=scheme,
+            lr=self.schedule.lr if chosen.lr is None else chosen.lr,
+            epochs_per_step=self.schedule.epochs_per_step,
+            weight_decay=chosen.weight_decay, grad_sparsity=chosen.grad_sparsity,
+            **self.train.model_dump(exclude_none=True),
+        )
+
+
+def _at(path: str, reason: str) -> PydanticCustomError:
+    return PydanticCustomError("sweep_value", "{path}: {reason}", {"path": path, "reason": reason})
+
+
+def _as_written(suffix: str, raw: Any) -> str:
+    """Map a normalised ``[phase][step]`` index back to the shape written in the file."""
+    if not isinstance(raw, (list, tuple)):
+        return ""
+    indices = re.findall(r"\[(\d+)\]", suffix)
+    if len(indices) == 2 and not all(isinstance(v, (list, tuple)) for v in raw):
+        return f"[{indices[1]}]"
+    return suffix
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-4`` as a number (YAML 1.2) and refuses duplicate keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        self.flatten_mapping(node)
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: let the base class report it
+                continue
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(path: Path, where: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{where}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{where}: is a directory, not a sweep file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{where}: cannot read: {e}") from None
+    try:
+        doc = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = " ".join(str(e.problem or e.context).split())
+        if e.problem and e.context and e.context_mark and mark and e.context_mark.line != mark.line:
+            problem += f" ({e.context} from line {e.context_mark.line + 1})"
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        if "\t" in line[: len(line) - len(line.lstrip())]:
+            problem += " (this line is indented with a tab; YAML needs spaces)"
+        where_in = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise UserError(f"{where}: {where_in}invalid YAML: {problem}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: invalid YAML: {' '.join(str(e).split())}") from None
+    if doc is None:
+        raise UserError(f"{where}: is empty (expected name, experiment, datasets, archs, seeds, schemes, ...)")
+    if not isinstance(doc, dict):
+        raise UserError(f"{where}: expected a mapping of sweep settings at the top level, got {type(doc).__name__}")
+    return doc
+
+
+def _set(doc: dict[str, Any], parts: Sequence[str], value: Any, origin: str) -> str:
+    """Put ``value`` at the dotted path (creating missing mappings); return the path as errors spell it."""
+    node: Any = doc
+    path = ""
+    for depth, part in enumerate(parts):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"{origin}: {path} is a list of {len(node)}; {part!r} is not an index into it")
+            key: Any = int(part)
+            path += f"[{key}]"
+        elif isinstance(node, dict):
+            key = part
+            path += f".{key}" if path else key
+        else:
+            raise UserError(f"{origin}: {path} is {node!r}, not a mapping")
+        if depth == len(parts) - 1:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+    return path
+
+
+def _apply_set(doc: dict[str, Any], item: str) -> tuple[str, str]:
+    origin = f"--set {item!r}"
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise UserError(f"{origin}: expected KEY=VALUE (KEY dotted, e.g. train.batch_size=100)")
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{origin}: VALUE is not valid YAML: {' '.join(problem.split())}") from None
+    return _set(doc, [p.strip() for p in parts], value, origin), origin
+
+
+def load_sweep(path: str | Path, sets: Sequence[str] = (), epochs_scale: float | None = None,
+               train_subset: int | None = None) -> Sweep:
+    """Read, override (``--set KEY=VALUE``, ``--epochs-scale``, ``--train-subset``) and validate a sweep file."""
+    where = str(path)
+    doc = _read_yaml(Path(path), where)
+    origins = [_apply_set(doc, item) for item in sets]
+    for field, value, flag in (("epochs_scale", epochs_scale, "--epochs-scale"),
+                               ("train_subset", train_subset, "--train-subset")):
+        if value is not None:
+            origins.append((_set(doc, ["train", field], value, flag), f"{flag} {value}"))
+    try:
+        return Sweep.model_validate(doc)
+    except ValidationError as e:
+        raise UserError(f"{where}: {_describe(e, origins)}") from None
+
+
+def _describe(error: ValidationError, origins: Sequence[tuple[str, str]]) -> str:
+    """One line for the first validation error (and how many more there are)."""
+    errors = error.errors(include_url=False)
+    path, reason = _explain(errors[0])
+    for key, origin in reversed(origins):
+        if path == key or path.startswith((key + ".", key + "[")):
+            reason += f" (from {origin})"
+            break
+    if len(errors) > 1:
+        reason += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return f"{path}: {reason}"
+
+
+def _explain(err: dict[str, Any]) -> tuple[str, str]:
+    loc, kind = err["loc"], err["type"]
+    if kind == "sweep_value":
+        return err["ctx"]["path"], err["ctx"]["reason"]
+    path = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+    path = path or "(top level)"
+    if kind == "extra_forbidden":
+        return path, "unknown key" + _did_you_mean(str(loc[-1]), _keys_at(loc[:-1]))
+    if kind == "missing":
+        return path, "required key missing"
+    message = err["msg"][:1].lower() + err["msg"][1:]
+    return path, message if kind == "scheme_name" else f"{message}, got {err['input']!r}"
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    """Known keys of the mapping at ``loc`` (for 'did you mean')."""
+    model = {(): Sweep, ("train",): TrainSettings, ("schedule",): Schedule}.get(tuple(loc))
+    if model is None and len(loc) == 2 and loc[0] == "schemes":
+        model = Scheme
+    return list(model.model_fields) if model else []
+
+
+# ------------------------------------------------------------------------------------- expansion
+
+
+def _parse_only_items(items: Sequence[str]) -> list[tuple[str, str, list[str]]]:
+    parsed = []
+    for item in items:
+        field, sep, text = item.partition("=")
+        field = field.strip()
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        if not sep or not field or not values:
+            raise UserError(f"--only {item!r}: expected FIELD=V1,V2 (e.g. scheme=01,22)")
+        if field not in _ONLY_FIELDS:
+            raise UserError(f"--only {item!r}: unknown field {field!r}{_did_you_mean(field, _ONLY_FIELDS)} "
+                            f"(expected one of {', '.join(_ONLY_FIELDS)})")
+        parsed.append((item, field, values))
+    return parsed
+
+
+def parse_only(items: Sequence[str]) -> dict[str, set[str]]:
+    """``['scheme=01,22', 'seed=0']`` -> ``{'scheme': {'01', '22'}, 'seed': {'0'}}`` (same field: union)."""
+    wanted: dict[str, set[str]] = {}
+    for _, field, values in _parse_only_items(items):
+        wanted.setdefault(field, set()).update(values)
+    return wanted
+
+
+def _matches(actual: Any, wanted: str) -> bool:
+    if str(actual) == wanted or (isinstance(actual, bool) and str(actual).lower() == wanted.lower()):
+        return True
+    if isinstance(actual, (int, float)) and not isinstance(actual, bool):
+        try:
+            return float(wanted) == actual
+        except ValueError:
+            return False
+    return False
+
+
+def _select(runs: list[RunConfig], only: Sequence[str]) -> list[RunConfig]:
+    for item, field, values in _parse_only_items(only):
+        for value in values:
+            if not any(_matches(getattr(r, field), value) for r in runs):
+                known = list(dict.fromkeys(str(getattr(r, field)) for r in runs))
+                shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+                raise UserError(f"--only {item!r}: no run has {field} {value}{_did_you_mean(value, known)} "
+                                f"(the sweep has {shown})")
+    wanted = parse_only(only)
+    kept = [r for r in runs
+            if all(any(_matches(getattr(r, f), v) for v in values) for f, values in wanted.items())]
+    if not kept:
+        raise UserError(" ".join(f"--only {item!r}" for item in only) + ": together they select no run")
+    return kept
+
+
+def expand(sweep: Sweep, only: Sequence[str] = ()) -> list[RunConfig]:
+    """Every run of the sweep, ordered dataset, arch, scheme (file order), seed; ``only`` keeps a subset."""
+    runs = [sweep.run_config(scheme, arch, dataset, seed)
+            for dataset in sweep.datasets for arch in sweep.archs
+            for scheme in sweep.schemes for seed in sweep.seeds]
+    seen: dict[str, RunConfig] = {}
+    for config in runs:
+        other = seen.setdefault(run_key(config), config)
+        if other is not config:
+            raise UserError(f"schemes {other.scheme!r} and {config.scheme!r} give identical runs "
+                            f"(run key {run_key(config)}): change or remove one")
+    return _select(runs, only)

@@ -1,0 +1,255 @@
+"""Sweep files: loading, one-line errors that name the culprit, --set / --only, expansion."""
+
+import dataclasses
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli_common import (
+    load_selection,
+    selection_options,
+    sweep_file_argument,
+    tracking_uri_option,
+)
+from orchestrator.errors import UserError
+from orchestrator.sweepfile import Scheme, Sweep, TrainSettings, expand, load_sweep, parse_only
+from training.config import RunConfig
+
+SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
+TABLE1_TEXT = (SWEEPS / "table1.yaml").read_text()
+TABLE1_SCHEMES = ["01", "02", "21", "22", "23", "wd-1e-4", "wd-1e-3", "wd-2e-3", "wd-4e-3", "wd-8e-3"]
+
+
+@pytest.fixture
+def table1(tmp_path):
+    """A writable copy of table1.yaml; call with (old, new) to edit it first."""
+    def write(old: str = "", new: str = "") -> Path:
+        assert old in TABLE1_TEXT
+        path = tmp_path / "x.yaml"
+        path.write_text(TABLE1_TEXT.replace(old, new, 1) if old else TABLE1_TEXT)
+        return path
+    return write
+
+
+def error_of(call, *args, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# ------------------------------------------------------------------------------------ the files
+
+
+def test_table1_expands_to_200_runs_in_order():
+    sweep = load_sweep(SWEEPS / "table1.yaml")
+    assert (sweep.name, sweep.experiment) == ("table1", "adareg-table1")
+    assert list(sweep.schemes) == TABLE1_SCHEMES
+    runs = expand(sweep)
+    assert len(runs) == 200
+    order = [(r.dataset, r.arch, r.scheme, r.seed) for r in runs]
+    assert order == [(d, a, s, seed) for d in ("cifar10", "cifar100") for a in ("resnet14", "resnet32")
+                     for s in TABLE1_SCHEMES for seed in range(5)]
+    first = runs[0]
+    assert (first.batch_size, first.momentum, first.augment, first.label_noise, first.epochs_scale,
+            first.train_subset) == (50, 0.9, True, 0.0, 1.0, 0)
+    assert first.data_dir == RunConfig().data_dir  # null data_dir = RunConfig's default
+
+
+def test_demo_sweep():
+    runs = expand(load_sweep(SWEEPS / "demo.yaml"))
+    assert [(r.scheme, r.seed) for r in runs] == [(s, seed) for s in ("01", "02", "wd-1e-4", "wd-8e-3", "22")
+                                                  for seed in (0, 1)]
+    assert {(r.dataset, r.arch, r.label_noise, r.epochs_scale, r.train_subset) for r in runs} == {
+        ("digits", "resnet14", 0.3, 0.04, 0)}
+    demo, table1 = load_sweep(SWEEPS / "demo.yaml"), load_sweep(SWEEPS / "table1.yaml")
+    assert all(demo.schemes[name] == table1.schemes[name] for name in demo.schemes)
+
+
+def test_train_settings_are_run_config_fields():
+    assert set(TrainSettings.model_fields) <= {f.name for f in dataclasses.fields(RunConfig)}
+    assert all(f.description for model in (Sweep, Scheme, TrainSettings) for f in model.model_fields.values())
+
+
+def test_scheme_lr_overrides_the_schedule(table1):
+    sweep = load_sweep(table1('wd-8e-3: {weight_decay: 0.008, grad_sparsity: 0.0}',
+                              'wd-8e-3: {weight_decay: 0.008, lr: 0.05}'))
+    assert sweep.run_config("wd-8e-3", "resnet14", "digits", 0).lr == ((0.05,) * 5,) * 3
+    assert sweep.run_config("wd-4e-3", "resnet14", "digits", 0).lr[0] == (0.1, 0.01, 0.001, 0.0001, 0.00001)
+
+
+def test_run_config_unknown_scheme():
+    sweep = load_sweep(SWEEPS / "table1.yaml")
+    message = error_of(sweep.run_config, "wd-1e4", "resnet14", "cifar10", 0)
+    assert "unknown scheme 'wd-1e4'" in message and "did you mean 'wd-1e-4'" in message
+    assert "01, 02, 21, 22, 23, wd-1e-4" in message
+
+
+# ------------------------------------------------------------------------------- one-line errors
+
+
+@pytest.mark.parametrize("old, new, where, says", [
+    ("train:", "trian:", "trian", "unknown key (did you mean 'train'?)"),
+    ("    grad_sparsity: 0.0\n  \"02\"", "    grad_sparsty: 0.0\n  \"02\"", "schemes.01.grad_sparsty",
+     "unknown key (did you mean 'grad_sparsity'?)"),
+    ("  batch_size: 50", "  batchsize: 50", "train.batchsize", "did you mean 'batch_size'?"),
+    ("experiment: adareg-table1", "", "experiment", "required key missing"),
+    ("[0.0001, 0.0001, 0.0008, 0.0016, 0.0016]", "[0.0001, 0.0001, -1, 0.0016, 0.0016]",
+     "schemes.01.weight_decay[2]", "must be >= 0"),
+    ("[0.0, 0.0, 0.8, 0.8, 0.8]", "[0.0, 0.0, 1.0, 0.8, 0.8]", "schemes.22.grad_sparsity[0][2]",
+     "must be in [0, 1)"),
+    ("wd-8e-3: {weight_decay: 0.008, grad_sparsity: 0.0}", "wd-8e-3: {weight_decay: 0.008, grad_sparsity: 1.0}",
+     "schemes.wd-8e-3.grad_sparsity", "must be in [0, 1)"),
+    ("epochs_scale: 1.0", "epochs_scale: 0", "train.epochs_scale", "must be > 0"),
+    ("label_noise: 0.0", "label_noise: 1.5", "train.label_noise", "must be in [0, 1]"),
+    ("batch_size: 50", "batch_size: fifty", "train.batch_size", "valid integer, got 'fifty'"),
+    ("0.00001]   # per step", "-0.00001]   # per step", "schedule.lr[4]", "must be > 0"),
+    ("epochs_per_step: [50, 20, 20]", "epochs_per_step: [50, 0, 20]", "schedule.epochs_per_step[1]",
+     "positive integer"),
+    ("archs: [resnet14, resnet32]", "archs: [resnet14, resnet33]", "archs[1]", "6n+2"),
+    ("datasets: [cifar10, cifar100]", "datasets: [cifar10, imagenet]", "datasets[1]", "unknown dataset"),
+    ("seeds: [0, 1, 2, 3, 4]", "seeds: [0, 1, -2]", "seeds[2]", "non-negative"),
+    ("seeds: [0, 1, 2, 3, 4]", "seeds: [0, 1, 2, 1]", "seeds[3]", "repeats 1 (already seeds[1])"),
+    ("seeds: [0, 1, 2, 3, 4]", "seeds: 0", "seeds", "valid list"),
+    ('"01":', "01:", "schemes", 'quote it (e.g. "01")'),
+    ("name: table1", "name: my sweep", "name", "should match pattern"),
+])
+def test_validation_errors_name_file_and_field(table1, old, new, where, says):
+    path = table1(old, new)
+    message = error_of(load_sweep, path)
+    assert message.startswith(f"{path}: {where}: "), message
+    assert says in message
+
+
+@pytest.mark.parametrize("old, new, below, says", [
+    ("  batch_size: 50", "\tbatch_size: 50", 0, "indented with a tab"),
+    ("archs: [resnet14, resnet32]", "archs: [resnet14, resnet32", 1, "while parsing a flow sequence from line {}"),
+    ("  momentum: 0.9", "   momentum: 0.9", 0, "mapping values are not allowed"),
+    ("name: table1", "name: table1\nname: again", 1, "duplicate key 'name' (first on line {})"),
+])
+def test_yaml_errors_name_file_and_line(table1, old, new, below, says):
+    """``below``: how many lines under ``old``'s line the error is reported."""
+    line = next(i for i, text in enumerate(TABLE1_TEXT.splitlines(), 1) if text.startswith(old))
+    path = table1(old, new)
+    message = error_of(load_sweep, path)
+    assert message.startswith(f"{path}: line {line + below}, column "), message
+    assert "invalid YAML" in message and says.format(line) in message
+
+
+@pytest.mark.parametrize("text, says", [
+    ("", "is empty"),
+    ("- name: x\n", "expected a mapping of sweep settings at the top level, got list"),
+])
+def test_not_a_sweep(tmp_path, text, says):
+    (tmp_path / "x.yaml").write_text(text)
+    assert error_of(load_sweep, tmp_path / "x.yaml").startswith(f"{tmp_path / 'x.yaml'}: {says}")
+
+
+def test_missing_file_and_directory(tmp_path):
+    assert error_of(load_sweep, tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: no such file"
+    assert "is a directory" in error_of(load_sweep, tmp_path)
+
+
+def test_numbers_in_exponent_form_are_numbers(table1):
+    sweep = load_sweep(table1("wd-1e-3: {weight_decay: 0.001,", "wd-1e-3: {weight_decay: 1e-3,"))
+    assert sweep.run_config("wd-1e-3", "resnet14", "cifar10", 0).weight_decay == ((0.001,) * 5,) * 3
+
+
+# ------------------------------------------------------------------------------------ --set etc.
+
+
+def test_set_overrides(table1):
+    sweep = load_sweep(table1(), sets=["datasets=[digits]", "train.batch_size=100", "schedule.lr.0=0.2",
+                                       "schemes.01.weight_decay=2e-4", "schemes.new.weight_decay=0.03"])
+    assert sweep.datasets == ["digits"]
+    config = sweep.run_config("01", "resnet14", "digits", 0)
+    assert config.batch_size == 100
+    assert config.lr == ((0.2, 0.01, 0.001, 0.0001, 0.00001),) * 3
+    assert config.weight_decay == ((2e-4,) * 5,) * 3
+    assert list(sweep.schemes)[-1] == "new" and sweep.schemes["new"].weight_decay == 0.03
+    assert len(expand(sweep)) == 1 * 2 * 11 * 5
+
+
+def test_epochs_scale_and_train_subset_override(table1):
+    sweep = load_sweep(table1(), sets=["train.epochs_scale=0.5"], epochs_scale=0.1, train_subset=500)
+    assert (sweep.train.epochs_scale, sweep.train.train_subset) == (0.1, 500)
+    message = error_of(load_sweep, table1(), epochs_scale=0)
+    assert message.startswith(f"{table1()}: train.epochs_scale: must be > 0") and "(from --epochs-scale 0)" in message
+
+
+@pytest.mark.parametrize("item, says", [
+    ("foo", "--set 'foo': expected KEY=VALUE"),
+    ("=3", "--set '=3': expected KEY=VALUE"),
+    ("train..batch_size=3", "expected KEY=VALUE"),
+    ("train.batch_size=[1", "--set 'train.batch_size=[1': VALUE is not valid YAML"),
+    ("datasets.x=1", "--set 'datasets.x=1': datasets is a list of 2; 'x' is not an index into it"),
+    ("name.x=1", "--set 'name.x=1': name is 'table1', not a mapping"),
+])
+def test_bad_set(table1, item, says):
+    assert says in error_of(load_sweep, table1(), sets=[item])
+
+
+def test_set_errors_after_validation_name_the_set(table1):
+    path = table1()
+    assert error_of(load_sweep, path, sets=["train.batch_size=0"]) == (
+        f"{path}: train.batch_size: must be a positive integer, got 0 (from --set 'train.batch_size=0')")
+    assert error_of(load_sweep, path, sets=["train.batchsize=3"]) == (
+        f"{path}: train.batchsize: unknown key (did you mean 'batch_size'?) (from --set 'train.batchsize=3')")
+
+
+def test_set_only_and_arch_select_exactly(table1):
+    sweep = load_sweep(table1(), sets=["datasets=[digits]"])
+    runs = expand(sweep, only=["scheme=01,22", "arch=resnet14"])
+    assert [(r.dataset, r.arch, r.scheme, r.seed) for r in runs] == [
+        ("digits", "resnet14", s, seed) for s in ("01", "22") for seed in range(5)]
+    assert [r.seed for r in expand(sweep, only=["seed=3", "seed=0"])] == [0, 3] * 20
+    assert len(expand(sweep, only=["epochs_scale=1", "augment=true", "scheme=23"])) == 10
+
+
+def test_load_selection_and_options(table1):
+    path = table1()
+    seen = {}
+
+    @click.command()
+    @sweep_file_argument
+    @selection_options
+    @tracking_uri_option
+    def command(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri):
+        sweep, runs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+        seen.update(sweep=sweep, runs=runs, uri=tracking_uri)
+
+    result = CliRunner().invoke(command, [str(path), "--set", "datasets=[digits]", "--only", "scheme=01,22",
+                                          "--only", "arch=resnet14", "--epochs-scale", "0.1", "--train-subset", "9"],
+                                env={"MLFLOW_TRACKING_URI": "sqlite:///x.db"})
+    assert result.exit_code == 0, result.output
+    assert len(seen["runs"]) == 10 and seen["uri"] == "sqlite:///x.db"
+    assert {(r.epochs_scale, r.train_subset) for r in seen["runs"]} == {(0.1, 9)}
+    result = CliRunner().invoke(command, ["missing.yaml"], env={"MLFLOW_TRACKING_URI": None})
+    assert isinstance(result.exception, UserError) and str(result.exception) == "missing.yaml: no such file"
+
+
+@pytest.mark.parametrize("only, says", [
+    (["scheme"], "--only 'scheme': expected FIELD=V1,V2"),
+    (["scheme="], "--only 'scheme=': expected FIELD=V1,V2"),
+    (["sceme=01"], "--only 'sceme=01': unknown field 'sceme' (did you mean 'scheme'?)"),
+    (["weight_decay=0.001"], "--only 'weight_decay=0.001': unknown field"),
+    (["scheme=01,zz"], "--only 'scheme=01,zz': no run has scheme zz"),
+    (["arch=resnet14", "seed=0,9"], "--only 'seed=0,9': no run has seed 9 (the sweep has 0, 1, 2, 3, 4)"),
+    (["dataset=digits"], "no run has dataset digits"),
+])
+def test_bad_only(only, says):
+    assert says in error_of(expand, load_sweep(SWEEPS / "table1.yaml"), only)
+
+
+def test_parse_only():
+    assert parse_only(["scheme=01, 22", "seed=0", "scheme=23"]) == {"scheme": {"01", "22", "23"}, "seed": {"0"}}
+    assert "expected FIELD=V1,V2" in error_of(parse_only, ["seed"])
+
+
+def test_identical_schemes_are_refused(table1):
+    sweep = load_sweep(table1(), sets=["schemes.copy={weight_decay: 0.004}"])
+    message = error_of(expand, sweep)
+    assert message.startswith("schemes 'wd-4e-3' and 'copy' give identical runs (run key ")
