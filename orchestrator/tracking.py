@@ -10,6 +10,7 @@ checkpoint holds and MLflow lacks, so no epoch is lost and none is logged twice.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import urllib.error
@@ -58,6 +59,8 @@ def connect(uri: str | None = None):
     """An ``MlflowClient`` on a reachable store (UserError naming the URI otherwise)."""
     from mlflow import MlflowClient
 
+    for name in ("mlflow", "alembic"):  # store migrations log at INFO on stderr: keep the CLI's output clean
+        logging.getLogger(name).setLevel(logging.WARNING)
     uri = resolve_tracking_uri(uri)
     _check_reachable(uri)
     return MlflowClient(tracking_uri=uri)
