@@ -15,7 +15,8 @@ import os
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from orchestrator.errors import UserError
 from orchestrator.identity import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SWEEP, group_key, run_key
@@ -168,7 +169,6 @@ class RunLogger(Callback):
             name = f"{config.scheme}-{config.arch}-{config.dataset}-s{config.seed}"
             self.run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
             self.run_id = self.run.info.run_id
-            from mlflow.entities import Param
 
             self._log_params(config)
             self.have: dict[str, set[int]] = {m: set() for m in METRICS}

@@ -19,9 +19,10 @@ import os
 import signal
 import sys
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from orchestrator import tracking
 from orchestrator.errors import UserError
@@ -61,7 +62,7 @@ class WorkerSpec:
         atomic_write(path, lambda f: f.write(data))
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "WorkerSpec":
+    def read(cls, path: str | os.PathLike) -> WorkerSpec:
         return cls(**json.loads(Path(path).read_text()))
 
 

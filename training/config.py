@@ -49,7 +49,8 @@ def resnet_depth(arch: str) -> int:
         raise ConfigError("arch", f"unknown architecture {arch!r} (expected resnet{{6n+2}}, e.g. resnet14, resnet32)")
     depth = int(m.group(1))
     if depth < 8 or (depth - 2) % 6:
-        raise ConfigError("arch", f"{arch!r} is not a CIFAR ResNet: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, ...)")
+        raise ConfigError("arch", f"{arch!r} is not a CIFAR ResNet: depth must be 6n+2 with n >= 1 "
+                                  "(8, 14, 20, 32, ...)")
     return depth
 
 
@@ -183,7 +184,7 @@ class RunConfig:
     def num_classes(self) -> int:
         return NUM_CLASSES[self.dataset]
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +192,7 @@ class RunConfig:
         return json_ready(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import RunConfig
-from training.data import Batches, Split, load_splits
+from training.data import Batches, load_splits
 from training.models import build_model
 from training.regularizers import SparseSGD, draw_masks, mask_seed
 from training.schedules import EpochPlan, plan_for

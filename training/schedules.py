@@ -8,8 +8,8 @@ once, here; everything else reads the resulting per-epoch plan. Epochs count fro
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from training.config import RunConfig
 
