@@ -13,7 +13,7 @@ import difflib
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -80,6 +80,56 @@ class TrainSettings(BaseModel):
     """Evaluation batch size (does not change results)."""
 
 
+class Range(BaseModel):
+    """A search range for ``adareg tune``."""
+
+    model_config = _MODELS
+
+    low: float
+    """Smallest value."""
+    high: float
+    """Largest value."""
+    log: bool = False
+    """Sample on a log scale (needs low > 0)."""
+
+
+class TuneSpace(BaseModel):
+    """What ``adareg tune`` searches: Table 1-shaped tapers. Weight decay per step of every phase is
+    ``[base, base, peak / 2, peak, peak]`` (schemes 01 and 02 have this shape); gradient sparsity is
+    ``s`` in steps 3-5 of phase 1 and 0 elsewhere (schemes 21-23). A number fixes a value."""
+
+    model_config = _MODELS
+
+    objective: Literal["test_error", "test_loss"] = "test_error"
+    """Metric minimised, at the run's last epoch; reported every epoch for pruning."""
+    weight_decay_base: Range | float = Field(default_factory=lambda: Range(low=1e-5, high=1e-3, log=True))
+    """Weight decay of the high-learning-rate steps (1 and 2)."""
+    weight_decay_peak: Range | float = Field(default_factory=lambda: Range(low=1e-4, high=1e-2, log=True))
+    """Weight decay of the low-learning-rate steps (4 and 5; step 3 gets half of it)."""
+    grad_sparsity: Range | float = 0.0
+    """Gradient sparsity of steps 3-5 of phase 1, in [0, 1)."""
+    pruner: Literal["median", "none"] = "median"
+    """``median``: stop a trial whose objective is worse than the median of earlier trials at that epoch."""
+    sampler_seed: int = 0
+    """Seed of the TPE sampler."""
+
+    @model_validator(mode="after")
+    def _ranges_are_sane(self) -> TuneSpace:
+        for name in ("weight_decay_base", "weight_decay_peak", "grad_sparsity"):
+            value = getattr(self, name)
+            if not isinstance(value, Range):
+                continue
+            if not value.low < value.high:
+                raise _at(f"tune.{name}.high", f"must be greater than low ({value.low}), got {value.high}")
+            if value.log and value.low <= 0:
+                raise _at(f"tune.{name}.low", f"must be > 0 on a log scale, got {value.low}")
+            if value.low < 0:
+                raise _at(f"tune.{name}.low", f"must be >= 0, got {value.low}")
+            if name == "grad_sparsity" and value.high >= 1:
+                raise _at(f"tune.{name}.high", f"must be < 1, got {value.high}")
+        return self
+
+
 class Sweep(BaseModel):
     """A sweep file: the grid datasets x archs x schemes x seeds, validated on construction."""
 
@@ -101,6 +151,8 @@ class Sweep(BaseModel):
     """Regularization schemes by name, expanded in file order."""
     train: TrainSettings = Field(default_factory=TrainSettings)
     """Training settings."""
+    tune: TuneSpace | None = None
+    """Search space of ``adareg tune`` (optional)."""
 
     @field_validator("schemes", mode="before")
     @classmethod
@@ -322,7 +374,7 @@ def _explain(err: dict[str, Any]) -> tuple[str, str]:
 
 def _keys_at(loc: tuple) -> list[str]:
     """Known keys of the mapping at ``loc`` (for 'did you mean')."""
-    model = {(): Sweep, ("train",): TrainSettings, ("schedule",): Schedule}.get(tuple(loc))
+    model = {(): Sweep, ("train",): TrainSettings, ("schedule",): Schedule, ("tune",): TuneSpace}.get(tuple(loc))
     if model is None and len(loc) == 2 and loc[0] == "schemes":
         model = Scheme
     return list(model.model_fields) if model else []

@@ -151,8 +151,10 @@ def logged_steps(client, run_id: str) -> dict[str, set[int]]:
 class RunLogger(Callback):
     """Training callback that mirrors a run into MLflow, creating or re-attaching the run on start."""
 
-    def __init__(self, client, experiment_id: str, sweep: str | None = None, existing_run=None):
+    def __init__(self, client, experiment_id: str, sweep: str | None = None, existing_run=None,
+                 tags: dict[str, str] | None = None):
         self.client = client
+        self.tags = dict(tags or {})
         self.experiment_id = experiment_id
         self.sweep = sweep
         self.run = existing_run
@@ -161,7 +163,7 @@ class RunLogger(Callback):
     def on_start(self, config: RunConfig, plan: Sequence[EpochPlan], history: list[dict[str, float]]) -> None:
         if self.run is None:
             tags = {
-                TAG_RUN_KEY: run_key(config), TAG_GROUP_KEY: group_key(config),
+                **self.tags, TAG_RUN_KEY: run_key(config), TAG_GROUP_KEY: group_key(config),
                 TAG_TOTAL_EPOCHS: str(len(plan)), TAG_ATTEMPTS: "1",
             }
             if self.sweep:

@@ -56,6 +56,7 @@ class WorkerSpec:
     sweep: str | None = None
     device: str = "cpu"
     threads: int | None = None
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def write(self, path: str | os.PathLike) -> None:
         data = json.dumps(dataclasses.asdict(self), indent=2).encode()
@@ -68,10 +69,19 @@ class WorkerSpec:
 
 @dataclass
 class Outcome:
-    status: str  # finished | already_finished | diverged | killed | locked
+    status: str  # finished | already_finished | diverged | killed | locked | a StopRun's kind
     run_id: str | None = None
     message: str = ""
     exit_code: int = EXIT_OK
+
+
+class StopRun(Exception):
+    """Raised by a callback to end a run early on purpose (a pruned trial, say): the run ends KILLED
+    with tag ``adareg.failure`` = ``kind`` and stays resumable."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 class Terminated(BaseException):
@@ -139,7 +149,7 @@ def execute(spec: WorkerSpec, callbacks: Sequence[Callback] = ()) -> Outcome:
         existing = tracking.find_run(client, experiment_id, run_key(config))
         if existing is not None and existing.info.status == "FINISHED":
             return Outcome("already_finished", existing.info.run_id, f"run {existing.info.run_id} is already finished")
-        logger = tracking.RunLogger(client, experiment_id, spec.sweep, existing)
+        logger = tracking.RunLogger(client, experiment_id, spec.sweep, existing, tags=spec.tags)
         progress = ProgressFile(run_dir / PROGRESS, logger)
         try:
             train(config, [logger, progress, *callbacks], device=spec.device,
@@ -147,6 +157,9 @@ def execute(spec: WorkerSpec, callbacks: Sequence[Callback] = ()) -> Outcome:
         except Diverged as e:
             logger.finish("FAILED", "diverged", str(e))
             return Outcome("diverged", logger.run_id, str(e), EXIT_DIVERGED)
+        except StopRun as e:
+            logger.finish("KILLED", e.kind, str(e))
+            return Outcome(e.kind, logger.run_id, str(e))
         except (KeyboardInterrupt, Terminated) as e:
             logger.finish("KILLED", "killed", "interrupted")
             code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
