@@ -27,8 +27,7 @@ def _register() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: known errors become one ``error: ...`` line, never a traceback."""
-    from training.config import ConfigError
-    from training.data import DataError
+    from training.config import ConfigError, DataError
 
     _register()
     try:

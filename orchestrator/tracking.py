@@ -20,9 +20,8 @@ from typing import Any
 
 from orchestrator.errors import UserError
 from orchestrator.identity import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SWEEP, group_key, run_key
-from training import Callback
+from training.callbacks import METRICS, Callback, history_metrics
 from training.config import RunConfig
-from training.loop import METRICS, history_metrics
 from training.schedules import EpochPlan
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"

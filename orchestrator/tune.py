@@ -20,7 +20,7 @@ import yaml
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
 from orchestrator.sweepfile import Range, Sweep, TuneSpace
-from training.checkpoint import atomic_write
+from training.atomic import atomic_write
 
 TAG_STUDY = "adareg.study"
 TAG_TRIAL = "adareg.trial"

@@ -27,11 +27,9 @@ from typing import Any
 from orchestrator import tracking
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
-from training import Callback
-from training.checkpoint import atomic_write
-from training.config import ConfigError, RunConfig
-from training.data import DataError
-from training.loop import Diverged, train
+from training.atomic import atomic_write
+from training.callbacks import Callback
+from training.config import ConfigError, DataError, RunConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_DIVERGED, EXIT_LOCKED, EXIT_USER = 0, 1, 3, 4, 2
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
@@ -151,6 +149,7 @@ def execute(spec: WorkerSpec, callbacks: Sequence[Callback] = ()) -> Outcome:
             return Outcome("already_finished", existing.info.run_id, f"run {existing.info.run_id} is already finished")
         logger = tracking.RunLogger(client, experiment_id, spec.sweep, existing, tags=spec.tags)
         progress = ProgressFile(run_dir / PROGRESS, logger)
+        from training.loop import Diverged, train  # torch loads here, not when the CLI starts
         try:
             train(config, [logger, progress, *callbacks], device=spec.device,
                   checkpoint_path=run_dir / CHECKPOINT, threads=spec.threads)

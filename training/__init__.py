@@ -6,13 +6,14 @@
 Heavy modules (torch) load on first use, so that ``training.config`` stays cheap to import.
 """
 
-from training.config import ConfigError, RunConfig
+from training.callbacks import METRICS, Callback
+from training.config import ConfigError, DataError, RunConfig
 
-__all__ = ["RunConfig", "ConfigError", "train", "Callback", "TrainResult", "Diverged", "METRICS"]
+__all__ = ["RunConfig", "ConfigError", "DataError", "train", "Callback", "TrainResult", "Diverged", "METRICS"]
 
 
 def __getattr__(name: str):
-    if name in ("train", "Callback", "TrainResult", "Diverged", "METRICS"):
+    if name in ("train", "TrainResult", "Diverged"):
         from training import loop
 
         return getattr(loop, name)

@@ -1,4 +1,4 @@
-"""Atomic checkpoints: temp file in the same folder, fsync, rename, fsync the folder.
+"""Atomic checkpoints (``training.atomic.atomic_write``).
 
 A checkpoint holds only tensors, numbers, strings and containers of them, so it loads with
 ``torch.load(..., weights_only=True)``.
@@ -7,35 +7,12 @@ A checkpoint holds only tensors, numbers, strings and containers of them, so it 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(fileobj)`` on a temp file beside ``path``, then make it ``path`` durably."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+from training.atomic import atomic_write
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:

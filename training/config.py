@@ -37,6 +37,10 @@ class ConfigError(ValueError):
         self.field = field_name
 
 
+class DataError(Exception):
+    """A dataset that cannot be loaded (one-line, user-facing message naming the dataset and folder)."""
+
+
 def default_data_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "adareg", "data")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torchvision import datasets
 from torchvision.datasets.utils import download_and_extract_archive
 
-from training.config import ConfigError, RunConfig
+from training.config import ConfigError, DataError, RunConfig
 
 PAD = 4  # zero padding before the random 32x32 crop
 SIZE = 32
@@ -45,10 +45,6 @@ CIFAR_STATS = {
 
 
 Arrays = tuple[torch.Tensor, torch.Tensor]  # uint8 images [N, 3, 32, 32], int64 labels [N] (CPU)
-
-
-class DataError(Exception):
-    """A dataset that cannot be loaded (one-line, user-facing message)."""
 
 
 @dataclass

@@ -16,22 +16,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from training.callbacks import Callback
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import RunConfig
 from training.data import Batches, load_splits
 from training.models import build_model
 from training.regularizers import SparseSGD, draw_masks, mask_seed
-from training.schedules import EpochPlan, plan_for
+from training.schedules import plan_for
 
-METRICS = (
-    "train_loss", "train_error", "test_loss", "test_error", "lr", "weight_decay", "grad_sparsity",
-    "updated_fraction", "epoch_seconds", "images_per_second",
-)
 CHECKPOINT_VERSION = 1
 
 
@@ -45,16 +41,6 @@ class Diverged(RuntimeError):
 
 class CheckpointMismatch(RuntimeError):
     """A checkpoint that belongs to another configuration."""
-
-
-class Callback:
-    """Hooks of a run; override what you need. Exceptions propagate (e.g. to prune a trial)."""
-
-    def on_start(self, config: RunConfig, plan: Sequence[EpochPlan], history: list[dict[str, float]]) -> None:
-        """Before the first epoch to train; ``history`` holds the epochs restored from a checkpoint."""
-
-    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        """After epoch ``epoch`` is trained, evaluated and (if checkpointing) durable on disk."""
 
 
 @dataclass
@@ -182,8 +168,3 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
             cb.on_epoch_end(epoch, metrics)
 
     return TrainResult(config=config, history=history, resumed_from=start, model=model)
-
-
-def history_metrics(entry: dict[str, Any]) -> dict[str, float]:
-    """The metrics of a history entry (without its epoch)."""
-    return {k: float(entry[k]) for k in METRICS}

@@ -167,7 +167,7 @@ def finished_run(db: Path) -> str:
 
 
 def assert_each_metric_once_per_epoch(db: Path, run_id: str, epochs: int) -> None:
-    from training.loop import METRICS
+    from training.callbacks import METRICS
 
     counts = db_rows(db, "SELECT key, step, COUNT(*) FROM metrics WHERE run_uuid = ? GROUP BY key, step", run_id)
     assert all(c == 1 for _, _, c in counts), [r for r in counts if r[2] > 1]

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from training import Callback, RunConfig, train
+from training.callbacks import METRICS
 from training.checkpoint import load_checkpoint
-from training.loop import METRICS, Diverged
+from training.loop import Diverged
 
 TIMING = {"epoch_seconds", "images_per_second"}
 SPARSE = [[0, 0, 0.5, 0.5, 0.5], [0] * 5, [0] * 5]
