@@ -1,0 +1,325 @@
+"""``adareg report`` on a small MLflow store built in the test (runs logged as the trainer logs them).
+
+The store: a 3-seed digits sweep of 5 schemes over 20 epochs (3 phases), with one seed never run,
+one run stopped at epoch 12 (still RUNNING), and one step logged twice (the later row must win).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import orchestrator.report.collect as collect_mod
+from orchestrator.errors import UserError
+from orchestrator.identity import run_key
+from orchestrator.report import figures
+from orchestrator.report.collect import FRAME_COLUMNS, REPORT_METRICS, collect, read_histories
+from orchestrator.report.synthetic import log_run
+from orchestrator.sweepfile import expand, load_sweep
+from training.schedules import phase_bounds, plan_for
+
+SWEEP = """
+name: rep
+experiment: adareg-rep
+datasets: [digits]
+archs: [resnet14]
+seeds: [0, 1, 2]
+train: {epochs_scale: 0.04, label_noise: 0.3}
+schemes:
+  wd-1e-4: {weight_decay: 0.0001}
+  "01": {weight_decay: [0.0001, 0.0001, 0.0008, 0.0016, 0.0016]}
+  wd-8e-3: {weight_decay: 0.008}
+  "22":
+    weight_decay: 0.0001
+    grad_sparsity: [[0, 0, 0.8, 0.8, 0.8], [0, 0, 0, 0, 0], [0, 0, 0, 0, 0]]
+  tuned: {weight_decay: [0.0001, 0.0002, 0.0004, 0.0008, 0.0016]}
+"""
+MISSING = ("01", 2)
+PARTIAL = ("wd-8e-3", 1, 12)
+RELOGGED = [("wd-1e-4", 0, "test_error", 20, 0.5),  # scheme, seed, metric, step, new value
+            ("tuned", 1, "train_loss", 5, float("nan"))]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(client, uri, sweep file, sweep, configs) of the module's store."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    tmp = tmp_path_factory.mktemp("report")
+    sweep_file = tmp / "rep.yaml"
+    sweep_file.write_text(SWEEP)
+    sweep = load_sweep(sweep_file)
+    configs = expand(sweep)
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(sweep.experiment, artifact_location=str(tmp / "artifacts"))
+    for cfg in configs:
+        if (cfg.scheme, cfg.seed) == MISSING:
+            continue
+        partial = (cfg.scheme, cfg.seed) == PARTIAL[:2]
+        run_id = log_run(client, exp, cfg, sweep.name, epochs=PARTIAL[2] if partial else None)
+        for scheme, seed, metric, step, value in RELOGGED:
+            if (cfg.scheme, cfg.seed) == (scheme, seed):
+                client.log_batch(run_id, metrics=[Metric(metric, value, 1_800_000_000_000, step)])
+    return client, uri, sweep_file, sweep, configs
+
+
+METRICS = REPORT_METRICS + ("train_loss",)
+
+
+@pytest.fixture(scope="module")
+def col(store):
+    client, uri, _, sweep, configs = store
+    return collect(client, uri, sweep, configs, METRICS)
+
+
+def latest_history(client, run_id: str, metric: str) -> dict[int, float]:
+    """MLflow's own client: step -> value, the latest timestamp winning."""
+    out: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, metric):
+        if m.step not in out or m.timestamp >= out[m.step][0]:
+            out[m.step] = (m.timestamp, m.value)
+    return {step: v for step, (_, v) in out.items()}
+
+
+def test_collect_frame_holds_every_logged_epoch_with_its_phase(store, col):
+    client, _, _, _, configs = store
+    assert list(col.frame.columns) == FRAME_COLUMNS
+    assert len(col.runs) == 15 and col.runs["run_id"].notna().sum() == 14
+    assert len(col.frame) == (13 * 20 + 12) * 3
+    for cfg in configs:
+        key = run_key(cfg)
+        run = col.runs.set_index("run_key").loc[key]
+        if pd.isna(run["run_id"]):
+            continue
+        phases = {e.epoch: e.phase for e in plan_for(cfg)}
+        for metric in METRICS:
+            mine = col.frame[(col.frame["run_key"] == key) & (col.frame["metric"] == metric)]
+            theirs = latest_history(client, run["run_id"], metric)
+            assert mine["epoch"].tolist() == sorted(theirs)
+            np.testing.assert_array_equal(mine["value"], [theirs[e] for e in sorted(theirs)])  # NaN == NaN here
+            assert all(phases[e] == p for e, p in zip(mine["epoch"], mine["phase"]))
+            assert set(mine["scheme"]) == {cfg.scheme} and set(mine["seed"]) == {cfg.seed}
+
+
+def test_a_step_logged_twice_keeps_the_latest_row(store, col):
+    f = col.frame
+    for scheme, seed, metric, step, value in RELOGGED:
+        rows = f[(f["scheme"] == scheme) & (f["seed"] == seed) & (f["metric"] == metric) & (f["epoch"] == step)]
+        assert len(rows) == 1
+        assert rows["value"].iloc[0] == value or (math.isnan(value) and math.isnan(rows["value"].iloc[0]))
+
+
+def test_sql_client_and_rest_paths_give_the_same_frame(store, monkeypatch):
+    """The sqlite fast path, a thread pool over get_metric_history, and MLflow's bulk endpoint
+    served by an in-process tracking server; then the endpoint sampling a long series, which is
+    read again in full."""
+    from mlflow.server import ARTIFACT_ROOT_ENV_VAR, BACKEND_STORE_URI_ENV_VAR, app, handlers
+    from werkzeug.serving import WSGIRequestHandler, make_server
+
+    client, uri, _, sweep, _ = store
+    runs = list(collect_mod_find_runs(client, sweep.experiment))
+    sql = read_histories(client, uri, runs, None, "sql")
+    assert len(sql) == (13 * 20 + 12) * 10
+    pd.testing.assert_frame_equal(sql, read_histories(client, uri, runs, None, "client"))
+
+    class Quiet(WSGIRequestHandler):
+        def log(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setenv(BACKEND_STORE_URI_ENV_VAR, uri)
+    monkeypatch.setenv(ARTIFACT_ROOT_ENV_VAR, str(Path(uri[len("sqlite:///"):]).parent / "artifacts"))
+    monkeypatch.setattr(handlers, "_tracking_store", None)
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        from mlflow import MlflowClient
+
+        http = f"http://127.0.0.1:{server.server_port}"
+        pd.testing.assert_frame_equal(sql, read_histories(MlflowClient(http), http, runs, None))
+        monkeypatch.setattr(collect_mod, "REST_MAX_RESULTS", 7)  # every 20-epoch series is sampled
+        pd.testing.assert_frame_equal(sql, read_histories(MlflowClient(http), http, runs, None, "rest"))
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def collect_mod_find_runs(client, experiment):
+    from orchestrator.tracking import find_runs
+
+    return find_runs(client, experiment).values()
+
+
+def test_missing_seeds_and_unfinished_runs_are_reported(col):
+    assert col.warnings() == [
+        "digits/resnet14/01: 1 of 3 seeds not in MLflow (seed 2)",
+        "digits/resnet14/wd-8e-3 seed 1: drawn up to epoch 12 of 20 (RUNNING)",
+    ]
+    bands = figures.seed_bands(col.frame, ["test_loss"])
+    n = bands[bands["scheme"] == "wd-8e-3"].set_index("epoch")["n"]
+    assert (n.loc[1:12] == 3).all() and (n.loc[13:20] == 2).all()
+
+
+def test_phase_summary_equals_mlflows_own_client_at_each_phases_last_epoch(store, tmp_path):
+    """The acceptance check: every n, mean, best and worst cell of phase_summary.csv."""
+    from orchestrator.report.render import write_report
+
+    client, uri, _, sweep, configs = store
+    rep = write_report(collect(client, uri, sweep, configs), tmp_path, workers=1)
+    csv = pd.read_csv(tmp_path / "phase_summary.csv", dtype={"scheme": str})
+    assert len(csv) == 5 * 3 * 2
+    runs = collect_mod_find_runs(client, sweep.experiment)
+    by_key = {r.data.tags["adareg.run_key"]: r for r in runs}
+    base = {}
+    for scheme in sweep.schemes:
+        cfgs = [c for c in configs if c.scheme == scheme and run_key(c) in by_key]
+        bounds = phase_bounds(plan_for(cfgs[0]))
+        for metric in ("test_loss", "test_error"):
+            hist = [latest_history(client, by_key[run_key(c)].info.run_id, metric) for c in cfgs]
+            for phase, (first, last) in bounds.items():
+                ends = [h[last] for h in hist if last in h]
+                row = csv[(csv["scheme"] == scheme) & (csv["phase"] == phase) & (csv["metric"] == metric)].iloc[0]
+                assert (row["epoch"], row["n"]) == (last, len(ends))
+                assert row["mean"] == pytest.approx(np.mean(ends), rel=1e-12, abs=0)
+                assert (row["best"], row["worst"]) == (min(ends), max(ends))
+                mins = [min(h[e] for e in range(first, last + 1)) for h in hist if last in h]
+                assert row["phase_min_best"] == min(mins)
+                if scheme == "wd-1e-4":
+                    base[(phase, metric)] = ends
+                else:
+                    from scipy import stats
+
+                    p = stats.ttest_ind(ends, base[(phase, metric)], equal_var=False).pvalue
+                    assert row["p_value"] == pytest.approx(p, rel=1e-9)
+    relogged = csv[(csv["scheme"] == "wd-1e-4") & (csv["phase"] == 3) & (csv["metric"] == "test_error")].iloc[0]
+    assert relogged["worst"] == 0.5
+    partial = csv[(csv["scheme"] == "wd-8e-3") & (csv["metric"] == "test_loss")].set_index("phase")["n"]
+    assert partial.to_dict() == {1: 3, 2: 2, 3: 2}
+    assert rep.summary["n"].tolist() == csv["n"].tolist()
+
+
+def test_figures_have_the_expected_axes_legends_and_marks(col):
+    palette = figures.scheme_palette(col.schemes)
+    bands = figures.seed_bands(col.frame, figures.FIGURE_METRICS + ("train_loss",))
+    present = col.frame[["dataset", "arch", "scheme"]].drop_duplicates().astype(str)
+    specs = {s.family: s for s in figures.figure_specs(present, col.schemes, "wd-1e-4")}
+    assert {f: s.schemes for f, s in specs.items()} == {
+        "weight-decay": ("01", "wd-8e-3"), "sparsity": ("wd-1e-4", "22"), "other": ("wd-1e-4", "tuned")}
+    spec = specs["sparsity"]
+    plans = {s: col.scheme_plan("digits", "resnet14", s) for s in spec.schemes}
+    labels = {s: f"label {s}" for s in spec.schemes}
+    fig = figures.draw(spec, bands, plans, labels, palette, ("test_loss", "test_error", "train_loss"), "wd-1e-4")
+    axes = fig.axes
+    assert len(axes) == 9
+    assert [ax.get_title() for ax in axes[:3]] == ["phase 1 (epochs 1–10)", "phase 2 (epochs 11–15)",
+                                                    "phase 3 (epochs 16–20)"]
+    assert [axes[i].get_ylabel() for i in (0, 3, 6)] == ["test loss (log)", "test error", "train loss (log)"]
+    assert [ax.get_yscale() for ax in axes[::3]] == ["log", "linear", "log"]
+    assert [ax.get_xlim() for ax in axes[:3]] == [(0.5, 10.5), (10.5, 15.5), (15.5, 20.5)]
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["label wd-1e-4", "label 22"]
+    for ax in axes:
+        curves = [ln for ln in ax.lines if len(ln.get_xdata()) > 2]
+        assert [ln.get_color() for ln in curves] == [palette["wd-1e-4"], palette["22"]]
+        assert [ln.get_linestyle() for ln in curves] == ["--", "-"]  # the baseline dashed
+        assert len(ax.collections) == 2  # one best-worst band per scheme
+        assert len([ln for ln in ax.lines if ln.get_linestyle() == ":"]) == 4  # 5 learning-rate steps
+    mean_22 = [ln for ln in axes[3].lines if ln.get_color() == palette["22"]][0]
+    b = bands[(bands["scheme"] == "22") & (bands["metric"] == "test_error") & (bands["phase"] == 1)]
+    assert list(mean_22.get_ydata()) == pytest.approx(list(b["mean"]))
+
+
+def cli(capsys, *args: str) -> subprocess.CompletedProcess:
+    from orchestrator.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exit_.value.code, out, err)
+
+
+def test_cli_report_writes_figures_tables_and_logs_them_to_mlflow(store, tmp_path, capsys):
+    client, uri, sweep_file, sweep, _ = store
+    out = tmp_path / "rep"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file: not part of the report")
+    proc = cli(capsys, "report", str(sweep_file), "--tracking-uri", uri, "--out", str(out), "--log-to-mlflow",
+               "--train-loss")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "warning: digits/resnet14/01: 1 of 3 seeds not in MLflow (seed 2)",
+        "warning: digits/resnet14/wd-8e-3 seed 1: drawn up to epoch 12 of 20 (RUNNING)"]
+    stems = ["digits-resnet14-weight-decay", "digits-resnet14-sparsity", "digits-resnet14-other"]
+    for stem in stems:
+        png = Image.open(out / "figures" / f"{stem}.png")
+        assert png.info["dpi"][0] >= 150
+        assert png.size[1] == round(160 * (3 * 2.3 + 0.95 + 0.9))  # 3 rows (train loss added), 1 legend row
+        assert (out / "figures" / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+    report_md = (out / "report.md").read_text()
+    for link in [f"figures/{s}.{ext}" for s in stems for ext in ("png", "pdf")] + [
+            "phase_summary.csv", "phase_summary.md", "runs.csv"]:
+        assert f"]({link})" in report_md
+    assert "1 of 3 seeds not in MLflow (seed 2)" in report_md
+    md = (out / "phase_summary.md").read_text()
+    assert md.count("| `tuned` |") == 6  # 3 phases x 2 metrics
+    runs = client.search_runs([client.get_experiment_by_name(sweep.experiment).experiment_id],
+                              filter_string="tags.`adareg.kind` = 'report'")
+    assert len(runs) == 1 and runs[0].info.run_name == "report" and runs[0].info.status == "FINISHED"
+    logged = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert logged == {"figures", "phase_summary.csv", "phase_summary.md", "report.md", "runs.csv"}
+    assert len(client.list_artifacts(runs[0].info.run_id, "figures")) == 6
+
+
+def test_cli_report_of_a_selection_and_bad_baseline(store, tmp_path, capsys):
+    _, uri, sweep_file, _, _ = store
+    proc = cli(capsys, "report", str(sweep_file), "--tracking-uri", uri, "--out", str(tmp_path),
+               "--only", "scheme=wd-1e-4,22", "--baseline", "22")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "digits-resnet14-sparsity.pdf", "digits-resnet14-sparsity.png"]
+    png = Image.open(tmp_path / "figures" / "digits-resnet14-sparsity.png")
+    assert png.size[1] == round(160 * (2 * 2.3 + 0.95 + 0.9))  # 2 rows
+    summary = pd.read_csv(tmp_path / "phase_summary.csv", dtype={"scheme": str, "baseline": str})
+    assert set(summary["scheme"]) == {"wd-1e-4", "22"} and set(summary["baseline"].dropna()) == {"22"}
+    proc = cli(capsys, "report", str(sweep_file), "--tracking-uri", uri, "--out", str(tmp_path / "b"),
+               "--only", "scheme=22")
+    assert proc.returncode == 0
+    assert proc.stderr == "warning: baseline 'wd-1e-4' has no runs in this selection: no differences to it\n"
+    proc = cli(capsys, "report", str(sweep_file), "--tracking-uri", uri, "--out", str(tmp_path), "--baseline", "wd-9")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: --baseline: scheme 'wd-9' is not in sweep 'rep' "
+                                   "(its schemes: wd-1e-4, 01, wd-8e-3, 22, tuned)")
+
+
+def test_cli_report_of_a_sweep_without_runs_says_what_to_do(store, tmp_path, capsys):
+    _, uri, sweep_file, _, _ = store
+    proc = cli(capsys, "report", str(sweep_file), "--tracking-uri", uri, "--out", str(tmp_path / "x"),
+               "--set", "experiment=adareg-empty")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: no runs of sweep 'rep' in experiment 'adareg-empty' at {uri}: "
+                                   f"run 'adareg sweep run {sweep_file}' first")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(UserError, match="no runs of sweep 'rep'"):
+        collect(store[0], uri, load_sweep(sweep_file), [c.replace(seed=9) for c in store[4][:2]])
+
+
+def test_runs_that_logged_no_epoch_yet_are_not_a_report(store):
+    from orchestrator.identity import TAG_GROUP_KEY, TAG_RUN_KEY, group_key
+
+    client, uri, sweep_file, _, configs = store
+    sweep = load_sweep(sweep_file, sets=["experiment=adareg-started"])
+    exp = client.create_experiment(sweep.experiment)
+    client.create_run(exp, tags={TAG_RUN_KEY: run_key(configs[0]), TAG_GROUP_KEY: group_key(configs[0])})
+    with pytest.raises(UserError) as err:
+        collect(client, uri, sweep, configs)
+    assert str(err.value) == (f"the 1 run of sweep 'rep' in experiment 'adareg-started' at {uri} have logged no "
+                              "epoch yet: nothing to report")
