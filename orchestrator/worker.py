@@ -160,6 +160,7 @@ def execute(spec: WorkerSpec, callbacks: Sequence[Callback] = ()) -> Outcome:
             logger.finish("KILLED", e.kind, str(e))
             return Outcome(e.kind, logger.run_id, str(e))
         except (KeyboardInterrupt, Terminated) as e:
+            _ignore_signals()  # a second signal must not cut the marking short (the run would stay RUNNING)
             logger.finish("KILLED", "killed", "interrupted")
             code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
             return Outcome("killed", logger.run_id, "interrupted; resumable", code)
@@ -173,6 +174,14 @@ def execute(spec: WorkerSpec, callbacks: Sequence[Callback] = ()) -> Outcome:
         return Outcome("finished", logger.run_id)
     finally:
         lock.release()
+
+
+def _ignore_signals() -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to protect
+        pass
 
 
 def _die_with_parent() -> None:

@@ -5,8 +5,9 @@ checkpoint if there is one, then for every epoch of the plan sets the schedule's
 evaluates, writes the checkpoint atomically and only then tells the callbacks.
 
 Determinism: model init, data order, crops and masks come from generators seeded by the run's seed
-(and the epoch), never from global state, so a resumed run on the CPU repeats an uninterrupted one
-bit for bit.
+(and the epoch), never from global state, so there is no RNG state to carry across a restart: the
+checkpoint holds the model, the optimizer (momentum), the masks and the metric history, and a
+resumed run on the CPU repeats an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -162,7 +163,6 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
                 "optimizer": opt.state_dict(),
                 "masks": [m.cpu() for m in opt.masks] if opt.masks is not None else [],
                 "history": history,
-                "rng": {"torch": torch.get_rng_state()},
             })
         for cb in callbacks:
             cb.on_epoch_end(epoch, metrics)

@@ -1,0 +1,165 @@
+"""``adareg sweep plan|run|status`` and ``adareg ui``: parse, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from orchestrator.cli_common import (
+    load_selection,
+    selection_options,
+    sweep_file_argument,
+    tracking_uri_option,
+)
+from orchestrator.errors import UserError
+from orchestrator.reconcile import absolute_tracking_uri, inspect_sweep
+from orchestrator.tracking import resolve_tracking_uri
+from orchestrator.worker import default_runs_dir
+
+runs_dir_option = click.option(
+    "--runs-dir", type=click.Path(file_okay=False), default=None, envvar="ADAREG_RUNS_DIR", show_envvar=True,
+    help="Where run folders (spec, lock, checkpoint, progress, log) live [default: ./adareg_runs].")
+
+
+def _runs_dir(runs_dir: str | None) -> Path:
+    return Path(runs_dir) if runs_dir else default_runs_dir()
+
+
+def _tracking_uri(uri: str | None) -> str:
+    return absolute_tracking_uri(resolve_tracking_uri(uri))
+
+
+def _states(sweep_file, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri):
+    sweep, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    return sweep, inspect_sweep(configs, sweep.experiment, _tracking_uri(tracking_uri), _runs_dir(runs_dir))
+
+
+@click.group("sweep")
+def sweep() -> None:
+    """Plan, run and watch a sweep file's runs (safe to re-run: finished runs are skipped)."""
+
+
+@sweep.command("plan")
+@sweep_file_argument
+@selection_options
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@runs_dir_option
+@tracking_uri_option
+def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_dir, tracking_uri):
+    """The expanded runs and how many are done / resumable / pending / failed (nothing is run)."""
+    sweep_, states = _states(sweep_file, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri)
+    if fmt == "json":
+        click.echo(json.dumps([s.as_json() for s in states], indent=1))
+        return
+    from orchestrator.progress import plan_table, wide_console
+
+    wide_console().print(plan_table(states, f"sweep {sweep_.name} (experiment {sweep_.experiment})"))
+
+
+@sweep.command("run")
+@sweep_file_argument
+@selection_options
+@click.option("--gpus", default=None, metavar="LIST|all|none",
+              help="GPUs to use: indices such as 0,1, all, or none for the CPU [default: all visible GPUs, "
+                   "else the CPU].")
+@click.option("--jobs-per-gpu", type=int, default=1, show_default=True, metavar="K", help="Runs sharing one GPU.")
+@click.option("--max-parallel", type=int, default=None, metavar="N",
+              help="At most N runs at once [default: GPUs x K; on the CPU half the cores].")
+@click.option("--retries", type=int, default=2, show_default=True, metavar="N",
+              help="Retry a failed run N times from its last checkpoint (a diverged run is never retried).")
+@click.option("--retry-failed", is_flag=True, help="Also retry runs that failed in earlier sweeps (not diverged).")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: a subprocess per run on this machine; ray: the same in Ray tasks (needs adareg[ray]).")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="Ray cluster to join (default: a private local Ray instance). A remote cluster needs an "
+                   "http(s)/postgresql tracking URI and --shared-runs-dir.")
+@click.option("--shared-runs-dir", is_flag=True,
+              help="Vouch that --runs-dir is on storage every Ray node mounts at the same path.")
+@runs_dir_option
+@tracking_uri_option
+@click.pass_context
+def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, jobs_per_gpu, max_parallel, retries,
+                retry_failed, backend, ray_address, shared_runs_dir, runs_dir, tracking_uri):
+    """Run every run of the sweep that is not finished: resume interrupted ones, retry failures.
+
+    Ctrl-C (or SIGTERM) stops the workers, whose runs stay resumable; a second Ctrl-C stops at once.
+    The exit code is non-zero when any run failed.
+    """
+    from orchestrator.progress import make_view, summary_table, wide_console
+    from orchestrator.scheduler import run_sweep
+
+    sweep_, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    console = wide_console()
+    result = run_sweep(
+        sweep_, configs, tracking_uri=tracking_uri, runs_dir=_runs_dir(runs_dir), backend=backend, gpus=gpus,
+        jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, retries=retries, retry_failed=retry_failed,
+        ray_address=ray_address, shared_runs_dir=shared_runs_dir,
+        view_factory=lambda states, tasks: make_view(states, tasks, sweep_.name, console))
+    if result.aborted:
+        click.echo("error: stopped at once; interrupted runs stay resumable", err=True)
+        ctx.exit(result.exit_code)
+    if not result.tasks:
+        console.print(f"sweep {sweep_.name}: nothing to run", highlight=False)
+    console.print(summary_table(result, f"sweep {sweep_.name}", short_ids=console.width < 130))
+    failed = sum(result.outcome(s)[0] == "failed" for s in result.states)
+    if result.stopped_by is not None:
+        click.echo("interrupted: run the same command again to resume", err=True)
+    elif failed:
+        click.echo(f"error: {failed} of {len(result.states)} runs failed", err=True)
+    ctx.exit(result.exit_code)
+
+
+@sweep.command("status")
+@sweep_file_argument
+@selection_options
+@click.option("--watch", type=float, default=None, metavar="SECONDS", help="Redraw every SECONDS until Ctrl-C.")
+@runs_dir_option
+@tracking_uri_option
+def status_command(sweep_file, set_, only, epochs_scale, train_subset, watch, runs_dir, tracking_uri):
+    """Progress of a sweep from MLflow (and the run folders), e.g. from another terminal while it runs."""
+    from orchestrator.progress import status_view, wide_console
+
+    args = (sweep_file, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri)
+    sweep_, states = _states(*args)
+    title = f"sweep {sweep_.name}"
+    console = wide_console()
+    if not watch:
+        console.print(status_view(states, title))
+        return
+    if watch <= 0:
+        raise UserError(f"--watch {watch}: must be > 0 seconds")
+    from rich.live import Live
+
+    with Live(status_view(states, title), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(watch)
+                live.update(status_view(_states(*args)[1], title), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+@click.command("ui")
+@click.option("--port", type=int, default=5000, show_default=True)
+@tracking_uri_option
+def ui_command(port, tracking_uri):
+    """The MLflow UI on the same store, at http://127.0.0.1:PORT (this machine only)."""
+    uri = _tracking_uri(tracking_uri)
+    if uri.startswith(("http://", "https://")):
+        click.echo(f"the tracking server {uri} serves the MLflow UI itself: open it in a browser")
+        return
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: must be in 1-65535")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port)]
+    click.echo(f"MLflow UI on {uri}: http://127.0.0.1:{port} (Ctrl-C to stop)")
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+
+
+COMMANDS = [sweep, ui_command]

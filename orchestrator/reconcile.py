@@ -1,0 +1,212 @@
+"""What is left to do: every run's state, from its MLflow run and its run folder.
+
+``classify`` and ``reconcile`` are pure; ``inspect_sweep`` gathers their inputs (one bulk MLflow
+query, one look into each run folder). The states:
+
+- done: the MLflow run is FINISHED.
+- running: a live process holds the run's lock (``RUN_DIR/lock``); never start it a second time.
+- failed: FAILED because it diverged (retrying repeats the divergence), or FAILED with an error after
+  ``1 + retries`` attempts.
+- resumable: an MLflow run exists (RUNNING, KILLED, or FAILED with attempts left) or a checkpoint does.
+- pending: neither exists.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.identity import group_key, run_key
+from orchestrator.tracking import TAG_ATTEMPTS, TAG_FAILURE, TAG_FAILURE_REASON, connect, find_runs
+from orchestrator.worker import CHECKPOINT, PROGRESS, RunLock
+from training.config import RunConfig
+from training.schedules import plan_for
+
+STATES = ("done", "running", "resumable", "pending", "failed")
+TODO = ("running", "resumable", "pending")  # what ``sweep run`` dispatches (running: once its lock is free)
+DEFAULT_RETRIES = 2
+LOG = "worker.log"  # a worker's stdout and stderr, in its run folder
+
+
+def lock_holder(run_dir: Path) -> int | None:
+    """The pid written in ``RUN_DIR/lock`` while a live process holds it (0 if unreadable), else None.
+
+    Probes with a shared non-blocking ``flock`` that is dropped at once; a worker starting in that
+    instant sees the run as locked and exits 4, which the scheduler retries without counting.
+    """
+    try:
+        fd = os.open(RunLock(run_dir).path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            return int(os.pread(fd, 32, 0).decode().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+    finally:
+        os.close(fd)  # also drops the probe's lock
+    return None
+
+
+def read_progress(run_dir: Path) -> dict[str, Any] | None:
+    """``progress.json`` of a run (epoch, total, test_error, images_per_second, run_id, pid), or None."""
+    try:
+        data = json.loads((run_dir / PROGRESS).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """What a run's folder says about it."""
+
+    checkpoint: bool = False
+    locked_by: int | None = None
+    progress: dict[str, Any] | None = None
+
+    @classmethod
+    def inspect(cls, path: Path) -> RunDir:
+        if not path.is_dir():
+            return cls()
+        return cls((path / CHECKPOINT).exists(), lock_holder(path), read_progress(path))
+
+
+@dataclass(frozen=True)
+class RunState:
+    """One run of a sweep and where it stands."""
+
+    config: RunConfig
+    run_key: str
+    group_key: str
+    state: str
+    total_epochs: int
+    epoch: int = 0
+    test_error: float | None = None
+    images_per_second: float | None = None
+    run_id: str | None = None
+    status: str | None = None  # the MLflow run's status
+    attempts: int = 0
+    failure: str = ""  # the adareg.failure tag: diverged | error | killed
+    reason: str = ""
+    locked_by: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``sweep plan --format json`` object of this run."""
+        c = self.config
+        return {"run_key": self.run_key, "group_key": self.group_key, "arch": c.arch, "dataset": c.dataset,
+                "scheme": c.scheme, "seed": c.seed, "state": self.state, "epoch": self.epoch,
+                "total_epochs": self.total_epochs, "test_error": self.test_error, "run_id": self.run_id,
+                "reason": self.reason, "params": c.to_dict()}
+
+
+def classify(run: Any, run_dir: RunDir, retries: int = DEFAULT_RETRIES) -> tuple[str, str]:
+    """``(state, reason)`` of a run from its MLflow run (or None) and its folder."""
+    status = run.info.status if run is not None else None
+    if status == "FINISHED":
+        return "done", ""
+    if run_dir.locked_by is not None:
+        pid = f" (pid {run_dir.locked_by})" if run_dir.locked_by else ""
+        return "running", f"held by a live worker{pid}"
+    if run is None:
+        return ("resumable", "checkpoint without an MLflow run") if run_dir.checkpoint else ("pending", "")
+    tags = run.data.tags
+    failure, reason = tags.get(TAG_FAILURE, ""), tags.get(TAG_FAILURE_REASON, "")
+    if status == "FAILED" and failure == "diverged":
+        return "failed", reason or "diverged"
+    attempts = _int(tags.get(TAG_ATTEMPTS))
+    if status == "FAILED" and attempts >= 1 + retries:
+        return "failed", f"{reason or 'error'} (after {attempts} attempts)"
+    return "resumable", f"{status.lower()}" + (f": {reason}" if status == "FAILED" and reason else "")
+
+
+def reconcile(configs: Sequence[RunConfig], runs: Mapping[str, Any], dirs: Mapping[str, RunDir],
+              retries: int = DEFAULT_RETRIES) -> list[RunState]:
+    """Each config's state from ``runs`` (``{run_key: MLflow Run}``) and ``dirs`` (``{run_key: RunDir}``)."""
+    out = []
+    totals: dict[tuple, int] = {}
+    for config in configs:
+        key = run_key(config)
+        run, run_dir = runs.get(key), dirs.get(key, RunDir())
+        state, reason = classify(run, run_dir, retries)
+        shape = (config.epochs_per_step, len(config.lr[0]), config.epochs_scale)
+        if shape not in totals:
+            totals[shape] = len(plan_for(config))
+        epoch, test_error, ips = _latest(run, run_dir.progress)
+        out.append(RunState(
+            config=config, run_key=key, group_key=group_key(config), state=state, total_epochs=totals[shape],
+            epoch=epoch, test_error=test_error, images_per_second=ips,
+            run_id=run.info.run_id if run is not None else None,
+            status=run.info.status if run is not None else None,
+            attempts=_int(run.data.tags.get(TAG_ATTEMPTS)) if run is not None else 0,
+            failure=run.data.tags.get(TAG_FAILURE, "") if run is not None else "",
+            reason=reason, locked_by=run_dir.locked_by))
+    return out
+
+
+def _latest(run: Any, progress: dict[str, Any] | None) -> tuple[int, float | None, float | None]:
+    """Last epoch, its test error and images/s: from progress.json when it is as new as MLflow."""
+    epoch, test_error, ips = 0, None, None
+    if run is not None:
+        metrics = {m.key: m for m in getattr(run.data, "_metric_objs", ())}  # latest value of each, with its step
+        if "test_error" in metrics:
+            epoch, test_error = int(metrics["test_error"].step), metrics["test_error"].value
+        if "images_per_second" in metrics:
+            ips = metrics["images_per_second"].value
+    if progress and (run is None or progress.get("run_id") in (None, run.info.run_id)):
+        p_epoch = _int(progress.get("epoch"))
+        if p_epoch >= epoch:
+            epoch = p_epoch
+            test_error = progress.get("test_error", test_error)
+            ips = progress.get("images_per_second", ips)
+    return epoch, test_error, ips
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` URI (None for other stores)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """``uri`` with a relative sqlite path made absolute, so workers in other folders find the store."""
+    path = sqlite_path(uri)
+    return f"sqlite:///{path.resolve()}" if path is not None and not path.is_absolute() else uri
+
+
+def fetch_runs(tracking_uri: str, experiment: str, keys: Iterable[str]) -> dict[str, Any]:
+    """``{run_key: Run}`` in one bulk query; no store is created where none exists yet."""
+    path = sqlite_path(tracking_uri)
+    if path is not None and not path.exists():
+        return {}
+    return find_runs(connect(tracking_uri), experiment, keys)
+
+
+def inspect_sweep(configs: Sequence[RunConfig], experiment: str, tracking_uri: str, runs_dir: Path,
+                  retries: int = DEFAULT_RETRIES) -> list[RunState]:
+    """The state of every run: one MLflow query plus a look into each run folder."""
+    keys = [run_key(c) for c in configs]
+    runs = fetch_runs(tracking_uri, experiment, keys)
+    dirs = {key: RunDir.inspect(runs_dir / key) for key in keys}
+    return reconcile(configs, runs, dirs, retries)
+
+
+def counts(states: Iterable[RunState]) -> dict[str, int]:
+    """``{state: how many}`` in the order of STATES."""
+    n = {s: 0 for s in STATES}
+    for st in states:
+        n[st.state] += 1
+    return n

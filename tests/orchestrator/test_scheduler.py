@@ -1,0 +1,273 @@
+"""The scheduler on a fake backend (no processes): slots, retries, exit codes, locks, signals."""
+
+import fcntl
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.backends import Slot, check_shared, is_local_address, slot_env
+from orchestrator.errors import UserError
+from orchestrator.identity import run_key
+from orchestrator.reconcile import RunState
+from orchestrator.scheduler import Scheduler, Task, device_slots, log_tail, parse_gpus, ray_slots, to_run
+from training.config import RunConfig
+
+# ------------------------------------------------------------------------------------------ slots
+
+
+def test_gpu_slots_spread_over_gpus_first_and_share_the_cores():
+    slots = device_slots(["0", "1"], jobs_per_gpu=2, cores=16)
+    assert [(s.name, s.gpu, s.device) for s in slots] == [
+        ("gpu0.0", "0", "cuda"), ("gpu1.0", "1", "cuda"), ("gpu0.1", "0", "cuda"), ("gpu1.1", "1", "cuda")]
+    assert {s.threads for s in slots} == {4} and {s.gpu_fraction for s in slots} == {0.5}
+
+
+def test_max_parallel_caps_gpu_slots():
+    slots = device_slots(["0", "1"], jobs_per_gpu=2, max_parallel=3, cores=12)
+    assert [s.name for s in slots] == ["gpu0.0", "gpu1.0", "gpu0.1"]
+    assert slots[0].threads == 4
+
+
+@pytest.mark.parametrize("max_parallel, cores, n, threads", [(None, 8, 4, 2), (2, 8, 2, 4), (None, 1, 1, 1),
+                                                               (3, 2, 3, 1)])
+def test_cpu_slots(max_parallel, cores, n, threads):
+    slots = device_slots([], max_parallel=max_parallel, cores=cores)
+    assert len(slots) == n and {s.threads for s in slots} == {threads}
+    assert {(s.device, s.gpu) for s in slots} == {("cpu", None)}
+
+
+def test_slot_env_pins_the_gpu_or_hides_all():
+    assert slot_env(Slot("g", "cuda", "3", 2))["CUDA_VISIBLE_DEVICES"] == "3"
+    cpu = slot_env(Slot("c", "cpu", None, 5))
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "5"
+    assert "CUDA_VISIBLE_DEVICES" not in slot_env(Slot("r", "cuda", None, 1, 0.5))  # Ray assigns it
+
+
+@pytest.mark.parametrize("gpus, visible, expected", [
+    (None, ["0", "1"], ["0", "1"]), ("all", [], []), ("none", ["0"], []),
+    ("1", ["4", "7"], ["7"]),  # an index into the orchestrator's own CUDA_VISIBLE_DEVICES
+    ("0,1,0", ["0", "1"], ["0", "1"])])
+def test_parse_gpus(gpus, visible, expected):
+    assert parse_gpus(gpus, visible) == expected
+
+
+@pytest.mark.parametrize("gpus, message", [("2", "GPU 2 is not visible; this machine has 2 GPUs (0-1)"),
+                                           ("x", "expected all, none or GPU indices")])
+def test_parse_gpus_errors_name_the_option(gpus, message):
+    with pytest.raises(UserError, match="--gpus") as e:
+        parse_gpus(gpus, ["0", "1"])
+    assert message in str(e.value)
+
+
+def test_bad_counts_are_user_errors():
+    with pytest.raises(UserError, match="--jobs-per-gpu 0"):
+        device_slots(["0"], jobs_per_gpu=0)
+    with pytest.raises(UserError, match="--max-parallel 0"):
+        device_slots([], max_parallel=0)
+
+
+def test_ray_slots_use_fractional_gpus_and_leave_the_gpu_to_ray():
+    slots = ray_slots({"CPU": 16.0, "GPU": 2.0}, False, 4, None)
+    assert len(slots) == 8
+    assert {(s.gpu, s.gpu_fraction, s.device, s.threads) for s in slots} == {(None, 0.25, "cuda", 2)}
+    cpu = ray_slots({"CPU": 4.0, "GPU": 2.0}, True, 1, 2)
+    assert [(s.device, s.gpu_fraction, s.threads) for s in cpu] == [("cpu", 0.0, 2)] * 2
+
+
+@pytest.mark.parametrize("address, local", [(None, True), ("local", True), ("127.0.0.1:6379", True),
+                                            ("ray://localhost:10001", True), ("auto", False),
+                                            ("10.0.0.5:6379", False), ("ray://head:10001", False)])
+def test_is_local_address(address, local):
+    assert is_local_address(address) is local
+
+
+def test_remote_ray_refuses_local_stores_and_unvouched_run_folders(tmp_path):
+    check_shared(None, "sqlite:////x/m.db", tmp_path, False)  # local: anything goes
+    with pytest.raises(UserError, match="tracking URI sqlite:////x/m.db is local"):
+        check_shared("10.0.0.5:6379", "sqlite:////x/m.db", tmp_path, True)
+    with pytest.raises(UserError, match="--shared-runs-dir"):
+        check_shared("10.0.0.5:6379", "http://mlflow:5000", tmp_path, False)
+    check_shared("10.0.0.5:6379", "postgresql://u@db/mlflow", tmp_path, True)
+
+
+def test_log_tail_is_the_last_meaningful_line(tmp_path):
+    log = tmp_path / "worker.log"
+    log.write_text("--- start\nepoch 1\nerror: cifar10: no archive\n\n--- start\n")
+    assert log_tail(log) == "error: cifar10: no archive"
+    assert log_tail(tmp_path / "missing.log") == ""
+
+
+def test_to_run_resumes_first_and_retries_errors_only_when_asked():
+    def state(seed, st, failure=""):
+        config = RunConfig(seed=seed)
+        return RunState(config, run_key(config), "g", st, 450, failure=failure)
+
+    states = [state(0, "pending"), state(1, "done"), state(2, "resumable"), state(3, "failed", "diverged"),
+              state(4, "failed", "error"), state(5, "running")]
+    assert [s.config.seed for s in to_run(states)] == [2, 5, 0]
+    assert [s.config.seed for s in to_run(states, retry_failed=True)] == [2, 4, 5, 0]
+
+
+# ---------------------------------------------------------------------------------- fake backend
+
+
+class FakeJob:
+    def __init__(self, code: int, seconds: float):
+        self.code, self.end = code, time.monotonic() + seconds
+        self.signals: list[str] = []
+
+    def done(self):
+        return time.monotonic() >= self.end
+
+    def result(self, timeout=None):
+        return self.code
+
+    def exception(self):
+        return None
+
+    def terminate(self):
+        self.signals.append("TERM")
+        self.code, self.end = 143, min(self.end, time.monotonic() + 0.05)
+
+    def kill(self):
+        self.signals.append("KILL")
+        self.code, self.end = -9, time.monotonic()
+
+
+class FakeBackend:
+    """Exit codes scripted per run key; records every start and the peak concurrency."""
+
+    def __init__(self, script: dict[str, list[int]], seconds: float = 0.05):
+        self.script, self.seconds = script, seconds
+        self.starts: list[tuple[str, str, float]] = []
+        self.jobs: list[FakeJob] = []
+        self.peak = 0
+
+    def submit(self, spec_path, log_path, slot):
+        key = Path(spec_path).parent.name
+        self.starts.append((key, slot.name, time.monotonic()))
+        job = FakeJob(self.script[key].pop(0), self.seconds)
+        self.jobs.append(job)
+        self.peak = max(self.peak, sum(not j.done() for j in self.jobs))
+        return job
+
+    def close(self):
+        pass
+
+
+class Notes:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def started(self, task, slot):
+        pass
+
+    def ended(self, task, slot, code):
+        pass
+
+    def note(self, message):
+        self.lines.append(message)
+
+    def update(self, active):
+        pass
+
+
+def make_tasks(tmp_path, keys):
+    tasks = []
+    for key in keys:
+        (tmp_path / key).mkdir()
+        tasks.append(Task(key, RunConfig(), tmp_path / key, total_epochs=15))
+    return tasks
+
+
+def scheduler(backend, n_slots=2, retries=2, view=None, grace_s=0.1):
+    slots = [Slot(f"cpu{i}") for i in range(n_slots)]
+    return Scheduler(backend, slots, lambda task, slot: task.run_dir / "spec.json", retries=retries, view=view,
+                     poll_s=0.01, grace_s=grace_s, lock_wait_s=0.05, retry_delay_s=0.05)
+
+
+def test_exit_codes_decide_retry_fail_or_wait(tmp_path):
+    script = {"ok": [0], "flaky": [1, 0], "broken": [1, 1, 1], "diverges": [3], "bad": [2], "locked": [4, 4, 0]}
+    backend = FakeBackend(script)
+    tasks = make_tasks(tmp_path, script)
+    assert scheduler(backend, retries=2).run(tasks) is None
+    result = {t.key: (t.result, t.starts, t.failures) for t in tasks}
+    assert result == {
+        "ok": ("finished", 1, 0), "flaky": ("finished", 2, 1),
+        "broken": ("failed", 3, 3),  # 1 + 2 retries
+        "diverges": ("diverged", 1, 0), "bad": ("failed", 1, 0),  # never retried
+        "locked": ("finished", 3, 0)}  # "locked" waits and does not count as a failure
+    assert all(not codes for codes in script.values())
+
+
+def test_no_more_runs_at_once_than_slots(tmp_path):
+    keys = [f"r{i}" for i in range(7)]
+    backend = FakeBackend({k: [0] for k in keys}, seconds=0.05)
+    scheduler(backend, n_slots=3).run(make_tasks(tmp_path, keys))
+    assert backend.peak == 3 and len(backend.starts) == 7
+    assert {slot for _, slot, _ in backend.starts} == {"cpu0", "cpu1", "cpu2"}
+
+
+def test_a_run_locked_by_a_live_process_waits_for_its_lock(tmp_path):
+    tasks = make_tasks(tmp_path, ["held", "free"])
+    fd = os.open(tmp_path / "held" / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242")
+    released = []
+
+    def release():
+        released.append(time.monotonic())
+        os.close(fd)
+
+    timer = threading.Timer(0.4, release)
+    timer.start()
+    notes = Notes()
+    backend = FakeBackend({"held": [0], "free": [0]})
+    scheduler(backend, view=notes).run(tasks)
+    timer.join()
+    started = {key: t for key, _, t in backend.starts}
+    assert started["held"] >= released[0] > started["free"]
+    assert any("held: waiting for the live process holding its lock (pid 4242)" in n for n in notes.lines)
+    assert [t.result for t in tasks] == ["finished", "finished"]
+
+
+def _signal_later(*delays_and_signals):
+    def send():
+        for delay, signum in delays_and_signals:
+            time.sleep(delay)
+            os.kill(os.getpid(), signum)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread
+
+
+def test_first_signal_stops_dispatch_and_terminates_workers(tmp_path):
+    keys = ["a", "b", "c", "d"]
+    backend = FakeBackend({k: [0] for k in keys}, seconds=30)
+    tasks = make_tasks(tmp_path, keys)
+    sender = _signal_later((0.2, signal.SIGTERM))
+    t0 = time.monotonic()
+    stopped_by = scheduler(backend, grace_s=0.1).run(tasks)
+    sender.join()
+    assert stopped_by == signal.SIGTERM and time.monotonic() - t0 < 5
+    assert [t.result for t in tasks] == ["killed", "killed", "skipped", "skipped"]
+    assert [j.signals for j in backend.jobs] == [["TERM"], ["TERM"]]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_second_signal_kills_workers_at_once(tmp_path):
+    backend = FakeBackend({"a": [0], "b": [0]}, seconds=30)
+    tasks = make_tasks(tmp_path, ["a", "b"])
+    sched = scheduler(backend, grace_s=60)  # the first signal alone would wait a minute before SIGTERM
+    sender = _signal_later((0.2, signal.SIGINT), (0.2, signal.SIGINT))
+    t0 = time.monotonic()
+    assert sched.run(tasks) == signal.SIGINT
+    sender.join()
+    assert sched.aborted and time.monotonic() - t0 < 5
+    assert [j.signals for j in backend.jobs] == [["KILL"], ["KILL"]]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
