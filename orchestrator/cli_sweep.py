@@ -111,6 +111,9 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
         click.echo("interrupted: run the same command again to resume", err=True)
     elif failed:
         click.echo(f"error: {failed} of {len(result.states)} runs failed", err=True)
+    uri = f" --tracking-uri {tracking_uri}" if tracking_uri else ""
+    click.echo(f"browse the runs: adareg ui{uri}   (then open http://127.0.0.1:5000, experiment "
+               f"{sweep_.experiment}); figures: adareg report {sweep_file}{uri}")
     ctx.exit(result.exit_code)
 
 

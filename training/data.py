@@ -175,6 +175,16 @@ def _cifar(name: str, data_dir: str) -> tuple[Arrays, Arrays]:
     return split(True), split(False)
 
 
+def _move_into_place(src: str, dst: str) -> None:
+    """``os.replace``, except that a folder another worker has just put in place wins (parallel runs
+    of a fresh sweep all fetch the same dataset)."""
+    try:
+        os.replace(src, dst)
+    except OSError:
+        if not os.path.isdir(dst):
+            raise
+
+
 def _extract(archive: str, base_folder: str, data_dir: str) -> None:
     """Unpack ``archive`` into ``data_dir/base_folder`` via a temp dir, so a failure leaves nothing."""
     tmp = tempfile.mkdtemp(prefix=".extract-", dir=data_dir)
@@ -184,7 +194,7 @@ def _extract(archive: str, base_folder: str, data_dir: str) -> None:
             tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         if not os.path.isdir(os.path.join(tmp, base_folder)):
             raise DataError(f"{archive}: does not contain the folder {base_folder}")
-        os.replace(os.path.join(tmp, base_folder), os.path.join(data_dir, base_folder))
+        _move_into_place(os.path.join(tmp, base_folder), os.path.join(data_dir, base_folder))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{archive}: cannot extract ({_one_line(e)})") from None
     finally:
@@ -206,8 +216,8 @@ def _download(name: str, cls: type[datasets.CIFAR10], data_dir: str) -> None:
             socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
             try:
                 download_and_extract_archive(cls.url, tmp, filename=cls.filename, md5=cls.tgz_md5)
-                os.replace(os.path.join(tmp, cls.base_folder), os.path.join(data_dir, cls.base_folder))
-                os.replace(os.path.join(tmp, cls.filename), os.path.join(data_dir, cls.filename))
+                _move_into_place(os.path.join(tmp, cls.base_folder), os.path.join(data_dir, cls.base_folder))
+                _move_into_place(os.path.join(tmp, cls.filename), os.path.join(data_dir, cls.filename))
                 return
             except Exception as e:  # noqa: BLE001 (any failure becomes the one-line message below)
                 reason = _one_line(e)

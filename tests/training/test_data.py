@@ -372,3 +372,14 @@ def test_incomplete_folder_is_a_data_error(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(DataError, match=r"^cifar10: cannot read .*cifar-10-batches-py"):
         cifar("cifar10", tmp_path)
+
+
+def test_a_folder_another_worker_put_in_place_wins(tmp_path):
+    """Parallel workers of a fresh sweep extract the same archive; the later one must not fail."""
+    for d in ("mine/cifar-10-batches-py", "cifar-10-batches-py"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "data_batch_1").write_text(d)
+    data._move_into_place(str(tmp_path / "mine/cifar-10-batches-py"), str(tmp_path / "cifar-10-batches-py"))
+    assert (tmp_path / "cifar-10-batches-py/data_batch_1").read_text() == "cifar-10-batches-py"
+    with pytest.raises(OSError):
+        data._move_into_place(str(tmp_path / "absent"), str(tmp_path / "elsewhere"))

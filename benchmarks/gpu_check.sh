@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU check, about 3 minutes (at most 6), run from anywhere in the repo on a machine with a CUDA GPU:
+#   bash benchmarks/gpu_check.sh
+# 1. nvidia-smi and what torch sees; 2. trainer_throughput.py on cuda (bare / textbook / trainer,
+# plus eager NCHW vs channels_last + bf16 vs torch.compile); 3. a 2-run sweep on digits over all GPUs,
+# 2 jobs per GPU, against a throw-away MLflow store. Results go to $OUT (default: a new temp dir).
+# Uses .venv (created by `make install` if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/adareg ] || make install
+BIN=.venv/bin
+OUT=${OUT:-$(mktemp -d -t adareg-gpu-check-XXXX)}
+mkdir -p "$OUT"
+echo "== results in $OUT"
+
+echo "== nvidia-smi"
+nvidia-smi
+$BIN/python -c "import torch; assert torch.cuda.is_available(), 'torch sees no GPU'; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, [torch.cuda.get_device_name(i) \
+for i in range(torch.cuda.device_count())])"
+
+echo "== throughput on cuda"
+timeout 210 $BIN/python benchmarks/trainer_throughput.py --device cuda --images 10000 --repeats 3 \
+    --workers 0,2,8 --out "$OUT/throughput_cuda.json"
+
+echo "== 2-run sweep on digits (--gpus all --jobs-per-gpu 2)"
+export MLFLOW_TRACKING_URI="sqlite:///$OUT/mlflow.db" ADAREG_RUNS_DIR="$OUT/runs"
+SELECT=(sweeps/demo.yaml --only scheme=wd-1e-4 --epochs-scale 0.02)  # 2 seeds x 15 epochs
+timeout 120 $BIN/adareg sweep run "${SELECT[@]}" --gpus all --jobs-per-gpu 2
+$BIN/adareg sweep status "${SELECT[@]}"
+echo "== done"

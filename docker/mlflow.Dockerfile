@@ -1,0 +1,18 @@
+# The MLflow tracking server of docker/compose.yaml: MLflow 3.17.x (as pinned in pyproject.toml)
+# with the PostgreSQL driver. The server command and its options are in compose.yaml.
+FROM python:3.11-slim-bookworm
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+RUN pip install "mlflow>=3.17,<3.18" "psycopg2-binary>=2.9"
+
+# /mlartifacts exists and belongs to the server's user, so a fresh named volume does too.
+RUN useradd --create-home --uid 1000 mlflow \
+ && mkdir /mlartifacts \
+ && chown mlflow:mlflow /mlartifacts
+USER mlflow
+WORKDIR /home/mlflow
+EXPOSE 5000
+CMD ["mlflow", "server", "--help"]
