@@ -18,7 +18,7 @@ test: install
 	$(BIN)/python -m pytest -q -x --timeout 600 tests
 
 demo: install
-	$(BIN)/adareg sweep run sweeps/demo.yaml --gpus none
+	$(BIN)/adareg sweep run sweeps/demo.yaml --gpus none --max-parallel 2
 	$(BIN)/adareg report sweeps/demo.yaml --out demo-report
 
 lint: install
