@@ -64,7 +64,7 @@ def test_demo_sweep():
     assert [(r.scheme, r.seed) for r in runs] == [(s, seed) for s in ("01", "02", "wd-1e-4", "wd-8e-3", "22")
                                                   for seed in (0, 1)]
     assert {(r.dataset, r.arch, r.label_noise, r.epochs_scale, r.train_subset) for r in runs} == {
-        ("digits", "resnet14", 0.3, 0.04, 0)}
+        ("digits", "resnet14", 0.3, 0.04, 900)}
     demo, table1 = load_sweep(SWEEPS / "demo.yaml"), load_sweep(SWEEPS / "table1.yaml")
     assert all(demo.schemes[name] == table1.schemes[name] for name in demo.schemes)
 
