@@ -1,8 +1,11 @@
 """Shared test settings: never touch the network, the user's cache, ./mlflow.db or ./adareg_runs."""
 
 import os
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers such as cifar_archives
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ["ADAREG_NO_DOWNLOAD"] = "1"

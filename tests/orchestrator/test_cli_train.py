@@ -239,3 +239,16 @@ def test_sigkill_then_rerun_resumes_the_same_run_bit_identically(isolated, monke
     assert_each_metric_once_per_epoch(db, killed_id, 15)
     strip = lambda rows: [r for r in rows if r[0] not in TIMING]  # noqa: E731
     assert strip(metric_rows(db, killed_id)) == strip(metric_rows(isolated / "ref.db", ref_id))
+
+
+def test_trains_on_cifar_archives_from_data_dir(isolated, capsys):
+    """CIFAR-10 through torchvision's real loading path, from an archive in --data-dir."""
+    from cifar_archives import write_cifar
+
+    write_cifar(isolated / "data", "cifar10", per_file=10, archive=True)
+    proc = cli(capsys, "train", "--arch", "resnet8", "--dataset", "cifar10", "--scheme", "wd-1e-4",
+               "--sweep", TABLE1, "--epochs-scale", "0.01", "--data-dir", str(isolated / "data"), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    run_id = finished_run(isolated / "mlflow.db")
+    assert_each_metric_once_per_epoch(isolated / "mlflow.db", run_id, 15)
+    assert (isolated / "data" / "cifar-10-batches-py" / "data_batch_5").exists()
