@@ -35,7 +35,7 @@ def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out
     sweep, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     check_baseline(baseline, sweep.name, list(sweep.schemes))
     uri = resolve_tracking_uri(tracking_uri)
-    client = connect(uri)
+    client = connect(uri, create=False)
     metrics = REPORT_METRICS + (("train_loss",) if train_loss else ())
     col = collect(client, uri, sweep, configs, metrics, sweep_file=sweep_file)
     rep = write_report(col, out or f"report-{sweep.name}", baseline=baseline, train_loss=train_loss)

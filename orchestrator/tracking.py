@@ -38,7 +38,7 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def _check_reachable(uri: str) -> None:
+def _check_reachable(uri: str, create: bool) -> None:
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=REACH_TIMEOUT_S) as r:
@@ -53,16 +53,19 @@ def _check_reachable(uri: str) -> None:
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent):
             raise UserError(f"tracking store {uri}: folder {parent} does not exist")
+        if not create and not os.path.exists(path):
+            raise UserError(f"no MLflow store at {uri}: nothing has been run there yet (adareg sweep run FILE)")
 
 
-def connect(uri: str | None = None):
-    """An ``MlflowClient`` on a reachable store (UserError naming the URI otherwise)."""
+def connect(uri: str | None = None, create: bool = True):
+    """An ``MlflowClient`` on a reachable store (UserError naming the URI otherwise). With
+    ``create=False`` a missing sqlite store is an error instead of a new empty file (for readers)."""
     from mlflow import MlflowClient
 
     for name in ("mlflow", "alembic"):  # store migrations log at INFO on stderr: keep the CLI's output clean
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = resolve_tracking_uri(uri)
-    _check_reachable(uri)
+    _check_reachable(uri, create)
     return MlflowClient(tracking_uri=uri)
 
 

@@ -312,6 +312,16 @@ def test_cli_report_of_a_sweep_without_runs_says_what_to_do(store, tmp_path, cap
         collect(store[0], uri, load_sweep(sweep_file), [c.replace(seed=9) for c in store[4][:2]])
 
 
+def test_cli_report_on_a_missing_store_creates_nothing(store, tmp_path, capsys):
+    _, _, sweep_file, _, _ = store
+    uri = f"sqlite:///{tmp_path}/absent.db"
+    proc = cli(capsys, "report", str(sweep_file), "--tracking-uri", uri, "--out", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: no MLflow store at {uri}: nothing has been run there yet "
+                                   "(adareg sweep run FILE)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_runs_that_logged_no_epoch_yet_are_not_a_report(store):
     from orchestrator.identity import TAG_GROUP_KEY, TAG_RUN_KEY, group_key
 
