@@ -50,10 +50,12 @@ def run_command(sweep_file, trials, storage, set_, only, epochs_scale, train_sub
     """Run TRIALS trials: each trains the sweep's first dataset, arch and seed with a sampled taper."""
     from orchestrator.cli_train import resolve_device
     from orchestrator.tune import best_sweep, run_tune
+    from orchestrator.worker import default_runs_dir
 
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     study = run_tune(sweep, trials, storage=storage, tracking_uri=tracking_uri,
-                     runs_dir=Path(runs_dir or "adareg_runs"), device=resolve_device(device), threads=threads)
+                     runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), device=resolve_device(device),
+                     threads=threads)
     states = {}
     for t in study.trials:
         states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
