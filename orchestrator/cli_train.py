@@ -10,6 +10,7 @@ import click
 
 from orchestrator.cli_common import tracking_uri_option
 from orchestrator.errors import UserError
+from training.callbacks import Callback
 
 TABLE1 = "sweeps/table1.yaml"
 
@@ -75,7 +76,7 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
         sys.exit(outcome.exit_code)
 
 
-class EpochEcho:
+class EpochEcho(Callback):
     """Prints one line per epoch."""
 
     def on_start(self, config, plan, history):

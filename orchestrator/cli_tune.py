@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -56,9 +57,7 @@ def run_command(sweep_file, trials, storage, set_, only, epochs_scale, train_sub
     study = run_tune(sweep, trials, storage=storage, tracking_uri=tracking_uri,
                      runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), device=resolve_device(device),
                      threads=threads)
-    states = {}
-    for t in study.trials:
-        states[t.state.name.lower()] = states.get(t.state.name.lower(), 0) + 1
+    states = Counter(t.state.name.lower() for t in study.trials)
     click.echo(f"study {sweep.name}: {len(study.trials)} trials ({', '.join(f'{n} {s}' for s, n in states.items())})")
     if states.get("complete"):
         summary, _ = best_sweep(sweep, study)

@@ -21,6 +21,7 @@ from orchestrator.errors import UserError
 from orchestrator.identity import run_key
 from orchestrator.sweepfile import Range, Sweep, TuneSpace
 from training.atomic import atomic_write
+from training.callbacks import Callback
 
 TAG_STUDY = "adareg.study"
 TAG_TRIAL = "adareg.trial"
@@ -90,7 +91,7 @@ def trial_scheme(sweep: Sweep, params: dict[str, float]) -> dict[str, Any]:
                  float(value("grad_sparsity")), len(sweep.schedule.epochs_per_step))
 
 
-class Reporter:
+class Reporter(Callback):
     """Reports the objective to the trial every epoch and stops the run when Optuna prunes it."""
 
     def __init__(self, trial, objective: str):

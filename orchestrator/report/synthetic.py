@@ -14,12 +14,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from orchestrator.tracking import MAX_METRICS_PER_BATCH as BATCH
+from training.callbacks import METRICS as ALL_METRICS
 from training.config import RunConfig
 from training.schedules import plan_for
-
-ALL_METRICS = ("train_loss", "train_error", "test_loss", "test_error", "lr", "weight_decay", "grad_sparsity",
-               "updated_fraction", "epoch_seconds", "images_per_second")
-BATCH = 1000  # MLflow's limit of metrics per log_batch
 
 
 def curves(cfg: RunConfig, epochs: int | None = None) -> dict[str, np.ndarray]:
