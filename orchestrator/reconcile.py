@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.identity import group_key, run_key
-from orchestrator.tracking import TAG_ATTEMPTS, TAG_FAILURE, TAG_FAILURE_REASON, connect, find_runs
+from orchestrator.tracking import TAG_ATTEMPTS, TAG_FAILURE, TAG_FAILURE_REASON, connect, find_runs, sqlite_path
 from orchestrator.worker import CHECKPOINT, PROGRESS, RunLock
 from training.config import RunConfig
 from training.schedules import plan_for
@@ -174,11 +174,6 @@ def _int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The file of a ``sqlite:///`` URI (None for other stores)."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def absolute_tracking_uri(uri: str) -> str:

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
@@ -38,6 +39,11 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The file of a ``sqlite:///`` URI (None for other stores)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def _check_reachable(uri: str, create: bool) -> None:
     if uri.startswith(("http://", "https://")):
         try:
@@ -48,12 +54,11 @@ def _check_reachable(uri: str, create: bool) -> None:
             raise UserError(f"tracking server {uri} is unreachable: {reason}") from None
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    elif uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
+    elif (path := sqlite_path(uri)) is not None:
+        parent = path.absolute().parent
+        if not parent.is_dir():
             raise UserError(f"tracking store {uri}: folder {parent} does not exist")
-        if not create and not os.path.exists(path):
+        if not create and not path.exists():
             raise UserError(f"no MLflow store at {uri}: nothing has been run there yet (adareg sweep run FILE)")
 
 
