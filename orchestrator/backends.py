@@ -1,9 +1,11 @@
 """Where worker processes run: here (``LocalBackend``) or in Ray tasks (``RayBackend``).
 
-Both start the same command, ``python -m orchestrator.worker RUN_DIR/spec.json``, one process per
-run, its stdout and stderr appended to ``RUN_DIR/worker.log``, and hand back a job shaped like a
-``concurrent.futures.Future``: ``done()``, ``result()`` (the worker's exit code), ``exception()``,
-plus ``terminate()`` (SIGTERM: the worker marks its run KILLED) and ``kill()`` (SIGKILL).
+Both start the same command, ``python -P -m orchestrator.worker RUN_DIR/spec.json``, one process per
+run, in its run folder (nothing in the caller's folder can shadow adareg or its dependencies: ``-P`` and
+``PYTHONSAFEPATH`` keep the working directory off ``sys.path``), its stdout and stderr appended to
+``RUN_DIR/worker.log``, and hand back a job shaped like a ``concurrent.futures.Future``: ``done()``,
+``result()`` (the worker's exit code; how the run ended is in its ``result.json``), ``exception()``, plus
+``terminate()`` (SIGTERM: the worker marks its run KILLED) and ``kill()`` (SIGKILL).
 
 Processes are spawned (never forked) from the thread that runs the scheduler, which lives as long as
 the orchestrator: the worker's PR_SET_PDEATHSIG fires when that thread ends, so workers die with it.
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from orchestrator.errors import UserError
-from orchestrator.worker import EXIT_FAILED, EXIT_SIGTERM
+from orchestrator.worker import EXIT_FAILED, EXIT_SIGTERM, PARENT_PID_ENV
 
 SHARED_STORES = ("http://", "https://", "postgresql", "mysql", "mssql", "databricks")
 
@@ -57,7 +59,7 @@ class Backend(Protocol):
 
 
 def worker_command(spec_path: str | os.PathLike) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.worker", str(spec_path)]
+    return [sys.executable, "-P", "-m", "orchestrator.worker", str(spec_path)]
 
 
 def slot_env(slot: Slot) -> dict[str, str]:
@@ -75,8 +77,10 @@ def spawn_worker(spec_path: str | os.PathLike, log_path: str | os.PathLike, env:
     with open(log_path, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} worker start: {spec_path}\n".encode())
         log.flush()
+        env = {**os.environ, **env, "PYTHONSAFEPATH": "1", PARENT_PID_ENV: str(os.getpid())}
         return subprocess.Popen(worker_command(spec_path), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=False)
+                                stderr=subprocess.STDOUT, env=env, cwd=Path(spec_path).parent,
+                                start_new_session=False)
 
 
 class LocalJob:

@@ -17,8 +17,8 @@ from orchestrator.cli_common import (
     tracking_uri_option,
 )
 from orchestrator.errors import UserError
-from orchestrator.reconcile import absolute_tracking_uri, inspect_sweep
-from orchestrator.tracking import resolve_tracking_uri
+from orchestrator.reconcile import inspect_sweep
+from orchestrator.tracking import absolute_tracking_uri, resolve_tracking_uri
 from orchestrator.worker import default_runs_dir
 
 runs_dir_option = click.option(
@@ -80,15 +80,26 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
                    "http(s)/postgresql tracking URI and --shared-runs-dir.")
 @click.option("--shared-runs-dir", is_flag=True,
               help="Vouch that --runs-dir is on storage every Ray node mounts at the same path.")
+@click.option("--stall-timeout", type=float, default=None, metavar="SECONDS",
+              help="Kill and retry a worker that finishes no epoch for this long "
+                   "[default: max(20 min, 5 x its slowest epoch)].")
+@click.option("--store-timeout", type=float, default=900, show_default=True, metavar="SECONDS",
+              help="How long the tracking store may be unreachable before runs end (resumable) and the sweep "
+                   "stops with exit 75; meanwhile workers train on and no new run starts.")
+@click.option("--claim-lease", type=float, default=300, show_default=True, metavar="SECONDS",
+              help="A run claimed in the store by a process whose heartbeat is older than this may be taken over.")
 @runs_dir_option
 @tracking_uri_option
 @click.pass_context
 def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, jobs_per_gpu, max_parallel, retries,
-                retry_failed, backend, ray_address, shared_runs_dir, runs_dir, tracking_uri):
+                retry_failed, backend, ray_address, shared_runs_dir, stall_timeout, store_timeout, claim_lease,
+                runs_dir, tracking_uri):
     """Run every run of the sweep that is not finished: resume interrupted ones, retry failures.
 
     Ctrl-C (or SIGTERM) stops the workers, whose runs stay resumable; a second Ctrl-C stops at once.
-    The exit code is non-zero when any run failed.
+    Several orchestrators (or machines) may run the same sweep on one tracking store at once: each run is
+    claimed in the store by whoever trains it. Exit codes: 0 all done, 1 some run failed, 75 the tracking
+    store stayed unreachable (everything resumable: run the command again), 130/143 interrupted.
     """
     from orchestrator.progress import make_view, summary_table, wide_console
     from orchestrator.scheduler import run_sweep
@@ -98,7 +109,8 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
     result = run_sweep(
         sweep_, configs, tracking_uri=tracking_uri, runs_dir=_runs_dir(runs_dir), backend=backend, gpus=gpus,
         jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, retries=retries, retry_failed=retry_failed,
-        ray_address=ray_address, shared_runs_dir=shared_runs_dir,
+        ray_address=ray_address, shared_runs_dir=shared_runs_dir, stall_timeout=stall_timeout,
+        store_timeout=store_timeout, claim_lease=claim_lease,
         view_factory=lambda states, tasks: make_view(states, tasks, sweep_.name, console))
     if result.aborted:
         click.echo("error: stopped at once; interrupted runs stay resumable", err=True)
@@ -109,6 +121,9 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
     failed = sum(result.outcome(s)[0] == "failed" for s in result.states)
     if result.stopped_by is not None:
         click.echo("interrupted: run the same command again to resume", err=True)
+    elif result.store_down and not failed:
+        click.echo("error: the tracking store stayed unreachable; every unfinished run is resumable: run the same "
+                   "command again once it answers", err=True)
     elif failed:
         click.echo(f"error: {failed} of {len(result.states)} runs failed", err=True)
     uri = f" --tracking-uri {tracking_uri}" if tracking_uri else ""

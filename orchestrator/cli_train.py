@@ -10,6 +10,7 @@ import click
 
 from orchestrator.cli_common import tracking_uri_option
 from orchestrator.errors import UserError
+from orchestrator.tracking import StoreUnreachable
 from training.callbacks import Callback
 
 TABLE1 = "sweeps/table1.yaml"
@@ -69,8 +70,10 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
                       tracking_uri=tracking_uri, sweep=sweep.name, device=resolve_device(device), threads=threads)
     click.echo(f"run {key}: {config.scheme} {config.arch} {config.dataset} seed {config.seed} on {spec.device}")
     outcome: Outcome = execute(spec, callbacks=[EpochEcho()])
-    if outcome.status == "locked":
+    if outcome.status == "busy":
         raise UserError(outcome.message)
+    if outcome.status == "store_down":
+        raise StoreUnreachable(f"{outcome.message}; the run is resumable: run the same command again")
     click.echo(f"{outcome.status}: MLflow run {outcome.run_id}" + (f" ({outcome.message})" if outcome.message else ""))
     if outcome.exit_code:
         sys.exit(outcome.exit_code)

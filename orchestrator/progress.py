@@ -16,7 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Column, Table
 
 from orchestrator.backends import Slot
-from orchestrator.reconcile import STATES, RunState, counts, read_progress
+from orchestrator.reconcile import STATES, RunState, counts
 from orchestrator.scheduler import SweepResult, Task
 
 HEARTBEAT_S = 60.0
@@ -50,7 +50,7 @@ class _Tally:
     def read(self, active: Sequence[tuple[Task, Slot]]) -> list[tuple[Task, Slot, dict]]:
         rows = []
         for task, slot in active:
-            p = read_progress(task.run_dir) or {}
+            p = task.folder.read_progress() or {}
             epoch = int(p.get("epoch") or 0)
             self.epochs[task.key] = max(self.epochs.get(task.key, 0), epoch)
             rows.append((task, slot, p))
@@ -72,12 +72,14 @@ class _Tally:
                 f"epochs {sum(self.epochs.values())}/{self.total_epochs}")
 
 
-def _end_line(task: Task, exit_code: int) -> str:
+def _end_line(task: Task, status: str) -> str:
     took = time.monotonic() - task.started_at if task.started_at else 0.0
-    if task.result == "skipped" and exit_code == 4:
-        what = "locked by another live worker; will try again"
+    if task.result == "skipped" and status == "busy":
+        what = f"{task.message}; will look again"
+    elif task.result == "skipped" and status == "store_down":
+        what = "tracking store unreachable; will resume when it answers"
     elif task.result == "skipped":
-        what = f"attempt failed (exit {exit_code}); will retry"
+        what = f"attempt ended ({status}); will retry"
     else:
         what = task.result + (f": {task.message}" if task.message and task.result != "finished" else "")
     return f"end   {task.key} {_label(task.config)} after {took:.1f}s: {what}"
@@ -100,9 +102,9 @@ class PlainView:
         again = f" (attempt {task.starts})" if task.starts > 1 else ""
         self._say(f"start {task.key} {_label(task.config)} on {slot.name}{again}")
 
-    def ended(self, task: Task, slot: Slot, exit_code: int) -> None:
+    def ended(self, task: Task, slot: Slot, status: str) -> None:
         self.tally.ended(task)
-        self._say(_end_line(task, exit_code))
+        self._say(_end_line(task, status))
 
     def note(self, message: str) -> None:
         self._say(message)
@@ -151,9 +153,9 @@ class LiveView:
         again = f" (attempt {task.starts})" if task.starts > 1 else ""
         self.console.print(f"start {task.key} {_label(task.config)} on {slot.name}{again}", markup=False)
 
-    def ended(self, task: Task, slot: Slot, exit_code: int) -> None:
+    def ended(self, task: Task, slot: Slot, status: str) -> None:
         self.tally.ended(task)
-        self.console.print(_end_line(task, exit_code), markup=False,
+        self.console.print(_end_line(task, status), markup=False,
                            style="red" if task.result in ("failed", "diverged") else None)
 
     def note(self, message: str) -> None:
@@ -224,7 +226,7 @@ def status_view(states: Sequence[RunState], title: str):
             c = s.config
             table.add_row(s.run_key, c.scheme, c.arch, c.dataset, str(c.seed), s.state,
                           f"{s.epoch}/{s.total_epochs}", _err(s.test_error), _ips(s.images_per_second),
-                          s.reason if s.state == "failed" else "")
+                          s.reason if s.state in ("failed", "running") else "")
         parts.append(table)
     return Group(*parts)
 

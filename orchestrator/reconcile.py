@@ -1,67 +1,42 @@
 """What is left to do: every run's state, from its MLflow run and its run folder.
 
 ``classify`` and ``reconcile`` are pure; ``inspect_sweep`` gathers their inputs (one bulk MLflow
-query, one look into each run folder). The states:
+query, one look into each run folder). Superseded MLflow runs are not seen at all. The states:
 
 - done: the MLflow run is FINISHED.
-- running: a live process holds the run's lock (``RUN_DIR/lock``); never start it a second time.
-- failed: FAILED because it diverged (retrying repeats the divergence), or FAILED with an error after
-  ``1 + retries`` attempts.
-- resumable: an MLflow run exists (RUNNING, KILLED, or FAILED with attempts left) or a checkpoint does.
+- running: a live process holds the run: its folder's lock here, or a live claim in the store (another
+  orchestrator, machine or tuner; see ``orchestrator.claims``). Never start it a second time.
+- failed: FAILED because it diverged (retrying repeats the divergence), or after ``1 + retries`` failed
+  attempts (counted in MLflow and in the run folder, so attempts that fail before the first epoch count).
+- resumable: an MLflow run exists (RUNNING with a stale claim, KILLED, or FAILED with attempts left) or a
+  checkpoint does.
 - pending: neither exists.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator import claims
 from orchestrator.identity import group_key, run_key
-from orchestrator.tracking import TAG_ATTEMPTS, TAG_FAILURE, TAG_FAILURE_REASON, connect, find_runs, sqlite_path
-from orchestrator.worker import CHECKPOINT, PROGRESS, RunLock
+from orchestrator.runfolder import Result, RunFolder
+from orchestrator.tracking import (
+    TAG_ATTEMPTS,
+    TAG_FAILURE,
+    TAG_FAILURE_REASON,
+    connect,
+    find_runs,
+    store_exists,
+)
 from training.config import RunConfig
 from training.schedules import plan_for
 
 STATES = ("done", "running", "resumable", "pending", "failed")
-TODO = ("running", "resumable", "pending")  # what ``sweep run`` dispatches (running: once its lock is free)
+TODO = ("running", "resumable", "pending")  # what ``sweep run`` dispatches (running: once it is free)
 DEFAULT_RETRIES = 2
-LOG = "worker.log"  # a worker's stdout and stderr, in its run folder
-
-
-def lock_holder(run_dir: Path) -> int | None:
-    """The pid written in ``RUN_DIR/lock`` while a live process holds it (0 if unreadable), else None.
-
-    Probes with a shared non-blocking ``flock`` that is dropped at once; a worker starting in that
-    instant sees the run as locked and exits 4, which the scheduler retries without counting.
-    """
-    try:
-        fd = os.open(RunLock(run_dir).path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        try:
-            return int(os.pread(fd, 32, 0).decode().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-    finally:
-        os.close(fd)  # also drops the probe's lock
-    return None
-
-
-def read_progress(run_dir: Path) -> dict[str, Any] | None:
-    """``progress.json`` of a run (epoch, total, test_error, images_per_second, run_id, pid), or None."""
-    try:
-        data = json.loads((run_dir / PROGRESS).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 @dataclass(frozen=True)
@@ -71,12 +46,14 @@ class RunDir:
     checkpoint: bool = False
     locked_by: int | None = None
     progress: dict[str, Any] | None = None
+    result: Result | None = None
 
     @classmethod
     def inspect(cls, path: Path) -> RunDir:
         if not path.is_dir():
             return cls()
-        return cls((path / CHECKPOINT).exists(), lock_holder(path), read_progress(path))
+        folder = RunFolder(path)
+        return cls(folder.checkpoint.exists(), folder.lock_holder(), folder.read_progress(), folder.read_result())
 
 
 @dataclass(frozen=True)
@@ -107,15 +84,22 @@ class RunState:
                 "reason": self.reason, "params": c.to_dict()}
 
 
-def classify(run: Any, run_dir: RunDir, retries: int = DEFAULT_RETRIES) -> tuple[str, str]:
+def classify(run: Any, run_dir: RunDir, retries: int = DEFAULT_RETRIES,
+             lease_s: float = claims.DEFAULT_LEASE_S) -> tuple[str, str]:
     """``(state, reason)`` of a run from its MLflow run (or None) and its folder."""
     status = run.info.status if run is not None else None
     if status == "FINISHED":
         return "done", ""
     if run_dir.locked_by is not None:
         pid = f" (pid {run_dir.locked_by})" if run_dir.locked_by else ""
-        return "running", f"held by a live worker{pid}"
+        return "running", f"held by a live worker here{pid}"
+    if run is not None and (holder := claims.live_holder(run.data.tags, lease_s)) is not None:
+        return "running", f"running elsewhere: {holder.describe()}"
+    result = run_dir.result
+    folder_failures = result.failures if result is not None else 0
     if run is None:
+        if folder_failures >= 1 + retries:
+            return "failed", f"{result.message or 'error'} (after {folder_failures} failed attempts)"
         return ("resumable", "checkpoint without an MLflow run") if run_dir.checkpoint else ("pending", "")
     tags = run.data.tags
     failure, reason = tags.get(TAG_FAILURE, ""), tags.get(TAG_FAILURE_REASON, "")
@@ -124,18 +108,20 @@ def classify(run: Any, run_dir: RunDir, retries: int = DEFAULT_RETRIES) -> tuple
     attempts = _int(tags.get(TAG_ATTEMPTS))
     if status == "FAILED" and attempts >= 1 + retries:
         return "failed", f"{reason or 'error'} (after {attempts} attempts)"
+    if folder_failures >= 1 + retries:
+        return "failed", f"{result.message or reason or 'error'} (after {folder_failures} failed attempts)"
     return "resumable", f"{status.lower()}" + (f": {reason}" if status == "FAILED" and reason else "")
 
 
 def reconcile(configs: Sequence[RunConfig], runs: Mapping[str, Any], dirs: Mapping[str, RunDir],
-              retries: int = DEFAULT_RETRIES) -> list[RunState]:
+              retries: int = DEFAULT_RETRIES, lease_s: float = claims.DEFAULT_LEASE_S) -> list[RunState]:
     """Each config's state from ``runs`` (``{run_key: MLflow Run}``) and ``dirs`` (``{run_key: RunDir}``)."""
     out = []
     totals: dict[tuple, int] = {}
     for config in configs:
         key = run_key(config)
         run, run_dir = runs.get(key), dirs.get(key, RunDir())
-        state, reason = classify(run, run_dir, retries)
+        state, reason = classify(run, run_dir, retries, lease_s)
         shape = (config.epochs_per_step, len(config.lr[0]), config.epochs_scale)
         if shape not in totals:
             totals[shape] = len(plan_for(config))
@@ -176,27 +162,20 @@ def _int(value: Any) -> int:
         return 0
 
 
-def absolute_tracking_uri(uri: str) -> str:
-    """``uri`` with a relative sqlite path made absolute, so workers in other folders find the store."""
-    path = sqlite_path(uri)
-    return f"sqlite:///{path.resolve()}" if path is not None and not path.is_absolute() else uri
-
-
 def fetch_runs(tracking_uri: str, experiment: str, keys: Iterable[str]) -> dict[str, Any]:
     """``{run_key: Run}`` in one bulk query; no store is created where none exists yet."""
-    path = sqlite_path(tracking_uri)
-    if path is not None and not path.exists():
+    if not store_exists(tracking_uri):
         return {}
     return find_runs(connect(tracking_uri), experiment, keys)
 
 
 def inspect_sweep(configs: Sequence[RunConfig], experiment: str, tracking_uri: str, runs_dir: Path,
-                  retries: int = DEFAULT_RETRIES) -> list[RunState]:
+                  retries: int = DEFAULT_RETRIES, lease_s: float = claims.DEFAULT_LEASE_S) -> list[RunState]:
     """The state of every run: one MLflow query plus a look into each run folder."""
     keys = [run_key(c) for c in configs]
     runs = fetch_runs(tracking_uri, experiment, keys)
     dirs = {key: RunDir.inspect(runs_dir / key) for key in keys}
-    return reconcile(configs, runs, dirs, retries)
+    return reconcile(configs, runs, dirs, retries, lease_s)
 
 
 def counts(states: Iterable[RunState]) -> dict[str, int]:

@@ -5,11 +5,16 @@ once, reconciles the sweep with MLflow and the run folders, and hands the runs t
 a ``Scheduler``, which keeps every slot busy through a backend (local subprocesses or Ray tasks):
 
 - a slot is a GPU share (CUDA_VISIBLE_DEVICES of its own) or a set of CPU threads;
-- before dispatching a run it checks the run's lock; a run held by a live process (say, a worker
-  left behind by a killed orchestrator, about to die with it) waits until the lock is free;
-- exit codes of ``orchestrator.worker``: 0 done; 1 (or death by a signal) retried up to ``retries``
-  times, resuming from the checkpoint; 3 diverged and 2 bad input are failed, never retried;
-  4 "locked" waits and tries again without counting;
+- a run whose folder lock a live process holds waits until it is free; a run that a live process elsewhere
+  has claimed in the store is looked at again every ``busy_wait_s`` until it is done or its claim is stale;
+- how an attempt ended is read from the worker's ``result.json`` (``orchestrator.runfolder``): finished;
+  diverged and bad input are final; an error or a crash (no result written) is retried up to ``retries``
+  times from the last checkpoint; busy, store-down and stalled attempts are retried without counting
+  against the run (a stalled one counts: it may stall again);
+- a worker whose progress file shows no new epoch for the stall timeout is SIGKILLed and retried, and its
+  log says why;
+- while the tracking store is unreachable no new run is started (running ones keep training and buffer
+  their metrics); after ``store_timeout`` of outage the sweep ends, its runs resumable;
 - the first SIGINT/SIGTERM stops dispatching, gives workers that got the signal too (Ctrl-C reaches
   the whole process group) a moment, then sends SIGTERM to the rest and waits: their runs end KILLED
   and stay resumable. A second signal SIGKILLs the workers and returns at once.
@@ -28,35 +33,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from orchestrator import tracking
+from orchestrator import claims, tracking
 from orchestrator.backends import Backend, Job, LocalBackend, RayBackend, Slot, check_shared
 from orchestrator.errors import UserError
-from orchestrator.reconcile import (
-    DEFAULT_RETRIES,
-    LOG,
-    TODO,
-    RunState,
-    absolute_tracking_uri,
-    inspect_sweep,
-    lock_holder,
-)
-from orchestrator.worker import (
-    EXIT_DIVERGED,
-    EXIT_LOCKED,
-    EXIT_OK,
-    EXIT_SIGINT,
-    EXIT_SIGTERM,
-    EXIT_USER,
-    SPEC,
-    WorkerSpec,
-)
+from orchestrator.reconcile import DEFAULT_RETRIES, TODO, RunState, inspect_sweep
+from orchestrator.runfolder import COUNTED, DONE, Result, RunFolder
+from orchestrator.worker import EXIT_SIGINT, EXIT_SIGTERM, WorkerSpec
 from training.config import RunConfig
 
 POLL_S = 0.2
-LOCK_WAIT_S = 1.0  # a locked run is looked at again after this
+LOCK_WAIT_S = 1.0  # a run locked here is looked at again after this
+BUSY_WAIT_S = 15.0  # a run claimed elsewhere is looked at again after this
 RETRY_DELAY_S = 2.0
 GRACE_S = 2.0  # after the first signal, before SIGTERM goes to workers that did not get it themselves
 STOP_TIMEOUT_S = 120.0  # after the first signal, before stragglers are SIGKILLed
+MIN_STALL_S = 1200.0  # the default stall timeout: max(20 min, STALL_EPOCHS x the slowest epoch seen)
+STALL_EPOCHS = 5
+PROBE_EVERY_S = 5.0
+EXIT_STORE_DOWN = 75  # the sweep ended because the tracking store stayed down: everything is resumable
 
 
 # ------------------------------------------------------------------------------------------- slots
@@ -125,24 +119,35 @@ class Task:
     failures: int = 0  # failed attempts in this sweep run
     starts: int = 0
     not_before: float = 0.0
-    result: str = "skipped"  # finished | failed | diverged | killed | skipped
+    result: str = "skipped"  # finished | failed | diverged | killed | stopped | interrupted | skipped
     message: str = ""
     started_at: float = 0.0
+    dispatched_at: float = 0.0  # wall clock: a result.json older than this is an earlier attempt's
     waiting_for: int | None = None  # pid holding the run's lock
+    busy: str = ""  # why the last attempt found the run held elsewhere
+    progress_epoch: int = -1
+    progress_at: float = 0.0
+    slowest_epoch: float = 0.0
+    stalled: str = ""
+    notes_seen: int = 0
+
+    @property
+    def folder(self) -> RunFolder:
+        return RunFolder(self.run_dir)
 
 
 class View(Protocol):
     """What the scheduler tells the user (see orchestrator.progress)."""
 
     def started(self, task: Task, slot: Slot) -> None: ...
-    def ended(self, task: Task, slot: Slot, exit_code: int) -> None: ...
+    def ended(self, task: Task, slot: Slot, status: str) -> None: ...
     def note(self, message: str) -> None: ...
     def update(self, active: Sequence[tuple[Task, Slot]]) -> None: ...
 
 
 class QuietView:
     def started(self, task, slot): pass
-    def ended(self, task, slot, exit_code): pass
+    def ended(self, task, slot, status): pass
     def note(self, message): pass
     def update(self, active): pass
 
@@ -151,20 +156,66 @@ class _Abort(Exception):
     """A second signal: stop at once."""
 
 
+class StoreWatch:
+    """Whether the tracking store answers, probed in the background while it is thought down."""
+
+    def __init__(self, probe: Callable[[], bool] | None, every_s: float = PROBE_EVERY_S):
+        self.probe, self.every_s = probe, every_s
+        self.down_since: float | None = None  # monotonic
+        self.down_wall = 0.0
+        self._thread: threading.Thread | None = None
+        self._last = 0.0
+        self._ok = False
+
+    def mark_down(self) -> bool:
+        """Note an outage; True if it is news."""
+        if self.down_since is not None:
+            return False
+        self.down_since, self.down_wall = time.monotonic(), time.time()
+        return True
+
+    def poll(self) -> bool | None:
+        """While down: start a probe now and then; True once the store answers again."""
+        if self.down_since is None or self.probe is None:
+            return None
+        if self._thread is not None and not self._thread.is_alive():
+            self._thread = None
+            if self._ok:
+                self.down_since = None
+                return True
+        now = time.monotonic()
+        if self._thread is None and now - self._last >= self.every_s:
+            self._last, self._ok = now, False
+
+            def run() -> None:
+                with contextlib.suppress(Exception):
+                    self._ok = bool(self.probe())
+
+            self._thread = threading.Thread(target=run, daemon=True)
+            self._thread.start()
+        return None
+
+
 class Scheduler:
     """Keeps every slot busy with the queue's runs; ``run`` returns the stopping signal or None."""
 
     def __init__(self, backend: Backend, slots: Sequence[Slot], write_spec: Callable[[Task, Slot], Path],
                  retries: int = DEFAULT_RETRIES, view: View | None = None, poll_s: float = POLL_S,
-                 grace_s: float = GRACE_S, lock_wait_s: float = LOCK_WAIT_S, retry_delay_s: float = RETRY_DELAY_S):
+                 grace_s: float = GRACE_S, lock_wait_s: float = LOCK_WAIT_S, retry_delay_s: float = RETRY_DELAY_S,
+                 busy_wait_s: float = BUSY_WAIT_S, stall_timeout_s: float | None = None,
+                 store_probe: Callable[[], bool] | None = None,
+                 store_timeout_s: float = tracking.DEFAULT_STORE_TIMEOUT_S):
         if not slots:
             raise UserError("no device slot to run on")
         self.backend, self.slots, self.write_spec = backend, list(slots), write_spec
         self.retries, self.view, self.poll_s, self.grace_s = retries, view or QuietView(), poll_s, grace_s
-        self.lock_wait_s, self.retry_delay_s = lock_wait_s, retry_delay_s
+        self.lock_wait_s, self.retry_delay_s, self.busy_wait_s = lock_wait_s, retry_delay_s, busy_wait_s
+        self.stall_timeout_s, self.store_timeout_s = stall_timeout_s, store_timeout_s
+        self.store = StoreWatch(store_probe)
         self.queue: deque[Task] = deque()
         self.active: dict[str, tuple[Task, Slot, Job]] = {}
         self.stop_signal: int | None = None
+        self.store_gave_up = False
         self.aborted = False
         self._stop_time = 0.0
         self._forwarded = False
@@ -187,15 +238,19 @@ class Scheduler:
             while True:
                 now = time.monotonic()
                 if self.stop_signal is None:
-                    self._dispatch(now)
+                    self._watch_store(now)
+                    if self.store.down_since is None and not self.store_gave_up:
+                        self._dispatch(now)
                 else:
                     if not self._announced:
                         self._announced = True
                         self.view.note(f"{signal.Signals(self.stop_signal).name}: stopping; runs in progress end "
                                        "KILLED and stay resumable (signal again to stop at once)")
                     self._stop_workers(now)
+                self._watch_workers(now)
                 self._collect()
-                if not self.active and (self.stop_signal is not None or not self.queue):
+                idle = self.stop_signal is not None or self.store_gave_up or not self.queue
+                if not self.active and idle:
                     break
                 self.view.update([(t, s) for t, s, _ in self.active.values()])
                 time.sleep(self.poll_s)
@@ -210,7 +265,24 @@ class Scheduler:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+        if self.store_gave_up:
+            for task in self.queue:
+                task.result, task.message = "interrupted", "tracking store unreachable; resumable"
         return self.stop_signal
+
+    def _watch_store(self, now: float) -> None:
+        if self.store.poll():
+            self.view.note("tracking store answers again: starting runs again")
+        down = self.store.down_since
+        if down is not None and not self.store_gave_up and now - down >= self.store_timeout_s:
+            self.store_gave_up = True
+            self.view.note(f"tracking store unreachable for {now - down:.0f}s (--store-timeout "
+                           f"{self.store_timeout_s:.0f}): starting nothing more; every run stays resumable")
+
+    def _store_down(self, why: str) -> None:
+        if self.store.mark_down():
+            self.view.note(f"tracking store unreachable since {time.strftime('%H:%M:%S')} ({why}): no new run "
+                           "starts until it answers; running ones keep training and buffer their metrics")
 
     def _dispatch(self, now: float) -> None:
         for slot in self.slots:
@@ -221,14 +293,15 @@ class Scheduler:
                 return
             try:
                 spec_path = self.write_spec(task, slot)
-                job = self.backend.submit(spec_path, task.run_dir / LOG, slot)
+                task.dispatched_at = time.time()
+                job = self.backend.submit(spec_path, task.folder.log, slot)
             except OSError as e:
                 task.result, task.message = "failed", f"cannot start: {e}"
                 self.view.note(f"{task.key}: {task.message}")
                 continue
             task.starts += 1
-            task.started_at = time.monotonic()
-            task.waiting_for = None
+            task.started_at = task.progress_at = time.monotonic()
+            task.waiting_for, task.progress_epoch, task.stalled, task.notes_seen = None, -1, "", 0
             self.active[slot.name] = (task, slot, job)
             self.view.started(task, slot)
 
@@ -237,7 +310,7 @@ class Scheduler:
         for _ in range(len(self.queue)):
             task = self.queue.popleft()
             if task.not_before <= now:
-                holder = lock_holder(task.run_dir)
+                holder = task.folder.lock_holder()
                 if holder is None:
                     return task
                 if task.waiting_for is None:
@@ -247,28 +320,76 @@ class Scheduler:
             self.queue.append(task)
         return None
 
+    def _watch_workers(self, now: float) -> None:
+        """Progress, notes and stalls of the running workers (from their progress.json)."""
+        for task, _, job in self.active.values():
+            progress = task.folder.read_progress()
+            if progress is None or float(progress.get("time") or 0) < task.dispatched_at - 1.0:
+                continue  # none yet, or the previous attempt's
+            notes, count = progress.get("notes") or [], int(progress.get("note_count") or 0)
+            fresh = notes[len(notes) - min(len(notes), count - task.notes_seen):] if count > task.notes_seen else []
+            for note in fresh:
+                self.view.note(f"{task.key}: {note}")
+                if "tracking store unreachable" in note:
+                    self._store_down("a worker cannot log")
+            task.notes_seen = count
+            epoch = int(progress.get("epoch") or 0)
+            if epoch != task.progress_epoch:
+                task.progress_epoch, task.progress_at = epoch, now
+                task.slowest_epoch = max(task.slowest_epoch, float(progress.get("epoch_seconds") or 0.0))
+            limit = self.stall_timeout_s or max(MIN_STALL_S, STALL_EPOCHS * task.slowest_epoch)
+            if not task.stalled and now - task.progress_at > limit:
+                task.stalled = f"stalled: no new epoch for {now - task.progress_at:.0f}s (stall timeout {limit:.0f}s)"
+                task.folder.log_line(f"{task.stalled}; killed by the orchestrator (SIGKILL) and retried")
+                self.view.note(f"{task.key}: {task.stalled}; killing it")
+                job.kill()
+
     def _collect(self) -> None:
         for name, (task, slot, job) in list(self.active.items()):
             if job.done():
                 del self.active[name]
                 self._settle(task, slot, job.result())
 
+    def _outcome(self, task: Task, code: int) -> Result:
+        """The attempt's result.json, or a crash if the worker wrote none for this attempt."""
+        result = task.folder.read_result()
+        if result is None or result.status == "started" or result.time < task.dispatched_at - 1.0:
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            tail = log_tail(task.folder.log)
+            result = Result("crashed", f"worker died without a result ({how})" + (f": {tail}" if tail else ""))
+        if task.stalled:
+            result = Result("stalled", task.stalled)
+        return result
+
     def _settle(self, task: Task, slot: Slot, code: int) -> None:
         now = time.monotonic()
-        if code == EXIT_OK:
+        result = self._outcome(task, code)
+        status, task.message = result.status, result.message
+        if status in DONE:
             task.result, task.message = "finished", ""
-        elif code == EXIT_DIVERGED:
-            task.result, task.message = "diverged", log_tail(task.run_dir / LOG).removeprefix("diverged: ")
-        elif code == EXIT_USER:
-            task.result, task.message = "failed", log_tail(task.run_dir / LOG)
+        elif status == "diverged":
+            task.result = "diverged"
+        elif status == "bad_input":
+            task.result = "failed"
+        elif status == "stopped":
+            task.result = "stopped"
         elif self.stop_signal is not None:
             task.result, task.message = "killed", "interrupted; resumable"
-        elif code == EXIT_LOCKED:  # someone else holds it: look again later, without counting
-            task.result, task.not_before = "skipped", now + self.lock_wait_s
+        elif status == "busy":  # held by a live process elsewhere: look again later, without counting
+            task.result = "skipped"
+            task.not_before = now + (self.lock_wait_s if "running here" in task.message else self.busy_wait_s)
+            if task.busy != task.message:
+                self.view.note(f"{task.key}: {task.message}; will look again")
+            task.busy = task.message
+            self.queue.append(task)
+        elif status == "store_down":
+            task.result, task.not_before = "skipped", now + self.retry_delay_s
+            self._store_down(task.message)
             self.queue.appendleft(task)
-        else:
+        else:  # error, crashed, stalled, killed from outside: retried from the last checkpoint
             task.failures += 1
-            task.message = log_tail(task.run_dir / LOG) or f"exit code {code}"
+            if status not in COUNTED and status != "stalled":
+                task.message = f"{status}: {task.message}"
             if task.failures <= self.retries:
                 task.result, task.not_before = "skipped", now + self.retry_delay_s
                 self.view.note(f"{task.key}: attempt failed ({task.message}); retry {task.failures} of "
@@ -276,7 +397,7 @@ class Scheduler:
                 self.queue.append(task)
             else:
                 task.result = "failed"
-        self.view.ended(task, slot, code)
+        self.view.ended(task, slot, status)
 
     def _stop_workers(self, now: float) -> None:
         waited = now - self._stop_time
@@ -317,22 +438,33 @@ class SweepResult:
     aborted: bool = False
     exit_code: int = 0
 
+    store_down: bool = False  # ended because the tracking store stayed unreachable
+
     def outcome(self, state: RunState) -> tuple[str, str]:
         """(state, reason) for the summary: MLflow's word, or the scheduler's when MLflow has none."""
         task = self.tasks.get(state.run_key)
         if task is not None and task.result in ("failed", "diverged") and state.state != "failed":
             return "failed", task.message
-        return state.state, state.reason if state.state == "failed" else ""
+        if task is not None and task.result == "interrupted" and state.state != "done":
+            return "resumable", task.message
+        return state.state, state.reason if state.state in ("failed", "running") else ""
 
 
 def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, runs_dir: Path,
               backend: str = "local", gpus: str | None = None, jobs_per_gpu: int = 1,
               max_parallel: int | None = None, retries: int = DEFAULT_RETRIES, retry_failed: bool = False,
               ray_address: str | None = None, shared_runs_dir: bool = False,
+              stall_timeout: float | None = None, store_timeout: float = tracking.DEFAULT_STORE_TIMEOUT_S,
+              claim_lease: float = claims.DEFAULT_LEASE_S,
               view_factory: Callable[[list[RunState], list[Task]], View] | None = None) -> SweepResult:
-    """Run every run of ``configs`` that is not done yet; safe to run again at any time."""
+    """Run every run of ``configs`` that is not done yet; safe to run again at any time, and from several
+    orchestrators (or machines) sharing the tracking store at once."""
     if retries < 0:
         raise UserError(f"--retries {retries}: must be >= 0")
+    for option, value in (("--stall-timeout", stall_timeout), ("--store-timeout", store_timeout),
+                          ("--claim-lease", claim_lease)):
+        if value is not None and value <= 0:
+            raise UserError(f"{option} {value:g}: must be > 0 seconds")
     if backend not in ("local", "ray"):
         raise UserError(f"--backend {backend!r}: expected local or ray")
     slots: list[Slot] = []
@@ -342,14 +474,14 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
     else:
         _check_ray_gpus(gpus)
         device_slots([], jobs_per_gpu, max_parallel)  # validates the counts
-    uri = absolute_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
+    uri = tracking.absolute_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
     runs_dir = Path(runs_dir).resolve()
     if backend == "ray":
         check_shared(ray_address, uri, runs_dir, shared_runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    tracking.ensure_experiment(tracking.connect(uri), sweep.experiment)  # once, before any worker starts
+    tracking.ensure_experiment(tracking.connect(uri), sweep.experiment, describe(sweep))  # before any worker
 
-    states = inspect_sweep(configs, sweep.experiment, uri, runs_dir, retries)
+    states = inspect_sweep(configs, sweep.experiment, uri, runs_dir, retries, claim_lease)
     tasks = [Task(s.run_key, s.config, runs_dir / s.run_key, s.total_epochs) for s in to_run(states, retry_failed)]
     if not tasks:
         return _finish(states, {}, None)
@@ -363,15 +495,18 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
         chosen = LocalBackend()
 
     def write_spec(task: Task, slot: Slot) -> Path:
-        path = task.run_dir / SPEC
-        WorkerSpec(config=task.config.to_dict(), experiment=sweep.experiment, run_dir=str(task.run_dir),
-                   tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads).write(path)
+        path = task.folder.spec
+        config = task.config.replace(data_dir=os.path.abspath(task.config.data_dir))  # workers run in the run folder
+        WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(task.run_dir),
+                   tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
+                   store_timeout=store_timeout, claim_lease=claim_lease).write(path)
         return path
 
     for task in tasks:
         task.run_dir.mkdir(parents=True, exist_ok=True)
     view = view_factory(states, tasks) if view_factory else QuietView()
-    scheduler = Scheduler(chosen, slots, write_spec, retries, view)
+    scheduler = Scheduler(chosen, slots, write_spec, retries, view, stall_timeout_s=stall_timeout,
+                          store_probe=lambda: tracking.probe(uri), store_timeout_s=store_timeout)
     try:
         stopped_by = scheduler.run(tasks)
     finally:
@@ -382,7 +517,25 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
     by_key = {t.key: t for t in tasks}
     if scheduler.aborted:  # stop at once: no final look at MLflow
         return _finish(states, by_key, stopped_by, aborted=True)
-    return _finish(inspect_sweep(configs, sweep.experiment, uri, runs_dir, retries), by_key, stopped_by)
+    try:
+        final = inspect_sweep(configs, sweep.experiment, uri, runs_dir, retries, claim_lease)
+    except Exception as e:  # noqa: BLE001 - the store went down again: report what the scheduler saw
+        if not (scheduler.store_gave_up or tracking.is_transient(e)):
+            raise
+        final = states
+        scheduler.store_gave_up = True
+    return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up)
+
+
+def describe(sweep) -> str:
+    """The experiment's description in the MLflow UI: the sweep file's own, else what the sweep runs."""
+    own = getattr(sweep, "description", None)
+    if own:
+        return str(own)
+    return (f"adareg sweep '{sweep.name}' (Adapting Regularization with Learning Rate): schemes "
+            f"{', '.join(sweep.schemes)}; archs {', '.join(sweep.archs)}; datasets {', '.join(sweep.datasets)}; "
+            f"seeds {', '.join(map(str, sweep.seeds))}. Each run is tagged adareg.run_key / adareg.group_key; "
+            "per-epoch metrics: train/test loss and error, lr, weight_decay, grad_sparsity.")
 
 
 def to_run(states: Sequence[RunState], retry_failed: bool = False) -> list[RunState]:
@@ -407,10 +560,12 @@ def ray_slots(resources: dict[str, float], no_gpus: bool, jobs_per_gpu: int, max
 
 
 def _finish(states: list[RunState], tasks: dict[str, Task], stopped_by: int | None,
-            aborted: bool = False) -> SweepResult:
-    result = SweepResult(states, tasks, stopped_by, aborted=aborted)
+            aborted: bool = False, store_down: bool = False) -> SweepResult:
+    result = SweepResult(states, tasks, stopped_by, aborted=aborted, store_down=store_down)
     if stopped_by is not None:
         result.exit_code = EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
     elif any(result.outcome(s)[0] == "failed" for s in states):
         result.exit_code = 1
+    elif store_down:
+        result.exit_code = EXIT_STORE_DOWN
     return result

@@ -1,0 +1,180 @@
+"""The run folder ``<runs dir>/<run key>/``: the one module that knows its layout.
+
+    spec.json       what to run (``WorkerSpec``), written atomically by whoever starts the worker
+    lock            an exclusive ``flock`` held by the live worker (its pid inside): the local fast path of
+                    ownership; the claim in the tracking store (``orchestrator.claims``) is what decides
+    checkpoint.pt   the last finished epoch (``training.checkpoint``); one that cannot be resumed is moved
+                    aside to ``checkpoint.pt.broken`` (``.broken.1``, ...) and kept
+    progress.json   the worker's heartbeat: epoch, total, last metrics, pid, time, and notes for the user
+    result.json     the latest attempt: ``started`` while it runs, then its outcome (status, message, MLflow
+                    run id, epochs done), with the count of starts and failed attempts
+    stop            a request to stop after the current epoch (a pruned trial)
+    worker.log      the worker's stdout and stderr
+
+Every JSON file is written atomically (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from training.atomic import atomic_write
+
+SPEC, LOCK, CHECKPOINT, PROGRESS, RESULT, STOP, LOG = (
+    "spec.json", "lock", "checkpoint.pt", "progress.json", "result.json", "stop", "worker.log")
+
+# How an attempt ended (result.json "status") and what the scheduler makes of it.
+DONE = ("finished", "already_finished")
+FINAL = ("diverged", "bad_input")  # retrying repeats them
+COUNTED = ("error", "crashed")  # retried up to --retries from the last checkpoint
+UNCOUNTED = ("killed", "store_down", "busy", "stalled", "stopped")  # resumable; not the run's fault
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    payload = json.dumps(data, indent=1).encode()
+    atomic_write(path, lambda f: f.write(payload))
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@dataclass
+class Result:
+    """``result.json``: the latest attempt of a run."""
+
+    status: str = "started"  # started | one of DONE, FINAL, COUNTED, UNCOUNTED
+    message: str = ""
+    run_id: str | None = None
+    epochs_done: int = 0
+    starts: int = 0  # attempts started in this folder
+    failures: int = 0  # attempts that ended in error or crashed
+    pid: int = 0
+    host: str = ""
+    time: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> Result | None:
+        if data is None:
+            return None
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        try:
+            return cls(**known)
+        except TypeError:
+            return None
+
+
+class RunFolder:
+    """Paths and files of one run's folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    spec = property(lambda self: self.path / SPEC)
+    lock_path = property(lambda self: self.path / LOCK)
+    checkpoint = property(lambda self: self.path / CHECKPOINT)
+    progress_path = property(lambda self: self.path / PROGRESS)
+    result_path = property(lambda self: self.path / RESULT)
+    stop_path = property(lambda self: self.path / STOP)
+    log = property(lambda self: self.path / LOG)
+
+    # -- the lock: exclusive, non-blocking flock; the kernel drops it when the process dies
+    def acquire(self) -> bool:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def lock_holder(self) -> int | None:
+        """The pid in ``lock`` while a live process holds it (0 if unreadable), else None.
+
+        Probes with a shared non-blocking ``flock`` that is dropped at once; a worker starting in that
+        instant finds the run locked and reports ``busy``, which the scheduler retries without counting.
+        """
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return int(os.pread(fd, 32, 0).decode().strip() or 0)
+            except (OSError, ValueError):
+                return 0
+        finally:
+            os.close(fd)  # also drops the probe's lock
+        return None
+
+    # -- progress.json: the heartbeat
+    def write_progress(self, **fields: Any) -> None:
+        _write_json(self.progress_path, {**fields, "pid": os.getpid(), "time": time.time()})
+
+    def read_progress(self) -> dict[str, Any] | None:
+        return _read_json(self.progress_path)
+
+    # -- result.json: one attempt's outcome
+    def read_result(self) -> Result | None:
+        return Result.from_json(_read_json(self.result_path))
+
+    def start_attempt(self, host: str) -> Result:
+        """Record a new attempt (``started``). A previous attempt still ``started`` died without a word
+        (SIGKILL, out of memory): it counts as a failure."""
+        before = self.read_result() or Result(starts=0)
+        failures = before.failures + (before.status in ("started", "crashed"))
+        if before.status in DONE:
+            failures = 0
+        result = Result("started", starts=before.starts + 1, failures=failures, pid=os.getpid(), host=host,
+                        run_id=before.run_id, epochs_done=before.epochs_done)
+        self.write_result(result)
+        return result
+
+    def write_result(self, result: Result) -> None:
+        result.time = time.time()
+        _write_json(self.result_path, asdict(result))
+
+    # -- stop requests
+    def request_stop(self, reason: str) -> None:
+        _write_json(self.stop_path, {"reason": reason, "time": time.time()})
+
+    def stop_requested(self) -> str | None:
+        data = _read_json(self.stop_path)
+        return str(data.get("reason") or "stop requested") if data is not None else None
+
+    def clear_stop(self) -> None:
+        try:
+            self.stop_path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def log_line(self, text: str) -> None:
+        """Append one ``--- `` line to the run's log (the orchestrator's word, e.g. why it killed it)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
