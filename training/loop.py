@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 
 from training.callbacks import Callback
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RunConfig
 from training.data import Batches, load_splits
 from training.models import build_model
 from training.regularizers import SparseSGD, draw_masks, mask_seed
 from training.schedules import plan_for
 
-CHECKPOINT_VERSION = 1
+__all__ = ["train", "TrainResult", "Diverged", "CheckpointError", "CheckpointMismatch", "CHECKPOINT_VERSION",
+           "evaluate", "epoch_seed"]
 
 
 class Diverged(RuntimeError):
@@ -40,8 +41,8 @@ class Diverged(RuntimeError):
         self.epoch = epoch
 
 
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint that belongs to another configuration."""
+CheckpointMismatch = CheckpointError
+"""Former name of ``CheckpointError`` (kept for callers that still import it)."""
 
 
 @dataclass
@@ -77,8 +78,15 @@ def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int) -> tuple
 
 
 def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str | torch.device = "cpu",
-          checkpoint_path: str | Path | None = None, threads: int | None = None) -> TrainResult:
-    """Train one run. With ``checkpoint_path`` it resumes from and writes to that file every epoch."""
+          checkpoint_path: str | Path | None = None, threads: int | None = None,
+          checkpoint_meta: dict | None = None) -> TrainResult:
+    """Train one run. With ``checkpoint_path`` it resumes from and writes to that file every epoch.
+
+    A checkpoint that cannot be resumed from (empty, truncated, another version, another
+    configuration) raises ``CheckpointError`` naming the file; nothing is trained then.
+    ``checkpoint_meta`` is a dict the caller owns: a plain copy of it, taken at every save, is stored
+    under ``"meta"`` in the checkpoint (``training.checkpoint.checkpoint_meta_of`` reads it back).
+    """
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -97,10 +105,8 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
     total_weights = sum(p.numel() for p in params)
 
     history: list[dict[str, float]] = []
-    state = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    state = load_checkpoint(checkpoint_path, identity=config.identity_dict()) if checkpoint_path else None
     if state is not None:
-        if state.get("identity") != config.identity_dict():
-            raise CheckpointMismatch(f"{checkpoint_path} belongs to another configuration")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history = list(state["history"])
@@ -163,6 +169,7 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
                 "optimizer": opt.state_dict(),
                 "masks": [m.cpu() for m in opt.masks] if opt.masks is not None else [],
                 "history": history,
+                "meta": dict(checkpoint_meta) if checkpoint_meta is not None else {},
             })
         for cb in callbacks:
             cb.on_epoch_end(epoch, metrics)
