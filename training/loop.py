@@ -34,11 +34,13 @@ __all__ = ["train", "TrainResult", "Diverged", "CheckpointError", "CheckpointMis
 
 
 class Diverged(RuntimeError):
-    """The training loss became non-finite."""
+    """A loss or error became non-finite: ``metric`` (e.g. ``test_loss``) is ``value`` at ``epoch``."""
 
-    def __init__(self, epoch: int, loss: float):
-        super().__init__(f"diverged at epoch {epoch}: train loss is {loss}")
+    def __init__(self, epoch: int, value: float, metric: str = "train_loss"):
+        super().__init__(f"diverged at epoch {epoch}: {metric.replace('_', ' ')} is {value}")
         self.epoch = epoch
+        self.metric = metric
+        self.value = value
 
 
 CheckpointMismatch = CheckpointError
@@ -144,9 +146,12 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
         n_train = len(train_split.labels)
         train_loss = loss_sum.item() / n_train
         if not math.isfinite(train_loss):
-            raise Diverged(epoch, train_loss)
+            raise Diverged(epoch, train_loss, "train_loss")
         changed = int(sum((p.detach() != b).sum() for p, b in zip(params, before)))
         test_loss, test_error = evaluate(model, test_batches, config.eval_batch_size)
+        for name, value in (("test_loss", test_loss), ("test_error", test_error)):
+            if not math.isfinite(value):
+                raise Diverged(epoch, value, name)
         metrics = {
             "train_loss": train_loss,
             "train_error": wrong.item() / n_train,
