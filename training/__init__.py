@@ -9,7 +9,8 @@ Heavy modules (torch) load on first use, so that ``training.config`` stays cheap
 from training.callbacks import METRICS, Callback
 from training.config import ConfigError, DataError, RunConfig
 
-__all__ = ["RunConfig", "ConfigError", "DataError", "train", "Callback", "TrainResult", "Diverged", "METRICS"]
+__all__ = ["RunConfig", "ConfigError", "DataError", "train", "Callback", "TrainResult", "Diverged", "METRICS",
+           "CheckpointError"]
 
 
 def __getattr__(name: str):
@@ -17,4 +18,8 @@ def __getattr__(name: str):
         from training import loop
 
         return getattr(loop, name)
+    if name == "CheckpointError":
+        from training import checkpoint
+
+        return checkpoint.CheckpointError
     raise AttributeError(f"module 'training' has no attribute {name!r}")

@@ -6,7 +6,8 @@ Callers may pass a scalar (same value everywhere), a list of per-step values (sa
 phase) or a list of per-phase lists; construction normalises all three to tuples of tuples.
 
 Fields whose ``metadata["identity"]`` is False (labels, paths, evaluation batch size) do not change
-the result; the orchestrator leaves them out of the run key.
+the result; the orchestrator leaves them out of the run key. Fields marked ``"if_set"`` (added after
+runs were logged) count only when they differ from their default, so adding them changed no key.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 ARCH_PATTERN = re.compile(r"^resnet(\d+)$")
 DATASETS = ("cifar10", "cifar100", "digits")
+PRECISIONS = ("fp32", "tf32", "bf16")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
 
 TABLE1_LR = (0.1, 0.01, 0.001, 0.0001, 0.00001)
@@ -98,6 +100,9 @@ class RunConfig:
     """Seeds model init, data order, augmentation, sparsity masks, label noise and the subset."""
     scheme: str = field(default="custom", metadata={"identity": False})
     """Name of the regularization scheme (a label; the values below are what count)."""
+    variant: str = field(default="", metadata={"identity": "if_set"})
+    """Free label that IS part of the run's identity when not empty (e.g. a tuning study and trial, so
+    that two trials never share a run)."""
     lr: Grid = (TABLE1_LR,) * 3
     """Learning rate per phase and step (Table 1: 1e-1 .. 1e-5 in 5 steps, restarted twice)."""
     epochs_per_step: tuple[int, ...] = TABLE1_EPOCHS_PER_STEP
@@ -118,8 +123,19 @@ class RunConfig:
     """Share of training labels replaced by uniformly random classes (seeded)."""
     augment: bool = True
     """Random crop after 4-pixel zero padding (+ horizontal flip on CIFAR)."""
+    validation: float = field(default=0.0, metadata={"identity": "if_set"})
+    """Share of the training split held out for validation (0 = none). The held-out part is stratified by
+    class and drawn with a fixed seed (the same for every run seed), before ``train_subset`` and
+    ``label_noise`` apply to the rest; its labels stay clean. With it the run reports ``val_loss`` /
+    ``val_error`` instead of ``test_loss`` / ``test_error`` and never loads the test split."""
+    precision: str = field(default="fp32", metadata={"identity": "if_set"})
+    """``fp32``; ``tf32`` (TensorFloat-32 matmuls and convolutions on CUDA; same as fp32 on the CPU) or
+    ``bf16`` (autocast to bfloat16, fp32 master weights)."""
     data_dir: str = field(default_factory=default_data_dir, metadata={"identity": False})
     """Where CIFAR archives live (not part of the run's identity)."""
+    allow_unofficial_data: bool = field(default=False, metadata={"identity": False})
+    """Load CIFAR archives / batch files whose md5 is not the official one (e.g. small test archives).
+    Off by default: those files are unpickled, and a tampered one could run code."""
     eval_batch_size: int = field(default=1000, metadata={"identity": False})
     """Batch size for evaluation (does not change the result)."""
 
@@ -180,8 +196,18 @@ class RunConfig:
         if isinstance(ln, bool) or not isinstance(ln, (int, float)) or not 0 <= ln <= 1:
             raise ConfigError("label_noise", f"must be in [0, 1], got {ln!r}")
         set_("label_noise", float(ln))
-        if not isinstance(self.augment, bool):
-            raise ConfigError("augment", f"must be true or false, got {self.augment!r}")
+        for name in ("augment", "allow_unofficial_data"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
+        va = self.validation
+        if isinstance(va, bool) or not isinstance(va, (int, float)) or not 0 <= va < 1:
+            raise ConfigError("validation", f"must be in [0, 1) (a share of the training split), got {va!r}")
+        set_("validation", float(va))
+        if self.precision not in PRECISIONS:
+            raise ConfigError("precision", f"unknown precision {self.precision!r} (expected one of "
+                                           f"{', '.join(PRECISIONS)})")
+        if not isinstance(self.variant, str):
+            raise ConfigError("variant", f"must be a string, got {self.variant!r}")
         set_("data_dir", str(Path(self.data_dir).expanduser()))
 
     @property
@@ -204,9 +230,16 @@ class RunConfig:
         return cls(**data)
 
     def identity_dict(self) -> dict[str, Any]:
-        """The fields that change the result, as plain JSON-able values."""
+        """The fields that change the result, as plain JSON-able values (an ``"if_set"`` field only
+        when it differs from its default)."""
         full = self.to_dict()
-        return {f.name: full[f.name] for f in dataclasses.fields(self) if f.metadata.get("identity", True)}
+        out = {}
+        for f in dataclasses.fields(self):
+            kind = f.metadata.get("identity", True)
+            if kind is False or (kind == "if_set" and getattr(self, f.name) == f.default):
+                continue
+            out[f.name] = full[f.name]
+        return out
 
 
 def json_ready(obj: Any) -> Any:

@@ -22,26 +22,29 @@ import torch
 import torch.nn.functional as F
 
 from training.callbacks import Callback
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RunConfig
 from training.data import Batches, load_splits
 from training.models import build_model
 from training.regularizers import SparseSGD, draw_masks, mask_seed
 from training.schedules import plan_for
 
-CHECKPOINT_VERSION = 1
+__all__ = ["train", "TrainResult", "Diverged", "CheckpointError", "CheckpointMismatch", "CHECKPOINT_VERSION",
+           "evaluate", "epoch_seed"]
 
 
 class Diverged(RuntimeError):
-    """The training loss became non-finite."""
+    """A loss or error became non-finite: ``metric`` (e.g. ``test_loss``) is ``value`` at ``epoch``."""
 
-    def __init__(self, epoch: int, loss: float):
-        super().__init__(f"diverged at epoch {epoch}: train loss is {loss}")
+    def __init__(self, epoch: int, value: float, metric: str = "train_loss"):
+        super().__init__(f"diverged at epoch {epoch}: {metric.replace('_', ' ')} is {value}")
         self.epoch = epoch
+        self.metric = metric
+        self.value = value
 
 
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint that belongs to another configuration."""
+CheckpointMismatch = CheckpointError
+"""Former name of ``CheckpointError`` (kept for callers that still import it)."""
 
 
 @dataclass
@@ -77,8 +80,15 @@ def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int) -> tuple
 
 
 def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str | torch.device = "cpu",
-          checkpoint_path: str | Path | None = None, threads: int | None = None) -> TrainResult:
-    """Train one run. With ``checkpoint_path`` it resumes from and writes to that file every epoch."""
+          checkpoint_path: str | Path | None = None, threads: int | None = None,
+          checkpoint_meta: dict | None = None) -> TrainResult:
+    """Train one run. With ``checkpoint_path`` it resumes from and writes to that file every epoch.
+
+    A checkpoint that cannot be resumed from (empty, truncated, another version, another
+    configuration) raises ``CheckpointError`` naming the file; nothing is trained then.
+    ``checkpoint_meta`` is a dict the caller owns: a plain copy of it, taken at every save, is stored
+    under ``"meta"`` in the checkpoint (``training.checkpoint.checkpoint_meta_of`` reads it back).
+    """
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
@@ -97,10 +107,8 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
     total_weights = sum(p.numel() for p in params)
 
     history: list[dict[str, float]] = []
-    state = load_checkpoint(checkpoint_path) if checkpoint_path else None
+    state = load_checkpoint(checkpoint_path, identity=config.identity_dict()) if checkpoint_path else None
     if state is not None:
-        if state.get("identity") != config.identity_dict():
-            raise CheckpointMismatch(f"{checkpoint_path} belongs to another configuration")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         history = list(state["history"])
@@ -138,9 +146,12 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
         n_train = len(train_split.labels)
         train_loss = loss_sum.item() / n_train
         if not math.isfinite(train_loss):
-            raise Diverged(epoch, train_loss)
+            raise Diverged(epoch, train_loss, "train_loss")
         changed = int(sum((p.detach() != b).sum() for p, b in zip(params, before)))
         test_loss, test_error = evaluate(model, test_batches, config.eval_batch_size)
+        for name, value in (("test_loss", test_loss), ("test_error", test_error)):
+            if not math.isfinite(value):
+                raise Diverged(epoch, value, name)
         metrics = {
             "train_loss": train_loss,
             "train_error": wrong.item() / n_train,
@@ -163,6 +174,7 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
                 "optimizer": opt.state_dict(),
                 "masks": [m.cpu() for m in opt.masks] if opt.masks is not None else [],
                 "history": history,
+                "meta": dict(checkpoint_meta) if checkpoint_meta is not None else {},
             })
         for cb in callbacks:
             cb.on_epoch_end(epoch, metrics)

@@ -29,8 +29,11 @@ CHANGES = {
     "train_subset": 100,
     "label_noise": 0.1,
     "augment": False,
+    "validation": 0.1,
+    "variant": "study-a/trial-3",
+    "precision": "bf16",
 }
-NOT_IDENTITY = {"scheme": "renamed", "data_dir": "/elsewhere", "eval_batch_size": 7}
+NOT_IDENTITY = {"scheme": "renamed", "data_dir": "/elsewhere", "eval_batch_size": 7, "allow_unofficial_data": True}
 
 
 def test_changes_cover_every_field():

@@ -95,5 +95,36 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
 
 
 def test_divergence_names_the_epoch():
-    with pytest.raises(Diverged, match=r"diverged at epoch [12]: train loss is (nan|inf)"):
-        train(small(lr=1e6, grad_sparsity=0.0))
+    with pytest.raises(Diverged, match=r"^diverged at epoch 1: train loss is nan$") as info:
+        train(small(lr=1e12, grad_sparsity=0.0))
+    assert info.value.metric == "train_loss"
+
+
+class NanInEval(torch.nn.Module):
+    """A model that trains normally and emits NaN logits in evaluation mode."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out if self.training else out * float("nan")
+
+
+def test_divergence_in_evaluation_names_the_metric(monkeypatch, tmp_path):
+    import training.loop as loop
+
+    build = loop.build_model
+    monkeypatch.setattr(loop, "build_model", lambda arch, classes: NanInEval(build(arch, classes)))
+    seen = []
+
+    class Seen(Callback):
+        def on_epoch_end(self, epoch, metrics):
+            seen.append(epoch)
+
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(Diverged, match=r"^diverged at epoch 1: test loss is nan$") as info:
+        train(small(epochs_scale=0.01, grad_sparsity=0.0), [Seen()], checkpoint_path=ckpt)
+    assert (info.value.epoch, info.value.metric) == (1, "test_loss")
+    assert seen == [] and not ckpt.exists()  # a diverged epoch is neither checkpointed nor reported
