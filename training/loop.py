@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.callbacks import Callback
+from training.callbacks import VALIDATION_NAMES, Callback
 from training.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RunConfig
 from training.data import Batches, load_splits
@@ -94,9 +94,13 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
         torch.set_num_threads(threads)
     plan = plan_for(config)
 
-    train_split, test_split = load_splits(config, device)
+    # With a validation split the evaluation split is the held-out part and the test split is never loaded.
+    train_split, eval_split = load_splits(config, device)
     train_batches = Batches(train_split, config.dataset, config.batch_size, augment=config.augment)
-    test_batches = Batches(test_split, config.dataset, config.eval_batch_size, augment=False)
+    eval_batches = Batches(eval_split, config.dataset, config.eval_batch_size, augment=False)
+    eval_loss_name, eval_error_name = "test_loss", "test_error"
+    if config.validation:
+        eval_loss_name, eval_error_name = VALIDATION_NAMES[eval_loss_name], VALIDATION_NAMES[eval_error_name]
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -148,15 +152,15 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
         if not math.isfinite(train_loss):
             raise Diverged(epoch, train_loss, "train_loss")
         changed = int(sum((p.detach() != b).sum() for p, b in zip(params, before)))
-        test_loss, test_error = evaluate(model, test_batches, config.eval_batch_size)
-        for name, value in (("test_loss", test_loss), ("test_error", test_error)):
+        eval_loss, eval_error = evaluate(model, eval_batches, config.eval_batch_size)
+        for name, value in ((eval_loss_name, eval_loss), (eval_error_name, eval_error)):
             if not math.isfinite(value):
                 raise Diverged(epoch, value, name)
-        metrics = {
+        metrics = {  # in the order of training.callbacks.metric_names(config)
             "train_loss": train_loss,
             "train_error": wrong.item() / n_train,
-            "test_loss": test_loss,
-            "test_error": test_error,
+            eval_loss_name: eval_loss,
+            eval_error_name: eval_error,
             "lr": step.lr,
             "weight_decay": step.weight_decay,
             "grad_sparsity": step.grad_sparsity,

@@ -332,12 +332,13 @@ def test_corrupt_archive_is_a_data_error_and_leaves_no_folder(tmp_path):
 
 # --- only the official CIFAR files are unpickled, unless the run opts in -----------------------------
 
-def tampered(tmp_path, name, archive):
-    """A small CIFAR whose first training file, once unpickled, creates ``tmp_path/marker``."""
+def tampered(tmp_path, name, archive, split="train"):
+    """A small CIFAR whose first ``split`` file, once unpickled, creates ``tmp_path/marker``."""
     build = tmp_path / "build"
     write_cifar(build, name)
-    folder, tar_name, train_files, _ = CIFAR_LAYOUT[name]
-    (build / folder / train_files[0]).write_bytes(evil_pickle(tmp_path / "marker"))
+    folder, tar_name, train_files, test_files = CIFAR_LAYOUT[name]
+    target = (train_files if split == "train" else test_files)[0]
+    (build / folder / target).write_bytes(evil_pickle(tmp_path / "marker"))
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     if archive:
@@ -416,3 +417,51 @@ def test_a_folder_another_worker_put_in_place_wins(tmp_path):
     assert (tmp_path / "cifar-10-batches-py/data_batch_1").read_text() == "cifar-10-batches-py"
     with pytest.raises(OSError):
         data._move_into_place(str(tmp_path / "absent"), str(tmp_path / "elsewhere"))
+
+
+# --- validation split ------------------------------------------------------------------------------
+
+def test_validation_is_stratified_fixed_and_clean():
+    full_x, full_y = data.load_train_arrays(RunConfig(dataset="digits"))
+    held, rest = data.validation_indices(full_y, 0.1)
+    counts = full_y.bincount(minlength=10)
+    assert full_y[held].bincount(minlength=10).tolist() == [int(c * 0.1 + 0.5) for c in counts.tolist()]
+    assert len(held) == 130 and len(rest) == 1297 - 130
+    assert torch.equal(torch.cat([held, rest]).sort().values, torch.arange(1297))
+    for seed in (0, 5):  # the same held-out images for every run seed, subset and noise
+        train, val = digits(validation=0.1, seed=seed, train_subset=300, label_noise=0.5)
+        assert torch.equal(val.images, full_x[held]) and torch.equal(val.labels, full_y[held])
+        keep = torch.randperm(len(rest), generator=seeded_generator(seed, "train_subset"))[:300]
+        assert torch.equal(train.images, full_x[rest][keep])
+        expected, _ = noisy_labels(full_y[rest][keep], 0.5, 10, seeded_generator(seed, "label_noise"))
+        assert torch.equal(train.labels, expected)
+    other, _ = data.validation_indices(full_y, 0.2)
+    assert len(other) == 259
+
+
+def test_validation_never_loads_the_test_split(monkeypatch):
+    def refuse(config):
+        raise AssertionError("the test split was loaded")
+
+    monkeypatch.setattr(data, "load_test_arrays", refuse)
+    train, val = digits(validation=0.25)
+    assert len(train) + len(val) == 1297
+    with pytest.raises(AssertionError, match="the test split was loaded"):
+        digits()
+
+
+def test_validation_on_cifar_never_reads_the_test_file(tmp_path):
+    data_dir = tampered(tmp_path, "cifar10", archive=True, split="test")
+    train, val = cifar("cifar10", data_dir, validation=0.2)
+    assert len(train) + len(val) == 20 and len(val) >= 2
+    assert not (tmp_path / "marker").exists()
+    (data_dir / "cifar-10-batches-py" / "test_batch").unlink()  # not even needed
+    assert torch.equal(cifar("cifar10", data_dir, validation=0.2)[1].images, val.images)
+
+
+def test_validation_leaving_nothing_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"^validation: 0.001 of 1297 training images leaves 0 for validation"):
+        digits(validation=0.001)
+    with pytest.raises(ConfigError, match=r"^train_subset: 1200 exceeds the 1167 training images left after the "
+                                          r"validation hold-out of digits"):
+        digits(validation=0.1, train_subset=1200)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from training import Callback, RunConfig, train
-from training.callbacks import METRICS
+from training.callbacks import METRICS, history_metrics, metric_names
 from training.checkpoint import load_checkpoint
 from training.loop import Diverged
 
@@ -128,3 +128,31 @@ def test_divergence_in_evaluation_names_the_metric(monkeypatch, tmp_path):
         train(small(epochs_scale=0.01, grad_sparsity=0.0), [Seen()], checkpoint_path=ckpt)
     assert (info.value.epoch, info.value.metric) == (1, "test_loss")
     assert seen == [] and not ckpt.exists()  # a diverged epoch is neither checkpointed nor reported
+
+
+def test_validation_run_reports_val_metrics_and_never_loads_the_test_split(monkeypatch):
+    import training.data as data
+
+    def refuse(config):
+        raise AssertionError("the test split was loaded")
+
+    monkeypatch.setattr(data, "load_test_arrays", refuse)
+    config = small(epochs_scale=0.01, grad_sparsity=0.0, validation=0.2)
+    names = metric_names(config)
+    assert names == ("train_loss", "train_error", "val_loss", "val_error", *METRICS[4:])
+    assert metric_names(small()) == METRICS
+    seen = []
+
+    class Seen(Callback):
+        def on_epoch_end(self, epoch, metrics):
+            seen.append(tuple(metrics))
+
+    result = train(config, [Seen()])
+    assert seen == [names] * 15
+    assert all(tuple(history_metrics(h)) == names for h in result.history)
+    assert all(0 <= h["val_error"] <= 1 for h in result.history)
+
+
+def test_history_metrics_returns_every_metric():
+    entry = {"epoch": 3.0, "train_loss": 1, "val_loss": 2.5, "val_error": 0.25, "custom": 7}
+    assert history_metrics(entry) == {"train_loss": 1.0, "val_loss": 2.5, "val_error": 0.25, "custom": 7.0}
