@@ -156,3 +156,46 @@ def test_validation_run_reports_val_metrics_and_never_loads_the_test_split(monke
 def test_history_metrics_returns_every_metric():
     entry = {"epoch": 3.0, "train_loss": 1, "val_loss": 2.5, "val_error": 0.25, "custom": 7}
     assert history_metrics(entry) == {"train_loss": 1.0, "val_loss": 2.5, "val_error": 0.25, "custom": 7.0}
+
+
+def short(**kw):
+    """Two epochs of one learning-rate step on 150 digits."""
+    return small(lr=[0.1], epochs_per_step=[2], weight_decay=1e-4, grad_sparsity=0.0, **kw)
+
+
+def test_precision_bf16_autocasts_and_tf32_is_fp32_on_the_cpu(monkeypatch):
+    import training.loop as loop
+
+    torch.set_num_threads(1)
+    dtypes = []
+    build = loop.build_model
+
+    def recording(arch, classes):
+        model = build(arch, classes)
+        model.fc.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", recording)
+    fp32 = train(short())
+    assert set(dtypes) == {torch.float32}
+    dtypes.clear()
+    bf16 = train(short(precision="bf16"))
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    a, b = fp32.history[0], bf16.history[0]
+    assert a["train_loss"] != b["train_loss"]  # another arithmetic ...
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)  # ... for the same training
+    assert result_metrics(train(short(precision="tf32")).history) == result_metrics(fp32.history)
+
+
+@pytest.mark.parametrize("precision, mode", [("fp32", "ieee"), ("tf32", "tf32"), ("bf16", "tf32")])
+def test_precision_mode_sets_cuda_flags_for_the_run_only(precision, mode):
+    from training.loop import precision_mode
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    with precision_mode(precision, torch.device("cpu")):
+        assert (matmul.fp32_precision, conv.fp32_precision) == before
+    with precision_mode(precision, torch.device("cuda")):  # only sets flags: no GPU needed
+        assert (matmul.fp32_precision, conv.fp32_precision) == (mode, mode)
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
