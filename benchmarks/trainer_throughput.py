@@ -222,7 +222,8 @@ def run(args: argparse.Namespace) -> dict:
         samples: dict[str, list[float]] = {"trainer": [], **{name: [] for name in measures}}
         config = RunConfig(arch=args.arch, dataset="cifar10", data_dir=str(data_dir), lr=[LR],
                            epochs_per_step=(args.repeats + 1,), weight_decay=WEIGHT_DECAY, grad_sparsity=0.0,
-                           momentum=MOMENTUM, batch_size=args.batch_size, augment=True)
+                           momentum=MOMENTUM, batch_size=args.batch_size, augment=True,
+                           allow_unofficial_data=True)  # synthetic files, not the official CIFAR-10
         train(config, [Interleave(measures, samples)], device=device, threads=args.threads)
         del measures  # stops the DataLoader workers
 

@@ -44,3 +44,22 @@ def write_cifar(root, name, per_file=4, archive=False, seed=0):
         (build / folder).rmdir()
         build.rmdir()
     return expected
+
+
+UNOFFICIAL = {"allow_unofficial_data": True}
+"""RunConfig fields that let a run load these archives (their md5 is not the official one)."""
+
+
+class _CreatesFile:
+    """Unpickling an instance of this creates ``path``: a stand-in for code a tampered pickle would run."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def evil_pickle(marker):
+    """Pickle bytes whose unpickling creates the file ``marker``."""
+    return pickle.dumps(_CreatesFile(marker), protocol=2)

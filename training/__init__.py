@@ -6,11 +6,11 @@
 Heavy modules (torch) load on first use, so that ``training.config`` stays cheap to import.
 """
 
-from training.callbacks import METRICS, Callback
+from training.callbacks import METRICS, Callback, metric_names
 from training.config import ConfigError, DataError, RunConfig
 
 __all__ = ["RunConfig", "ConfigError", "DataError", "train", "Callback", "TrainResult", "Diverged", "METRICS",
-           "CheckpointError"]
+           "CheckpointError", "metric_names"]
 
 
 def __getattr__(name: str):

@@ -13,7 +13,17 @@ METRICS = (
     "train_loss", "train_error", "test_loss", "test_error", "lr", "weight_decay", "grad_sparsity",
     "updated_fraction", "epoch_seconds", "images_per_second",
 )
-"""Per-epoch metrics, in this order; errors are fractions."""
+"""Per-epoch metrics of a run without a validation split, in this order; errors are fractions."""
+
+VALIDATION_NAMES = {"test_loss": "val_loss", "test_error": "val_error"}
+
+
+def metric_names(config: RunConfig) -> tuple[str, ...]:
+    """The per-epoch metrics ``config``'s run reports, in order: ``METRICS``, or with a validation split
+    the same with ``val_loss`` / ``val_error`` in place of ``test_loss`` / ``test_error``."""
+    if not config.validation:
+        return METRICS
+    return tuple(VALIDATION_NAMES.get(m, m) for m in METRICS)
 
 
 class Callback:
@@ -27,5 +37,5 @@ class Callback:
 
 
 def history_metrics(entry: dict[str, Any]) -> dict[str, float]:
-    """The metrics of a history entry (without its epoch)."""
-    return {k: float(entry[k]) for k in METRICS}
+    """Every metric of a history entry (all its keys but ``epoch``)."""
+    return {k: float(v) for k, v in entry.items() if k != "epoch"}

@@ -1,8 +1,10 @@
 """Datasets as whole uint8 tensors on the training device, and batched augmentation.
 
-``load_splits`` returns the train and test split of ``digits`` (scikit-learn's offline 8x8 digits,
-upscaled to 32x32), ``cifar10`` or ``cifar100``, each as ONE uint8 tensor on the device, with the
-run's ``train_subset`` and ``label_noise`` applied to the training split. ``Batches`` shuffles,
+``load_splits`` returns the train and evaluation split (test, or a held-out validation part of the
+training split) of ``digits`` (scikit-learn's offline 8x8 digits, upscaled to 32x32), ``cifar10`` or
+``cifar100``, each as ONE uint8 tensor on the device, with the run's ``train_subset`` and
+``label_noise`` applied to the training split. CIFAR files are md5-checked against the official
+release before they are unpickled unless the run opts in with ``allow_unofficial_data``. ``Batches`` shuffles,
 crops, flips and normalises whole batches with tensor ops; nothing runs per image in Python and
 nothing syncs the host per batch.
 
@@ -16,6 +18,7 @@ import functools
 import hashlib
 import math
 import os
+import pickle
 import shutil
 import socket
 import tarfile
@@ -62,17 +65,29 @@ def seeded_generator(seed: int, purpose: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+VALIDATION_SEED = 0
+"""Seed of the validation hold-out: fixed, so every run seed and every trial sees the same split."""
+
+
 def load_splits(config: RunConfig, device: torch.device | str) -> tuple[Split, Split]:
-    """(train, test) of ``config.dataset`` on ``device``, train subset and label noise applied."""
-    if config.dataset == "digits":
-        (x_train, y_train), (x_test, y_test) = _digits()
+    """(train, evaluation) splits of ``config.dataset`` on ``device``.
+
+    The evaluation split is the test split, or with ``config.validation`` the part of the training
+    split held out for validation (then the test split is never loaded). ``train_subset`` and
+    ``label_noise`` apply to what is left for training; validation labels stay clean.
+    """
+    x_train, y_train = load_train_arrays(config)
+    if config.validation:
+        held, rest = validation_indices(y_train, config.validation)
+        (x_eval, y_eval), (x_train, y_train) = (x_train[held], y_train[held]), (x_train[rest], y_train[rest])
     else:
-        (x_train, y_train), (x_test, y_test) = _cifar(config.dataset, config.data_dir)
+        x_eval, y_eval = load_test_arrays(config)
 
     if config.train_subset:
         n = len(y_train)
         if config.train_subset > n:
-            raise ConfigError("train_subset", f"{config.train_subset} exceeds the {n} training images of "
+            left = " left after the validation hold-out" if config.validation else ""
+            raise ConfigError("train_subset", f"{config.train_subset} exceeds the {n} training images{left} of "
                               f"{config.dataset}")
         perm = torch.randperm(n, generator=seeded_generator(config.seed, "train_subset"))
         keep = perm[:config.train_subset]
@@ -84,7 +99,40 @@ def load_splits(config: RunConfig, device: torch.device | str) -> tuple[Split, S
     def put(x: torch.Tensor, y: torch.Tensor) -> Split:  # copy=True: never hand out the cached tensors
         return Split(x.to(device, copy=True), y.to(device, copy=True))
 
-    return put(x_train, y_train), put(x_test, y_test)
+    return put(x_train, y_train), put(x_eval, y_eval)
+
+
+def load_train_arrays(config: RunConfig) -> Arrays:
+    """The whole training split of ``config.dataset`` (CPU), before any hold-out, subset or noise."""
+    if config.dataset == "digits":
+        return _digits()[0]
+    return _cifar(config.dataset, config.data_dir, train=True, allow_unofficial=config.allow_unofficial_data)
+
+
+def load_test_arrays(config: RunConfig) -> Arrays:
+    """The test split of ``config.dataset`` (CPU). Never called for a run with a validation split."""
+    if config.dataset == "digits":
+        return _digits()[1]
+    return _cifar(config.dataset, config.data_dir, train=False, allow_unofficial=config.allow_unofficial_data)
+
+
+def validation_indices(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out, rest) indices into ``labels``, both ascending: from every class, ``floor(fraction x n_c
+    + 0.5)`` of its n_c images, drawn with the fixed ``VALIDATION_SEED`` (the same for every run)."""
+    generator = seeded_generator(VALIDATION_SEED, "validation")
+    held = []
+    for c in torch.unique(labels, sorted=True).tolist():
+        idx = (labels == c).nonzero().flatten()
+        k = math.floor(fraction * len(idx) + 0.5)
+        held.append(idx[torch.randperm(len(idx), generator=generator)[:k]])
+    held_idx = torch.cat(held).sort().values
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held_idx] = False
+    rest_idx = mask.nonzero().flatten()
+    if not len(held_idx) or not len(rest_idx):
+        raise ConfigError("validation", f"{fraction} of {len(labels)} training images leaves "
+                          f"{len(held_idx)} for validation and {len(rest_idx)} for training")
+    return held_idx, rest_idx
 
 
 def noisy_labels(labels: torch.Tensor, fraction: float, num_classes: int,
@@ -136,43 +184,98 @@ def normalisation(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 # --- CIFAR -----------------------------------------------------------------------------------------
 
 def _files_only(cls: type[datasets.CIFAR10]) -> type[datasets.CIFAR10]:
-    """``cls`` whose integrity check only asks that the batch files exist.
+    """``cls`` whose own integrity check only asks that the batch files of the requested split exist.
 
-    torchvision compares the md5 of every batch file with the real CIFAR's, which rejects the small
-    archives in torchvision's format that tests write; the archive itself is still md5-checked
-    when torchvision downloads it.
+    adareg checks the md5 of every file itself (``_verify_files``) before torchvision unpickles it, and
+    only where ``allow_unofficial_data`` is off; torchvision's check would refuse the opt-in.
     """
     def _check_integrity(self) -> bool:
         return all(os.path.isfile(os.path.join(self.root, self.base_folder, name))
-                   for name, _ in self.train_list + self.test_list)
+                   for name, _ in (self.train_list if self.train else self.test_list))
 
     return type(cls.__name__, (cls,), {"_check_integrity": _check_integrity,
                                        "meta": {**cls.meta, "md5": None}})
 
 
-CIFAR_CLASSES = {"cifar10": _files_only(datasets.CIFAR10), "cifar100": _files_only(datasets.CIFAR100)}
+CIFAR_RELEASES = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}  # torchvision's, md5 lists included
+CIFAR_CLASSES = {name: _files_only(cls) for name, cls in CIFAR_RELEASES.items()}
+CIFAR_TITLES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+OPT_IN = "set train.allow_unofficial_data: true to load it anyway"
 
 
-def _cifar(name: str, data_dir: str) -> tuple[Arrays, Arrays]:
+def _official_md5(name: str) -> tuple[str, dict[str, str]]:
+    """The published md5 of ``name``'s archive and of each file in its folder (torchvision's lists)."""
+    cls = CIFAR_RELEASES[name]
+    files = dict(cls.train_list + cls.test_list)
+    files[cls.meta["filename"]] = cls.meta["md5"]
+    return cls.tgz_md5, files
+
+
+OFFICIAL_MD5 = {name: _official_md5(name) for name in CIFAR_CLASSES}
+"""dataset -> (md5 of the official archive, {file in its folder: md5})."""
+
+
+def file_md5(path: str) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify_archive(name: str, archive: str) -> None:
+    """DataError unless ``archive`` is the official one (checked before anything is extracted)."""
+    try:
+        got = file_md5(archive)
+    except OSError as e:
+        raise DataError(f"{archive}: cannot read ({_one_line(e)})") from None
+    want = OFFICIAL_MD5[name][0]
+    if got != want:
+        raise DataError(f"{archive} is not the official {CIFAR_TITLES[name]} archive (md5 {got}, expected {want}); "
+                        f"{OPT_IN}")
+
+
+def _verify_files(name: str, folder: str, files: list[str]) -> None:
+    """DataError unless each of ``files`` in ``folder`` that exists has its official md5 (checked before
+    torchvision unpickles them; a missing file is reported by the loader)."""
+    official = OFFICIAL_MD5[name][1]
+    for f in files:
+        path = os.path.join(folder, f)
+        if not os.path.isfile(path):
+            continue
+        got = file_md5(path)
+        if got != official[f]:
+            raise DataError(f"{path} is not the official {CIFAR_TITLES[name]} file {f} (md5 {got}, expected "
+                            f"{official[f]}); {OPT_IN}")
+
+
+def _cifar(name: str, data_dir: str, train: bool, allow_unofficial: bool = False) -> Arrays:
+    """One split of CIFAR-10/100 from ``data_dir`` (extracting or downloading it first if needed).
+
+    Unless ``allow_unofficial``, the archive's md5 is checked before extraction and every batch file's
+    md5 before it is unpickled; only the files of the requested split (and the label names) are read.
+    """
     cls = CIFAR_CLASSES[name]
     folder = os.path.join(data_dir, cls.base_folder)
     archive = os.path.join(data_dir, cls.filename)
     if not os.path.isdir(folder):
         if os.path.isfile(archive):
+            if not allow_unofficial:
+                _verify_archive(name, archive)
             _extract(archive, cls.base_folder, data_dir)
         else:
             _download(name, cls, data_dir)
-
-    def split(train: bool) -> Arrays:
-        try:
-            ds = cls(root=data_dir, train=train, download=False)
-        except (RuntimeError, OSError, KeyError, ValueError, EOFError) as e:
-            raise DataError(f"{name}: cannot read {folder} ({_one_line(e)}); remove it and place "
-                            f"{cls.filename} ({cls.url}) in {data_dir}") from None
-        images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-        return images, torch.tensor(ds.targets, dtype=torch.long)
-
-    return split(True), split(False)
+    if not allow_unofficial:
+        _verify_files(name, folder, [f for f, _ in (cls.train_list if train else cls.test_list)]
+                      + [cls.meta["filename"]])
+    try:
+        ds = cls(root=data_dir, train=train, download=False)
+    except (RuntimeError, OSError, KeyError, ValueError, EOFError, TypeError, IndexError, AttributeError,
+            pickle.UnpicklingError) as e:
+        raise DataError(f"{name}: cannot read {folder} ({_one_line(e)}); remove it and place "
+                        f"{cls.filename} ({cls.url}) in {data_dir}") from None
+    images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+    return images, torch.tensor(ds.targets, dtype=torch.long)
 
 
 def _move_into_place(src: str, dst: str) -> None:

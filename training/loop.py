@@ -8,20 +8,25 @@ Determinism: model init, data order, crops and masks come from generators seeded
 (and the epoch), never from global state, so there is no RNG state to carry across a restart: the
 checkpoint holds the model, the optimizer (momentum), the masks and the metric history, and a
 resumed run on the CPU repeats an uninterrupted one bit for bit.
+
+Precision (``config.precision``): ``fp32`` everywhere by default; ``tf32`` lets CUDA matmuls and
+convolutions use TensorFloat-32; ``bf16`` runs forward passes under bfloat16 autocast with float32
+weights, gradients, momentum and loss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from training.callbacks import Callback
+from training.callbacks import VALIDATION_NAMES, Callback
 from training.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RunConfig
 from training.data import Batches, load_splits
@@ -65,15 +70,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
+    """On CUDA, the float32 matmul / convolution precision of ``precision`` for the block (restored after):
+    ``fp32`` is IEEE float32 (PyTorch's default would let cuDNN convolutions use TF32), ``tf32`` and
+    ``bf16`` allow TF32. Nothing changes on other devices. bfloat16 autocast is ``autocast``'s job."""
+    if device.type != "cuda":
+        yield
+        return
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee" if precision == "fp32" else "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for ``bf16`` (weights, gradients and optimizer state stay float32); else nothing."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int,
+             precision: str = "fp32") -> tuple[float, float]:
     """Mean cross-entropy and error (fraction) over a whole split."""
     model.eval()
-    loss_sum = torch.zeros((), device=batches.split.labels.device)
-    wrong = torch.zeros((), device=batches.split.labels.device, dtype=torch.long)
+    device = batches.split.labels.device
+    loss_sum = torch.zeros((), device=device)
+    wrong = torch.zeros((), device=device, dtype=torch.long)
     for x, y in batches.ordered(batch_size):
-        logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        with autocast(precision, device):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         wrong += (logits.argmax(1) != y).sum()
     n = len(batches.split.labels)
     return loss_sum.item() / n, wrong.item() / n
@@ -92,11 +124,21 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
+    with precision_mode(config.precision, device):
+        return _train(config, callbacks, device, checkpoint_path, checkpoint_meta)
+
+
+def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.device, checkpoint_path: str | Path | None,
+           checkpoint_meta: dict | None) -> TrainResult:
     plan = plan_for(config)
 
-    train_split, test_split = load_splits(config, device)
+    # With a validation split the evaluation split is the held-out part and the test split is never loaded.
+    train_split, eval_split = load_splits(config, device)
     train_batches = Batches(train_split, config.dataset, config.batch_size, augment=config.augment)
-    test_batches = Batches(test_split, config.dataset, config.eval_batch_size, augment=False)
+    eval_batches = Batches(eval_split, config.dataset, config.eval_batch_size, augment=False)
+    eval_loss_name, eval_error_name = "test_loss", "test_error"
+    if config.validation:
+        eval_loss_name, eval_error_name = VALIDATION_NAMES[eval_loss_name], VALIDATION_NAMES[eval_error_name]
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -133,8 +175,9 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
         wrong = torch.zeros((), device=device, dtype=torch.long)
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         for x, y in train_batches.epoch(generator):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with autocast(config.precision, device):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -148,15 +191,15 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
         if not math.isfinite(train_loss):
             raise Diverged(epoch, train_loss, "train_loss")
         changed = int(sum((p.detach() != b).sum() for p, b in zip(params, before)))
-        test_loss, test_error = evaluate(model, test_batches, config.eval_batch_size)
-        for name, value in (("test_loss", test_loss), ("test_error", test_error)):
+        eval_loss, eval_error = evaluate(model, eval_batches, config.eval_batch_size, config.precision)
+        for name, value in ((eval_loss_name, eval_loss), (eval_error_name, eval_error)):
             if not math.isfinite(value):
                 raise Diverged(epoch, value, name)
-        metrics = {
+        metrics = {  # in the order of training.callbacks.metric_names(config)
             "train_loss": train_loss,
             "train_error": wrong.item() / n_train,
-            "test_loss": test_loss,
-            "test_error": test_error,
+            eval_loss_name: eval_loss,
+            eval_error_name: eval_error,
             "lr": step.lr,
             "weight_decay": step.weight_decay,
             "grad_sparsity": step.grad_sparsity,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cifar_archives import CIFAR_LAYOUT, write_cifar
+from cifar_archives import CIFAR_LAYOUT, UNOFFICIAL, evil_pickle, write_cifar
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -244,7 +244,8 @@ def test_normalisation_constants():
 # --- CIFAR -----------------------------------------------------------------------------------------
 
 def cifar(name, root, **changes):
-    return load_splits(RunConfig(dataset=name, data_dir=str(root), **changes), "cpu")
+    """Load the tests' small CIFAR archives (not the official files: opted in unless told otherwise)."""
+    return load_splits(RunConfig(dataset=name, data_dir=str(root), **{**UNOFFICIAL, **changes}), "cpu")
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
@@ -324,7 +325,80 @@ def test_corrupt_archive_is_a_data_error_and_leaves_no_folder(tmp_path):
     (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not a tar file")
     with pytest.raises(DataError, match="cifar-10-python.tar.gz: cannot extract"):
         cifar("cifar10", tmp_path)
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz is not the official CIFAR-10 archive"):
+        cifar("cifar10", tmp_path, allow_unofficial_data=False)
     assert os.listdir(tmp_path) == ["cifar-10-python.tar.gz"]
+
+
+# --- only the official CIFAR files are unpickled, unless the run opts in -----------------------------
+
+def tampered(tmp_path, name, archive, split="train"):
+    """A small CIFAR whose first ``split`` file, once unpickled, creates ``tmp_path/marker``."""
+    build = tmp_path / "build"
+    write_cifar(build, name)
+    folder, tar_name, train_files, test_files = CIFAR_LAYOUT[name]
+    target = (train_files if split == "train" else test_files)[0]
+    (build / folder / target).write_bytes(evil_pickle(tmp_path / "marker"))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    if archive:
+        with tarfile.open(data_dir / tar_name, "w:gz") as tar:
+            tar.add(build / folder, arcname=folder)
+    else:
+        os.rename(build / folder, data_dir / folder)
+    return data_dir
+
+
+@pytest.mark.parametrize("name, title", [("cifar10", "CIFAR-10"), ("cifar100", "CIFAR-100")])
+def test_tampered_archive_is_refused_before_extraction(tmp_path, name, title):
+    data_dir = tampered(tmp_path, name, archive=True)
+    tar_name = CIFAR_LAYOUT[name][1]
+    md5 = data.file_md5(str(data_dir / tar_name))
+    with pytest.raises(DataError) as info:
+        cifar(name, data_dir, allow_unofficial_data=False)
+    official = {"cifar10": "c58f30108f718f92721af3b95e74349a", "cifar100": "eb9058c3a382ffc7106e4002c42a8d85"}[name]
+    assert str(info.value) == (f"{data_dir / tar_name} is not the official {title} archive (md5 {md5}, expected "
+                               f"{official}); set train.allow_unofficial_data: true to load it anyway")
+    assert not (tmp_path / "marker").exists()
+    assert os.listdir(data_dir) == [tar_name]  # not even extracted
+
+
+def test_tampered_file_in_an_extracted_folder_is_refused_before_unpickling(tmp_path):
+    data_dir = tampered(tmp_path, "cifar10", archive=False)
+    path = data_dir / "cifar-10-batches-py" / "data_batch_1"
+    with pytest.raises(DataError) as info:
+        cifar("cifar10", data_dir, allow_unofficial_data=False)
+    assert str(info.value) == (f"{path} is not the official CIFAR-10 file data_batch_1 (md5 {data.file_md5(str(path))}"
+                               ", expected c99cafc152244af753f735de768cd75f); set train.allow_unofficial_data: true "
+                               "to load it anyway")
+    assert not (tmp_path / "marker").exists()
+
+
+def test_the_opt_in_does_unpickle_the_tampered_file(tmp_path):
+    """The marker does detect unpickling: with the opt-in, the tampered file runs its code."""
+    data_dir = tampered(tmp_path, "cifar10", archive=True)
+    with pytest.raises(DataError, match="^cifar10: cannot read"):  # then it is no CIFAR batch
+        cifar("cifar10", data_dir)
+    assert (tmp_path / "marker").exists()
+
+
+def test_files_with_the_official_md5_load_without_the_opt_in(tmp_path, monkeypatch):
+    """With the published md5 replaced by the test archive's, it loads without the opt-in, every file checked."""
+    data_dir = tmp_path / "data"
+    (x_train, y_train), (x_test, _) = write_cifar(data_dir, "cifar10", archive=True)
+    with tarfile.open(data_dir / "cifar-10-python.tar.gz") as tar:
+        tar.extractall(tmp_path / "ref", filter="data")
+    files = {p.name: data.file_md5(str(p)) for p in (tmp_path / "ref" / "cifar-10-batches-py").iterdir()}
+    archive_md5 = data.file_md5(str(data_dir / "cifar-10-python.tar.gz"))
+    monkeypatch.setitem(data.OFFICIAL_MD5, "cifar10", (archive_md5, files))
+    checked = []
+    real_md5 = data.file_md5
+    monkeypatch.setattr(data, "file_md5", lambda path: checked.append(os.path.basename(path)) or real_md5(path))
+    train, test = cifar("cifar10", data_dir, allow_unofficial_data=False)
+    assert torch.equal(train.images, x_train) and torch.equal(train.labels, y_train)
+    assert torch.equal(test.images, x_test)
+    assert checked == ["cifar-10-python.tar.gz", *[f"data_batch_{i}" for i in range(1, 6)], "batches.meta",
+                       "test_batch", "batches.meta"]
 
 
 def test_incomplete_folder_is_a_data_error(tmp_path):
@@ -343,3 +417,51 @@ def test_a_folder_another_worker_put_in_place_wins(tmp_path):
     assert (tmp_path / "cifar-10-batches-py/data_batch_1").read_text() == "cifar-10-batches-py"
     with pytest.raises(OSError):
         data._move_into_place(str(tmp_path / "absent"), str(tmp_path / "elsewhere"))
+
+
+# --- validation split ------------------------------------------------------------------------------
+
+def test_validation_is_stratified_fixed_and_clean():
+    full_x, full_y = data.load_train_arrays(RunConfig(dataset="digits"))
+    held, rest = data.validation_indices(full_y, 0.1)
+    counts = full_y.bincount(minlength=10)
+    assert full_y[held].bincount(minlength=10).tolist() == [int(c * 0.1 + 0.5) for c in counts.tolist()]
+    assert len(held) == 130 and len(rest) == 1297 - 130
+    assert torch.equal(torch.cat([held, rest]).sort().values, torch.arange(1297))
+    for seed in (0, 5):  # the same held-out images for every run seed, subset and noise
+        train, val = digits(validation=0.1, seed=seed, train_subset=300, label_noise=0.5)
+        assert torch.equal(val.images, full_x[held]) and torch.equal(val.labels, full_y[held])
+        keep = torch.randperm(len(rest), generator=seeded_generator(seed, "train_subset"))[:300]
+        assert torch.equal(train.images, full_x[rest][keep])
+        expected, _ = noisy_labels(full_y[rest][keep], 0.5, 10, seeded_generator(seed, "label_noise"))
+        assert torch.equal(train.labels, expected)
+    other, _ = data.validation_indices(full_y, 0.2)
+    assert len(other) == 259
+
+
+def test_validation_never_loads_the_test_split(monkeypatch):
+    def refuse(config):
+        raise AssertionError("the test split was loaded")
+
+    monkeypatch.setattr(data, "load_test_arrays", refuse)
+    train, val = digits(validation=0.25)
+    assert len(train) + len(val) == 1297
+    with pytest.raises(AssertionError, match="the test split was loaded"):
+        digits()
+
+
+def test_validation_on_cifar_never_reads_the_test_file(tmp_path):
+    data_dir = tampered(tmp_path, "cifar10", archive=True, split="test")
+    train, val = cifar("cifar10", data_dir, validation=0.2)
+    assert len(train) + len(val) == 20 and len(val) >= 2
+    assert not (tmp_path / "marker").exists()
+    (data_dir / "cifar-10-batches-py" / "test_batch").unlink()  # not even needed
+    assert torch.equal(cifar("cifar10", data_dir, validation=0.2)[1].images, val.images)
+
+
+def test_validation_leaving_nothing_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"^validation: 0.001 of 1297 training images leaves 0 for validation"):
+        digits(validation=0.001)
+    with pytest.raises(ConfigError, match=r"^train_subset: 1200 exceeds the 1167 training images left after the "
+                                          r"validation hold-out of digits"):
+        digits(validation=0.1, train_subset=1200)

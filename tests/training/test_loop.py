@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from training import Callback, RunConfig, train
-from training.callbacks import METRICS
+from training.callbacks import METRICS, history_metrics, metric_names
 from training.checkpoint import load_checkpoint
 from training.loop import Diverged
 
@@ -128,3 +128,74 @@ def test_divergence_in_evaluation_names_the_metric(monkeypatch, tmp_path):
         train(small(epochs_scale=0.01, grad_sparsity=0.0), [Seen()], checkpoint_path=ckpt)
     assert (info.value.epoch, info.value.metric) == (1, "test_loss")
     assert seen == [] and not ckpt.exists()  # a diverged epoch is neither checkpointed nor reported
+
+
+def test_validation_run_reports_val_metrics_and_never_loads_the_test_split(monkeypatch):
+    import training.data as data
+
+    def refuse(config):
+        raise AssertionError("the test split was loaded")
+
+    monkeypatch.setattr(data, "load_test_arrays", refuse)
+    config = small(epochs_scale=0.01, grad_sparsity=0.0, validation=0.2)
+    names = metric_names(config)
+    assert names == ("train_loss", "train_error", "val_loss", "val_error", *METRICS[4:])
+    assert metric_names(small()) == METRICS
+    seen = []
+
+    class Seen(Callback):
+        def on_epoch_end(self, epoch, metrics):
+            seen.append(tuple(metrics))
+
+    result = train(config, [Seen()])
+    assert seen == [names] * 15
+    assert all(tuple(history_metrics(h)) == names for h in result.history)
+    assert all(0 <= h["val_error"] <= 1 for h in result.history)
+
+
+def test_history_metrics_returns_every_metric():
+    entry = {"epoch": 3.0, "train_loss": 1, "val_loss": 2.5, "val_error": 0.25, "custom": 7}
+    assert history_metrics(entry) == {"train_loss": 1.0, "val_loss": 2.5, "val_error": 0.25, "custom": 7.0}
+
+
+def short(**kw):
+    """Two epochs of one learning-rate step on 150 digits."""
+    return small(lr=[0.1], epochs_per_step=[2], weight_decay=1e-4, grad_sparsity=0.0, **kw)
+
+
+def test_precision_bf16_autocasts_and_tf32_is_fp32_on_the_cpu(monkeypatch):
+    import training.loop as loop
+
+    torch.set_num_threads(1)
+    dtypes = []
+    build = loop.build_model
+
+    def recording(arch, classes):
+        model = build(arch, classes)
+        model.fc.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", recording)
+    fp32 = train(short())
+    assert set(dtypes) == {torch.float32}
+    dtypes.clear()
+    bf16 = train(short(precision="bf16"))
+    assert set(dtypes) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())
+    a, b = fp32.history[0], bf16.history[0]
+    assert a["train_loss"] != b["train_loss"]  # another arithmetic ...
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)  # ... for the same training
+    assert result_metrics(train(short(precision="tf32")).history) == result_metrics(fp32.history)
+
+
+@pytest.mark.parametrize("precision, mode", [("fp32", "ieee"), ("tf32", "tf32"), ("bf16", "tf32")])
+def test_precision_mode_sets_cuda_flags_for_the_run_only(precision, mode):
+    from training.loop import precision_mode
+
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    with precision_mode(precision, torch.device("cpu")):
+        assert (matmul.fp32_precision, conv.fp32_precision) == before
+    with precision_mode(precision, torch.device("cuda")):  # only sets flags: no GPU needed
+        assert (matmul.fp32_precision, conv.fp32_precision) == (mode, mode)
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
