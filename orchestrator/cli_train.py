@@ -10,7 +10,7 @@ import click
 
 from orchestrator.cli_common import tracking_uri_option
 from orchestrator.errors import UserError
-from orchestrator.tracking import StoreUnreachable
+from orchestrator.tracking import StoreUnreachable, connect
 from training.callbacks import Callback
 
 TABLE1 = "sweeps/table1.yaml"
@@ -48,13 +48,15 @@ epochs_scale_option = click.option("--epochs-scale", type=float, default=None, m
 @click.option("--train-subset", type=int, default=None, metavar="N", help="Train on N images of the split.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Where CIFAR archives live [default: the sweep's train.data_dir, else ~/.cache/adareg/data].")
+@click.option("--allow-unofficial-data", is_flag=True,
+              help="Load CIFAR archives whose md5 is not the official one (they are unpickled: trust them first).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present).")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
               help="Where run folders (checkpoints) live [default: $ADAREG_RUNS_DIR or ./adareg_runs].")
 @tracking_uri_option
-def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_subset, data_dir, device, threads,
-                  runs_dir, tracking_uri):
+def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_subset, data_dir, allow_unofficial_data,
+                  device, threads, runs_dir, tracking_uri):
     """Train one run, logged to MLflow. Re-running the same command resumes it, or says it is finished."""
     from orchestrator.identity import run_key
     from orchestrator.sweepfile import load_sweep
@@ -64,6 +66,9 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
     config = sweep.run_config(scheme, arch, dataset, seed)
     if data_dir:
         config = config.replace(data_dir=data_dir)  # a path: not part of the run's identity
+    if allow_unofficial_data:
+        config = config.replace(allow_unofficial_data=True)  # not part of the run's identity either
+    connect(tracking_uri)  # an unreachable store fails now, in one line, before anything loads
     key = run_key(config)
     run_dir = Path(runs_dir) if runs_dir else default_runs_dir()
     spec = WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run_dir / key),

@@ -324,25 +324,27 @@ class Scheduler:
         """Progress, notes and stalls of the running workers (from their progress.json)."""
         for task, _, job in self.active.values():
             progress = task.folder.read_progress()
-            if progress is None or float(progress.get("time") or 0) < task.dispatched_at - 1.0:
-                continue  # none yet, or the previous attempt's
-            notes, count = progress.get("notes") or [], int(progress.get("note_count") or 0)
-            fresh = notes[len(notes) - min(len(notes), count - task.notes_seen):] if count > task.notes_seen else []
-            for note in fresh:
-                self.view.note(f"{task.key}: {note}")
-                if "tracking store unreachable" in note:
-                    self._store_down("a worker cannot log")
-            task.notes_seen = count
-            epoch = int(progress.get("epoch") or 0)
-            if epoch != task.progress_epoch:
-                task.progress_epoch, task.progress_at = epoch, now
-                task.slowest_epoch = max(task.slowest_epoch, float(progress.get("epoch_seconds") or 0.0))
+            if progress is not None and float(progress.get("time") or 0) >= task.dispatched_at - 1.0:
+                self._read_progress(task, progress, now)  # else none yet, or the previous attempt's
             limit = self.stall_timeout_s or max(MIN_STALL_S, STALL_EPOCHS * task.slowest_epoch)
             if not task.stalled and now - task.progress_at > limit:
                 task.stalled = f"stalled: no new epoch for {now - task.progress_at:.0f}s (stall timeout {limit:.0f}s)"
                 task.folder.log_line(f"{task.stalled}; killed by the orchestrator (SIGKILL) and retried")
                 self.view.note(f"{task.key}: {task.stalled}; killing it")
                 job.kill()
+
+    def _read_progress(self, task: Task, progress: dict, now: float) -> None:
+        notes, count = progress.get("notes") or [], int(progress.get("note_count") or 0)
+        fresh = notes[len(notes) - min(len(notes), count - task.notes_seen):] if count > task.notes_seen else []
+        for note in fresh:
+            self.view.note(f"{task.key}: {note}")
+            if "tracking store unreachable" in note:
+                self._store_down("a worker cannot log")
+        task.notes_seen = count
+        epoch = int(progress.get("epoch") or 0)
+        if epoch != task.progress_epoch:
+            task.progress_epoch, task.progress_at = epoch, now
+            task.slowest_epoch = max(task.slowest_epoch, float(progress.get("epoch_seconds") or 0.0))
 
     def _collect(self) -> None:
         for name, (task, slot, job) in list(self.active.items()):

@@ -152,7 +152,9 @@ class Store:
             self._client = self.call(lambda: connect(self.uri, transient_errors=True))
         return self._client
 
-    def call(self, fn: Callable[[], T], what: str = "") -> T:
+    def call(self, fn: Callable[[], T], what: str = "", budget_s: float | None = None) -> T:
+        """``fn()``, retrying transient errors for up to ``budget_s`` (default: the store's budget)."""
+        budget = self.budget_s if budget_s is None else min(budget_s, self.budget_s)
         first, delay = None, 1.0
         while True:
             try:
@@ -162,13 +164,13 @@ class Store:
                     raise
                 now = time.monotonic()
                 first = first if first is not None else now
-                if now - first >= self.budget_s:
+                if now - first >= budget:
                     raise StoreDown(f"tracking store {self.uri} unreachable for {now - first:.0f}s: "
                                     f"{_one_line(e)}") from None
                 if self.on_wait:
                     self.on_wait(f"tracking store unreachable ({_one_line(e)}); retrying in {delay:.0f}s"
                                  + (f" [{what}]" if what else ""))
-                time.sleep(min(delay, max(0.0, self.budget_s - (now - first))))
+                time.sleep(min(delay, max(0.0, budget - (now - first))))
                 delay = min(delay * 2, self.max_delay_s)
 
 
@@ -400,6 +402,7 @@ class RunLogger(Callback):
         self.owner, self.lease_s = owner, lease_s
         self.note = note or (lambda message: None)
         self.run_id: str | None = None
+        self.candidate = None  # the key's run as the worker found it, before claiming (see ``finish``)
         self.superseded: str | None = None  # why an earlier run of the key was superseded
         self.have: dict[str, set[int]] = {}
         self.pending: list[tuple[int, dict[str, float]]] = []
@@ -523,6 +526,15 @@ class RunLogger(Callback):
                 claims.beat(self.store.client, self.run_id)
 
     # -- the end
+    def _end_orphan(self, run_id: str) -> None:
+        """Stopped before claiming the key's run: a run left RUNNING by a dead worker is marked KILLED
+        (resumable) unless a live process holds it now."""
+        client = self.store.client
+        run = client.get_run(run_id)
+        h = claims.holder(run.data.tags, lease_s=self.lease_s, my_run_dir=self.owner.run_dir)
+        if run.info.status == "RUNNING" and (h is None or not h.live or h.owner.id == self.owner.id):
+            client.set_terminated(run_id, status="KILLED")
+
     def abandon(self) -> None:
         """Stop heartbeating without touching the run: it is not, or no longer, this process's."""
         self._stop_beat.set()
@@ -533,6 +545,9 @@ class RunLogger(Callback):
         with ``status`` and give up the claim. No-op if the run was never created."""
         self._stop_beat.set()
         if self.run_id is None:
+            if self.candidate is not None and status != "FINISHED":
+                with contextlib.suppress(Exception):
+                    self._end_orphan(self.candidate.info.run_id)
             return
         if blocking:
             self._flush(blocking=True)

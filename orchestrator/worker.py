@@ -36,6 +36,7 @@ from training.config import ConfigError, DataError, RunConfig
 EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_DIVERGED, EXIT_BUSY, EXIT_STORE = 0, 1, 2, 3, 4, 75
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 PARENT_PID_ENV = "ADAREG_PARENT_PID"
+START_BUDGET_S = 60.0  # store outage tolerated before training starts (then the whole --store-timeout)
 
 
 def default_runs_dir() -> Path:
@@ -176,9 +177,10 @@ def _execute(spec: WorkerSpec, config: RunConfig, folder: RunFolder, callbacks: 
     progress = ProgressFile(folder)
     store = tracking.Store(spec.tracking_uri, budget_s=spec.store_timeout, on_wait=progress.note)
     key = run_key(config)
-    try:
-        experiment_id = store.call(lambda: tracking.ensure_experiment(store.client, spec.experiment))
-        existing = store.call(lambda: tracking.find_run(store.client, experiment_id, key))
+    try:  # a store down before anything started: say so soon; the orchestrator waits for it to answer
+        experiment_id = store.call(lambda: tracking.ensure_experiment(store.client, spec.experiment),
+                                   budget_s=START_BUDGET_S)
+        existing = store.call(lambda: tracking.find_run(store.client, experiment_id, key), budget_s=START_BUDGET_S)
     except tracking.StoreDown as e:
         return Outcome("store_down", message=str(e), exit_code=EXIT_STORE)
     if existing is not None and existing.info.status == "FINISHED":
@@ -193,6 +195,7 @@ def _execute(spec: WorkerSpec, config: RunConfig, folder: RunFolder, callbacks: 
     owner = claims.Owner.me(str(folder.path))
     logger = tracking.RunLogger(store, experiment_id, spec.sweep, spec.tags, owner=owner, lease_s=spec.claim_lease,
                                 note=progress.note)
+    logger.candidate = existing
     from training.loop import Diverged, train  # torch loads here, not when the CLI starts
 
     class RunId(Callback):  # progress.json names the MLflow run once the logger has it

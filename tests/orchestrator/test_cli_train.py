@@ -246,8 +246,13 @@ def test_trains_on_cifar_archives_from_data_dir(isolated, capsys):
     from cifar_archives import write_cifar
 
     write_cifar(isolated / "data", "cifar10", per_file=10, archive=True)
-    proc = cli(capsys, "train", "--arch", "resnet8", "--dataset", "cifar10", "--scheme", "wd-1e-4",
-               "--sweep", TABLE1, "--epochs-scale", "0.01", "--data-dir", str(isolated / "data"), "--device", "cpu")
+    args = ("train", "--arch", "resnet8", "--dataset", "cifar10", "--scheme", "wd-1e-4", "--sweep", TABLE1,
+            "--epochs-scale", "0.01", "--data-dir", str(isolated / "data"), "--device", "cpu")
+    proc = cli(capsys, *args)  # a home-made archive is refused before anything is unpickled ...
+    assert_one_error_line(proc, "cifar-10-python.tar.gz", "not the official CIFAR-10 archive",
+                          "allow_unofficial_data")
+    assert runs(isolated / "mlflow.db") == []
+    proc = cli(capsys, *args, "--allow-unofficial-data")  # ... unless the user vouches for it
     assert proc.returncode == 0, proc.stderr
     run_id = finished_run(isolated / "mlflow.db")
     assert_each_metric_once_per_epoch(isolated / "mlflow.db", run_id, 15)

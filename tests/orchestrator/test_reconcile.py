@@ -7,20 +7,20 @@ from types import SimpleNamespace
 
 import pytest
 
+from orchestrator import claims
 from orchestrator.identity import run_key
-from orchestrator.reconcile import (
-    RunDir,
-    absolute_tracking_uri,
-    classify,
-    counts,
-    lock_holder,
-    reconcile,
-)
+from orchestrator.reconcile import RunDir, classify, counts, reconcile
+from orchestrator.runfolder import Result, RunFolder
+from orchestrator.tracking import absolute_tracking_uri, sqlite_path
 from training.config import RunConfig
 
+ELSEWHERE = claims.Owner("abc", "gpu-box-7", 4242, "/scratch/runs/k", 1_700_000_000.0)
 
-def mlflow_run(status, run_id="r1", failure="", reason="", attempts=1, metrics=()):
+
+def mlflow_run(status, run_id="r1", failure="", reason="", attempts=1, metrics=(), owner=None, beat=None):
     tags = {"adareg.failure": failure, "adareg.failure_reason": reason, "adareg.attempts": str(attempts)}
+    if owner is not None:
+        tags.update({claims.TAG_OWNER: owner.tag(), claims.TAG_HEARTBEAT: str(beat)})
     objs = [SimpleNamespace(key=k, value=v, step=step) for k, v, step in metrics]
     return SimpleNamespace(info=SimpleNamespace(status=status, run_id=run_id),
                            data=SimpleNamespace(tags=tags, _metric_objs=objs))
@@ -29,8 +29,8 @@ def mlflow_run(status, run_id="r1", failure="", reason="", attempts=1, metrics=(
 @pytest.mark.parametrize("run, run_dir, expected", [
     (mlflow_run("FINISHED"), RunDir(), ("done", "")),
     (mlflow_run("FINISHED"), RunDir(locked_by=77), ("done", "")),
-    (mlflow_run("RUNNING"), RunDir(locked_by=77), ("running", "held by a live worker (pid 77)")),
-    (None, RunDir(locked_by=0), ("running", "held by a live worker")),  # starting: no MLflow run yet
+    (mlflow_run("RUNNING"), RunDir(locked_by=77), ("running", "held by a live worker here (pid 77)")),
+    (None, RunDir(locked_by=0), ("running", "held by a live worker here")),  # starting: no MLflow run yet
     (mlflow_run("RUNNING"), RunDir(checkpoint=True), ("resumable", "running")),  # its worker died
     (mlflow_run("KILLED", failure="killed"), RunDir(), ("resumable", "killed")),
     (mlflow_run("FAILED", failure="diverged", reason="diverged at epoch 2: train loss is nan"), RunDir(),
@@ -41,9 +41,25 @@ def mlflow_run(status, run_id="r1", failure="", reason="", attempts=1, metrics=(
      ("failed", "OSError: disk full (after 3 attempts)")),
     (None, RunDir(checkpoint=True), ("resumable", "checkpoint without an MLflow run")),
     (None, RunDir(), ("pending", "")),
+    # attempts that failed before the first epoch (no MLflow run yet) count too
+    (None, RunDir(result=Result("error", "OSError: boom", failures=2)), ("pending", "")),
+    (None, RunDir(result=Result("error", "OSError: boom", failures=3)),
+     ("failed", "OSError: boom (after 3 failed attempts)")),
+    (mlflow_run("KILLED", attempts=1), RunDir(result=Result("error", "OSError: boom", failures=3)),
+     ("failed", "OSError: boom (after 3 failed attempts)")),
 ])
 def test_classify(run, run_dir, expected):
     assert classify(run, run_dir, retries=2) == expected
+
+
+def test_a_live_claim_elsewhere_is_running_and_a_stale_one_resumable():
+    now = __import__("time").time()
+    live = mlflow_run("RUNNING", owner=ELSEWHERE, beat=now - 10)
+    state, reason = classify(live, RunDir(checkpoint=True), retries=2)
+    assert state == "running" and reason.startswith("running elsewhere: gpu-box-7 pid 4242 since ")
+    stale = mlflow_run("RUNNING", owner=ELSEWHERE, beat=now - 400)
+    assert classify(stale, RunDir(), retries=2) == ("resumable", "running")
+    assert classify(live, RunDir(), retries=2, lease_s=5) == ("resumable", "running")
 
 
 def test_retries_set_when_errors_are_final():
@@ -53,17 +69,18 @@ def test_retries_set_when_errors_are_final():
 
 
 def test_lock_holder_sees_a_live_flock_and_its_pid(tmp_path):
-    assert lock_holder(tmp_path) is None  # no lock file
+    folder = RunFolder(tmp_path)
+    assert folder.lock_holder() is None  # no lock file
     (tmp_path / "lock").write_text("123")
-    assert lock_holder(tmp_path) is None  # a file nobody holds (its holder died)
+    assert folder.lock_holder() is None  # a file nobody holds (its holder died)
     fd = os.open(tmp_path / "lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
-        assert lock_holder(tmp_path) == 123
-        assert lock_holder(tmp_path) == 123  # probing leaves the holder's lock alone
+        assert folder.lock_holder() == 123
+        assert folder.lock_holder() == 123  # probing leaves the holder's lock alone
     finally:
         os.close(fd)
-    assert lock_holder(tmp_path) is None
+    assert folder.lock_holder() is None
 
 
 def test_run_dir_inspect(tmp_path):
@@ -71,6 +88,8 @@ def test_run_dir_inspect(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
     (tmp_path / "progress.json").write_text(json.dumps({"epoch": 4, "total": 15}))
     assert RunDir.inspect(tmp_path) == RunDir(checkpoint=True, locked_by=None, progress={"epoch": 4, "total": 15})
+    RunFolder(tmp_path).write_result(Result("error", "boom", failures=1))
+    assert RunDir.inspect(tmp_path).result.failures == 1
 
 
 def test_reconcile_merges_mlflow_and_progress():
@@ -105,4 +124,19 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path, monkeypatch):
     assert absolute_tracking_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
     assert absolute_tracking_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
     assert absolute_tracking_uri("http://host:5000") == "http://host:5000"
+    assert absolute_tracking_uri("sqlite:///mlflow.db?timeout=60") == f"sqlite:///{tmp_path}/mlflow.db?timeout=60"
+
+
+@pytest.mark.parametrize("uri, path", [
+    ("sqlite:///mlflow.db", "mlflow.db"),
+    ("sqlite:///mlflow.db?timeout=60", "mlflow.db"),
+    ("sqlite:////abs/dir/m.db?timeout=5&uri=false", "/abs/dir/m.db"),
+    ("sqlite:////abs/a%20b/m.db", "/abs/a b/m.db"),
+    ("sqlite://", None),
+    ("postgresql://u@127.0.0.1/db", None),
+    ("http://127.0.0.1:5000", None),
+])
+def test_sqlite_uris_parse_as_sqlalchemy_does(uri, path):
+    got = sqlite_path(uri)
+    assert (str(got) if got is not None else None) == path
 

@@ -1,4 +1,4 @@
-"""The scheduler on a fake backend (no processes): slots, retries, exit codes, locks, signals."""
+"""The scheduler on a fake backend (no processes): slots, retries, outcomes, locks, stalls, outages, signals."""
 
 import fcntl
 import os
@@ -13,6 +13,7 @@ from orchestrator.backends import Slot, check_shared, is_local_address, slot_env
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
 from orchestrator.reconcile import RunState
+from orchestrator.runfolder import Result, RunFolder
 from orchestrator.scheduler import Scheduler, Task, device_slots, log_tail, parse_gpus, ray_slots, to_run
 from training.config import RunConfig
 
@@ -116,12 +117,21 @@ def test_to_run_resumes_first_and_retries_errors_only_when_asked():
 
 
 class FakeJob:
-    def __init__(self, code: int, seconds: float):
-        self.code, self.end = code, time.monotonic() + seconds
+    """Ends after ``seconds`` with ``status`` in its run folder's result.json ("crashed": none written)."""
+
+    def __init__(self, folder: RunFolder, status: str, seconds: float):
+        self.folder, self.status, self.end = folder, status, time.monotonic() + seconds
         self.signals: list[str] = []
+        self.code = 0
+        self.written = False
 
     def done(self):
-        return time.monotonic() >= self.end
+        finished = time.monotonic() >= self.end
+        if finished and not self.written:
+            self.written = True
+            if self.status != "crashed":
+                self.folder.write_result(Result(self.status, f"{self.status} (fake)"))
+        return finished
 
     def result(self, timeout=None):
         return self.code
@@ -131,17 +141,17 @@ class FakeJob:
 
     def terminate(self):
         self.signals.append("TERM")
-        self.code, self.end = 143, min(self.end, time.monotonic() + 0.05)
+        self.status, self.end = "killed", min(self.end, time.monotonic() + 0.05)
 
     def kill(self):
         self.signals.append("KILL")
-        self.code, self.end = -9, time.monotonic()
+        self.status, self.code, self.end = "crashed", -9, time.monotonic()
 
 
 class FakeBackend:
-    """Exit codes scripted per run key; records every start and the peak concurrency."""
+    """Outcomes scripted per run key; records every start and the peak concurrency."""
 
-    def __init__(self, script: dict[str, list[int]], seconds: float = 0.05):
+    def __init__(self, script: dict[str, list[str]], seconds: float = 0.05):
         self.script, self.seconds = script, seconds
         self.starts: list[tuple[str, str, float]] = []
         self.jobs: list[FakeJob] = []
@@ -150,7 +160,7 @@ class FakeBackend:
     def submit(self, spec_path, log_path, slot):
         key = Path(spec_path).parent.name
         self.starts.append((key, slot.name, time.monotonic()))
-        job = FakeJob(self.script[key].pop(0), self.seconds)
+        job = FakeJob(RunFolder(Path(spec_path).parent), self.script[key].pop(0), self.seconds)
         self.jobs.append(job)
         self.peak = max(self.peak, sum(not j.done() for j in self.jobs))
         return job
@@ -184,29 +194,95 @@ def make_tasks(tmp_path, keys):
     return tasks
 
 
-def scheduler(backend, n_slots=2, retries=2, view=None, grace_s=0.1):
+def scheduler(backend, n_slots=2, retries=2, view=None, grace_s=0.1, **kwargs):
     slots = [Slot(f"cpu{i}") for i in range(n_slots)]
     return Scheduler(backend, slots, lambda task, slot: task.run_dir / "spec.json", retries=retries, view=view,
-                     poll_s=0.01, grace_s=grace_s, lock_wait_s=0.05, retry_delay_s=0.05)
+                     poll_s=0.01, grace_s=grace_s, lock_wait_s=0.05, retry_delay_s=0.05, busy_wait_s=0.05, **kwargs)
 
 
-def test_exit_codes_decide_retry_fail_or_wait(tmp_path):
-    script = {"ok": [0], "flaky": [1, 0], "broken": [1, 1, 1], "diverges": [3], "bad": [2], "locked": [4, 4, 0]}
+def test_result_files_decide_retry_fail_or_wait(tmp_path):
+    script = {"ok": ["finished"], "flaky": ["error", "finished"], "broken": ["error", "crashed", "error"],
+              "diverges": ["diverged"], "bad": ["bad_input"], "elsewhere": ["busy", "busy", "already_finished"],
+              "outage": ["store_down", "finished"], "pruned": ["stopped"]}
     backend = FakeBackend(script)
     tasks = make_tasks(tmp_path, script)
-    assert scheduler(backend, retries=2).run(tasks) is None
+    assert scheduler(backend, retries=2, store_probe=lambda: True).run(tasks) is None
     result = {t.key: (t.result, t.starts, t.failures) for t in tasks}
     assert result == {
         "ok": ("finished", 1, 0), "flaky": ("finished", 2, 1),
-        "broken": ("failed", 3, 3),  # 1 + 2 retries
+        "broken": ("failed", 3, 3),  # 1 + 2 retries; a crash (no result.json) counts like an error
         "diverges": ("diverged", 1, 0), "bad": ("failed", 1, 0),  # never retried
-        "locked": ("finished", 3, 0)}  # "locked" waits and does not count as a failure
+        "elsewhere": ("finished", 3, 0),  # held elsewhere: looked at again, never counted
+        "outage": ("finished", 2, 0),  # store down: resumed when it answers, never counted
+        "pruned": ("stopped", 1, 0)}
     assert all(not codes for codes in script.values())
+    broken = next(t for t in tasks if t.key == "broken")
+    assert broken.message == "error (fake)"
+
+
+def test_a_result_from_an_earlier_attempt_is_not_this_attempts(tmp_path):
+    (task,) = make_tasks(tmp_path, ["old"])
+    RunFolder(task.run_dir).write_result(Result("finished"))  # left by an attempt before this sweep
+    time.sleep(1.1)
+    backend = FakeBackend({"old": ["crashed", "finished"]})
+    scheduler(backend, retries=1).run([task])
+    assert (task.result, task.starts, task.failures) == ("finished", 2, 1)
+
+
+def test_no_dispatch_while_the_store_is_down(tmp_path):
+    answers = iter([False, False, True])
+    notes = Notes()
+    backend = FakeBackend({"a": ["store_down", "finished"], "b": ["finished"]}, seconds=0.05)
+    sched = scheduler(backend, n_slots=1, view=notes, store_probe=lambda: next(answers))
+    sched.store.every_s = 0.1
+    tasks = make_tasks(tmp_path, ["a", "b"])
+    sched.run(tasks)
+    starts = [(k, t) for k, _, t in backend.starts]
+    assert [k for k, _ in starts] == ["a", "a", "b"]  # nothing started until the probe answered
+    assert starts[1][1] - starts[0][1] >= 0.2  # two failed probes, 0.1 s apart
+    assert any(n.startswith("tracking store unreachable since") for n in notes.lines)
+    assert any(n.startswith("tracking store answers again") for n in notes.lines)
+    assert [t.result for t in tasks] == ["finished", "finished"]
+
+
+def test_the_sweep_ends_resumable_after_the_store_timeout(tmp_path):
+    backend = FakeBackend({"a": ["store_down"], "b": ["finished"]}, seconds=0.05)
+    sched = scheduler(backend, n_slots=1, store_probe=lambda: False, store_timeout_s=0.3)
+    tasks = make_tasks(tmp_path, ["a", "b"])
+    t0 = time.monotonic()
+    sched.run(tasks)
+    assert sched.store_gave_up and time.monotonic() - t0 < 5
+    assert [(t.result, t.starts) for t in tasks] == [("interrupted", 1), ("interrupted", 0)]
+
+
+def test_a_stalled_worker_is_killed_and_retried(tmp_path):
+    notes = Notes()
+    backend = FakeBackend({"stuck": ["finished", "finished"]}, seconds=30)
+    (task,) = make_tasks(tmp_path, ["stuck"])
+    sched = scheduler(backend, view=notes, stall_timeout_s=0.3)
+    backend.seconds = 30
+    real_submit = backend.submit
+
+    def submit(spec_path, log_path, slot):  # the retry finishes at once
+        job = real_submit(spec_path, log_path, slot)
+        if len(backend.jobs) == 2:
+            job.end = time.monotonic()
+        return job
+
+    backend.submit = submit
+    t0 = time.monotonic()
+    sched.run([task])
+    assert time.monotonic() - t0 < 10
+    assert backend.jobs[0].signals == ["KILL"]
+    assert (task.result, task.starts, task.failures) == ("finished", 2, 1)
+    log = (task.run_dir / "worker.log").read_text()
+    assert "stalled: no new epoch for" in log and "killed by the orchestrator (SIGKILL) and retried" in log
+    assert any("stuck: stalled" in n for n in notes.lines)
 
 
 def test_no_more_runs_at_once_than_slots(tmp_path):
     keys = [f"r{i}" for i in range(7)]
-    backend = FakeBackend({k: [0] for k in keys}, seconds=0.05)
+    backend = FakeBackend({k: ["finished"] for k in keys}, seconds=0.05)
     scheduler(backend, n_slots=3).run(make_tasks(tmp_path, keys))
     assert backend.peak == 3 and len(backend.starts) == 7
     assert {slot for _, slot, _ in backend.starts} == {"cpu0", "cpu1", "cpu2"}
@@ -226,7 +302,7 @@ def test_a_run_locked_by_a_live_process_waits_for_its_lock(tmp_path):
     timer = threading.Timer(0.4, release)
     timer.start()
     notes = Notes()
-    backend = FakeBackend({"held": [0], "free": [0]})
+    backend = FakeBackend({"held": ["finished"], "free": ["finished"]})
     scheduler(backend, view=notes).run(tasks)
     timer.join()
     started = {key: t for key, _, t in backend.starts}
@@ -248,7 +324,7 @@ def _signal_later(*delays_and_signals):
 
 def test_first_signal_stops_dispatch_and_terminates_workers(tmp_path):
     keys = ["a", "b", "c", "d"]
-    backend = FakeBackend({k: [0] for k in keys}, seconds=30)
+    backend = FakeBackend({k: ["finished"] for k in keys}, seconds=30)
     tasks = make_tasks(tmp_path, keys)
     sender = _signal_later((0.2, signal.SIGTERM))
     t0 = time.monotonic()
@@ -261,7 +337,7 @@ def test_first_signal_stops_dispatch_and_terminates_workers(tmp_path):
 
 
 def test_second_signal_kills_workers_at_once(tmp_path):
-    backend = FakeBackend({"a": [0], "b": [0]}, seconds=30)
+    backend = FakeBackend({"a": ["finished"], "b": ["finished"]}, seconds=30)
     tasks = make_tasks(tmp_path, ["a", "b"])
     sched = scheduler(backend, grace_s=60)  # the first signal alone would wait a minute before SIGTERM
     sender = _signal_later((0.2, signal.SIGINT), (0.2, signal.SIGINT))

@@ -147,9 +147,9 @@ def test_run_then_rerun_finished_and_diverged(tmp_path, store, capsys):
     where = ["--tracking-uri", store, "--runs-dir", str(tmp_path / "runs")]
     code, out, _ = cli(capsys, "sweep", "plan", str(sweep), "--format", "json", *where)
     rows = {(r["scheme"], r["state"], r["epoch"]) for r in json.loads(out)}
-    assert rows == {("ok", "done", 4), ("boom", "failed", 2)}
+    assert rows == {("ok", "done", 4), ("boom", "failed", 0)}  # epoch 1 evaluates to nan: diverged at once
     code, picture, _ = cli(capsys, "sweep", "status", str(sweep), *where)
-    assert "1/2 done · 0 running · 1 failed" in picture and "diverged at epoch 3" in picture
+    assert "1/2 done · 0 running · 1 failed" in picture and "diverged at epoch 1: test loss is nan" in picture
 
     t0 = time.monotonic()
     code, out, _ = cli(capsys, *sweep_cmd(tmp_path, sweep)[1:])
@@ -241,7 +241,7 @@ def test_eight_processes_log_to_one_sqlite_store_at_once(tmp_path, store):
     tracking.ensure_experiment(tracking.connect(uri), "concurrent")
     writers = textwrap.dedent(f"""
         import os, sys, time, traceback
-        from orchestrator import tracking
+        from orchestrator import claims, tracking
         from training.config import RunConfig
         from training.callbacks import METRICS
         from training.schedules import plan_for
@@ -254,8 +254,9 @@ def test_eight_processes_log_to_one_sqlite_store_at_once(tmp_path, store):
                 continue
             code = 0
             try:
-                client = tracking.connect({uri!r})
-                logger = tracking.RunLogger(client, tracking.ensure_experiment(client, "concurrent"), "c")
+                store = tracking.Store({uri!r})
+                experiment_id = tracking.ensure_experiment(store.client, "concurrent")
+                logger = tracking.RunLogger(store, experiment_id, "c", owner=claims.Owner.me(f"/runs/{{i}}"))
                 config = RunConfig(seed=i, epochs_scale=0.02)
                 plan = plan_for(config)
                 while time.time() < start_at:
