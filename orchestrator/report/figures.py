@@ -127,10 +127,9 @@ OTHER_COLOURS = (  # none of them red, magenta, yellow or cyan
     "#4d4d4d",  # dark grey
     "#0b2e6b",  # navy
     "#6b8e23",  # olive green
-    "#b0457a",  # raspberry
+    "#1b9e77",  # teal green
     "#5f8fa8",  # slate blue-grey
     "#2f4f3f",  # dark green-grey
-    "#a6761d",  # ochre brown
 )
 FIXED_COLOURS = {  # Table 1's other schemes: a fixed slot each
     "wd-1e-4": OTHER_COLOURS[5], "wd-2e-3": OTHER_COLOURS[0], "wd-4e-3": OTHER_COLOURS[1],
@@ -142,7 +141,7 @@ def scheme_palette(schemes: Sequence[str]) -> dict[str, str]:
     """A colour (hex) per scheme of the sweep, the same in every figure: PAPER_COLOURS for the
     paper's four named schemes, FIXED_COLOURS for Table 1's others, and for any other scheme the
     slot of OTHER_COLOURS its name hashes to, moved on to the next slot not taken by another scheme
-    of ``schemes`` (every colour reused only once all twelve are taken)."""
+    of ``schemes`` (a colour is reused only once all are taken)."""
     out = {s: PAPER_COLOURS.get(s) or FIXED_COLOURS[s] for s in schemes if s in PAPER_COLOURS or s in FIXED_COLOURS}
     taken = set(out.values())
     for s in sorted(s for s in dict.fromkeys(schemes) if s not in out):
@@ -220,8 +219,8 @@ def short(v: float) -> str:
 
 STYLE = {  # role -> line style and width
     "mean": ("-", 1.8),
-    "best": ((0, (4, 1.6)), 0.9),  # dashed
-    "worst": ((0, (4, 1.4, 1, 1.4)), 0.9),  # dash-dot
+    "best": ("--", 0.9),
+    "worst": ("-.", 0.9),
 }
 
 
