@@ -285,7 +285,7 @@ def draw(spec: FigureSpec, bands: pd.DataFrame, plans: dict[str, Sequence[EpochP
                             run = c[(c["scheme"] == scheme) & (c["seed"] == seed) & (c["metric"] == metric)
                                     & (c["phase"] == phase)].sort_values("epoch")
                             ls, lw = STYLE[role]
-                            ax.plot(run["epoch"], run["value"], color=colour, ls=ls, lw=lw, alpha=0.9,
+                            ax.plot(run["epoch"], run["value"], color=colour, ls=ls, lw=lw, alpha=0.8,
                                     label=f"{scheme}: {role} run (seed {seed})")
                     ls, lw = STYLE["mean"]
                     ax.plot(d["epoch"], d["mean"], color=colour, ls=ls, lw=lw,

@@ -182,7 +182,7 @@ def summary_markdown(summary: pd.DataFrame, col: Collection, paired: bool = True
     lines = [f"# Phase summary: sweep `{col.sweep}`\n",
              "Values at each phase's last epoch over the seeds that reached it (best = lowest, with its seed); "
              "phase min = each seed's minimum within the phase (mean over seeds, and the lowest). "
-             "Errors are fractions.\n", method_line(paired) + "\n"]
+             "Errors are fractions.\n", method_line(paired, max_pairs(summary)) + "\n"]
     spread = ["scheme", "phase", "epoch", "n", "mean", "std", "best (seed)", "worst (seed)", "phase min (mean)",
               "phase min (best)"]
     diffs = ["scheme", "phase", "pairs" if paired else "n", "Δ = scheme − baseline", "95 % CI", "p", "p Holm"]
@@ -222,7 +222,7 @@ def report_markdown(rep: Report, col: Collection) -> str:
            "## Coverage\n"]
     out += ([f"- {w}" for w in rep.warnings] if rep.warnings
             else ["Every run of the selection is in MLflow and finished."])
-    out += ["", "## Comparisons\n", method_line(rep.paired), ""]
+    out += ["", "## Comparisons\n", method_line(rep.paired, max_pairs(rep.summary)), ""]
     compared = {s: b for s, b in rep.plan.items() if b}
     if rep.baselines is None:
         out.append("Baselines (the paper's comparisons): the weight-decay schemes against constant weight decay "
@@ -249,6 +249,12 @@ def report_markdown(rep: Report, col: Collection) -> str:
             "- [runs.csv](runs.csv): every run of the selection, its MLflow run id, status and last epoch", ""]
     out += headline(rep.summary, rep.paired)
     return "\n".join(out) + "\n"
+
+
+def max_pairs(summary: pd.DataFrame) -> int | None:
+    """The most seeds any test of ``summary`` paired (None when none did)."""
+    n = summary["n_pairs"].max() if len(summary) else None
+    return None if n is None or pd.isna(n) else int(n)
 
 
 def picks_table(picks: pd.DataFrame | None, spec: figures.FigureSpec) -> list[str]:

@@ -31,13 +31,14 @@ SIGNFLIP_MAX_PAIRS = 16
 """The exact sign-flip test enumerates 2^n sign patterns: up to 65,536."""
 
 
-def method_line(paired: bool = True) -> str:
-    """The one line a report states its test and correction in."""
+def method_line(paired: bool = True, pairs: int | None = None) -> str:
+    """The one line a report states its test and correction in (``pairs``: the most seeds a test pairs)."""
     if paired:
+        floor = f"{2 / 2 ** pairs:.3g} with {pairs} pairs" if pairs and pairs >= 2 else "0.0625 with 5 pairs"
         return ("Tests: paired t-test by seed on the values at each phase's last epoch (95 % CI of the paired "
-                "difference), with an exact sign-flip permutation p beside it (it cannot fall below 2/2^n: "
-                "0.0625 at 5 seeds); p-values Holm-adjusted within each table (one dataset, arch, metric and "
-                "baseline: every scheme and phase).")
+                f"difference), with an exact sign-flip permutation p beside it (it cannot fall below 2/2^n: {floor}); "
+                "p-values Holm-adjusted within each table (one dataset, arch, metric and baseline: every scheme "
+                "and phase).")
     return ("Tests: Welch's unpaired t-test on the values at each phase's last epoch (95 % Welch CI); "
             "p-values Holm-adjusted within each table (one dataset, arch, metric and baseline: every scheme "
             "and phase).")

@@ -357,7 +357,7 @@ def test_cli_report_writes_figures_tables_and_logs_them_to_mlflow(store, tmp_pat
             "phase_summary.csv", "phase_summary.md", "runs.csv"]:
         assert f"]({link})" in report_md
     assert "1 of 3 seeds not in MLflow (seed 2)" in report_md
-    assert report_md.count(method_line(True)) == 1
+    assert report_md.count(method_line(True, 3)) == 1 and "cannot fall below 2/2^n: 0.25 with 3 pairs" in report_md
     assert "- `tuned` (selected on validation) against `wd-8e-3`" in report_md
     assert "- `22` against `wd-1e-4`" in report_md
     assert "| `tuned` (selected on validation) | 3 | " in report_md  # the end-of-training table
