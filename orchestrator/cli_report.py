@@ -10,7 +10,6 @@ from orchestrator.cli_common import (
     sweep_file_argument,
     tracking_uri_option,
 )
-from orchestrator.report import DEFAULT_BASELINE
 
 
 @click.command("report")
@@ -19,26 +18,34 @@ from orchestrator.report import DEFAULT_BASELINE
 @tracking_uri_option
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Folder for the figures and tables [default: report-<sweep name>].")
-@click.option("--baseline", default=DEFAULT_BASELINE, show_default=True, metavar="SCHEME",
-              help="Scheme every other scheme is compared with (difference, 95% CI, Welch p-value).")
+@click.option("--baseline", "baselines", multiple=True, metavar="SCHEME",
+              help="Compare every scheme with SCHEME (repeatable). Default: the paper's comparisons, the "
+                   "weight-decay schemes against wd-1e-3 and wd-8e-3, the sparsity schemes 21-23 against wd-1e-4.")
+@click.option("--unpaired", is_flag=True,
+              help="Welch's unpaired t-test instead of pairing by seed (for selections whose seeds differ).")
+@click.option("--envelope", is_flag=True, help="Also shade the per-epoch min-max over seeds.")
+@click.option("--rank-by", type=click.Choice(["test_error", "test_loss"]), default="test_error", show_default=True,
+              help="Metric whose value at a phase's last epoch picks the best and worst run drawn.")
 @click.option("--train-loss", is_flag=True, help="Add a train-loss row to every figure.")
 @click.option("--log-to-mlflow", is_flag=True,
               help="Also store the report's files as artifacts of a new run named 'report' in the sweep's experiment.")
-def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out, baseline, train_loss,
-           log_to_mlflow) -> None:
-    """Draw the paper's figures (mean line, best-worst seed band, per warm-restart phase) and write
-    per-phase seed statistics with differences to a baseline, for the runs of sweep FILE."""
+def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out, baselines, unpaired, envelope,
+           rank_by, train_loss, log_to_mlflow) -> None:
+    """Draw the paper's figures (per warm-restart phase: the mean over seeds and the best and worst
+    run) and write per-phase seed statistics with paired differences to baselines (95% CI,
+    Holm-adjusted p), for the runs of sweep FILE. Deleted and superseded runs are left out."""
     from orchestrator.report.collect import REPORT_METRICS, collect
-    from orchestrator.report.render import check_baseline, log_report, write_report
+    from orchestrator.report.render import check_baselines, log_report, write_report
     from orchestrator.tracking import connect, resolve_tracking_uri
 
     sweep, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
-    check_baseline(baseline, sweep.name, list(sweep.schemes))
+    check_baselines(baselines or None, sweep.name, list(sweep.schemes))
     uri = resolve_tracking_uri(tracking_uri)
     client = connect(uri, create=False)
     metrics = REPORT_METRICS + (("train_loss",) if train_loss else ())
     col = collect(client, uri, sweep, configs, metrics, sweep_file=sweep_file)
-    rep = write_report(col, out or f"report-{sweep.name}", baseline=baseline, train_loss=train_loss)
+    rep = write_report(col, out or f"report-{sweep.name}", baselines=baselines or None, train_loss=train_loss,
+                       paired=not unpaired, envelope=envelope, rank_by=rank_by)
     for line in rep.warnings:
         click.echo(f"warning: {line}", err=True)
     click.echo(f"{len(rep.figures)} figures (PNG + PDF) and {len(rep.summary)} summary rows in {rep.out}; "

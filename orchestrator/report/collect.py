@@ -4,6 +4,9 @@ Histories are read in bulk: one SQL query per chunk of runs on a database store 
 PostgreSQL, MySQL), MLflow's ``get-history-bulk-interval`` endpoint on an http(s) server, and a
 thread pool over ``get_metric_history`` anywhere else. All three give the same frame; where a
 (run, metric, step) was logged twice, the row with the latest timestamp wins.
+
+Deleted runs and runs tagged ``adareg.superseded`` (old histories kept for inspection) are never
+part of a report: the run search skips them, and so does every history reader.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from orchestrator.errors import UserError
+from orchestrator.report import TAG_SUPERSEDED
 from training.config import RunConfig
 from training.schedules import EpochPlan, phase_bounds, plan_for
 
@@ -95,11 +100,10 @@ def collect(client, uri: str, sweep, configs: Sequence[RunConfig], metrics: Sequ
     (its hint names ``sweep_file``) or none has logged an epoch.
     """
     from orchestrator.identity import group_key, run_key
-    from orchestrator.tracking import find_runs
 
     by_key = {run_key(cfg): cfg for cfg in configs}
     groups = {k: group_key(cfg) for k, cfg in by_key.items()}
-    found = find_runs(client, sweep.experiment, list(by_key)) if by_key else {}
+    found = report_runs(client, sweep.experiment, list(by_key)) if by_key else {}
     if not found:
         raise UserError(f"no runs of sweep '{sweep.name}' in experiment '{sweep.experiment}' at {uri}: "
                         f"run 'adareg sweep run {sweep_file}' first")
@@ -122,6 +126,43 @@ def collect(client, uri: str, sweep, configs: Sequence[RunConfig], metrics: Sequ
     last = frame.groupby("run_key", observed=True)["epoch"].max()
     runs["last_epoch"] = runs["run_key"].map(last).fillna(0).astype(int)
     return Collection(sweep.name, sweep.experiment, uri, tuple(sweep.schemes), by_key, runs, frame, plans)
+
+
+def reportable(run) -> bool:
+    """Whether an MLflow run belongs in a report: active (not deleted) and not superseded."""
+    return run.info.lifecycle_stage == "active" and not run.data.tags.get(TAG_SUPERSEDED)
+
+
+def report_runs(client, experiment_name: str, run_keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """``{run_key: Run}`` of the experiment's reportable runs (all, or those keys), in bulk; should a
+    key have several, the FINISHED one, else the newest, wins."""
+    from mlflow.entities import ViewType
+
+    from orchestrator.identity import TAG_RUN_KEY
+
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return {}
+    wanted = set(run_keys) if run_keys is not None else None
+    found: dict[str, Any] = {}
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], filter_string="", run_view_type=ViewType.ACTIVE_ONLY,
+                                  max_results=1000, page_token=token)
+        for run in page:
+            key = run.data.tags.get(TAG_RUN_KEY)
+            if key is None or (wanted is not None and key not in wanted) or not reportable(run):
+                continue
+            old = found.get(key)
+            if old is None or rank(run) > rank(old):
+                found[key] = run
+        token = page.token
+        if not token:
+            return found
+
+
+def rank(run) -> tuple[bool, int]:
+    return (run.info.status == "FINISHED", run.info.start_time or 0)
 
 
 def long_frame(history: pd.DataFrame, runs: pd.DataFrame, plans: dict[str, Sequence[EpochPlan]]) -> pd.DataFrame:
@@ -167,13 +208,16 @@ def read_histories(client, uri: str, runs: Sequence, metrics: Sequence[str] | No
     """HISTORY_COLUMNS of ``runs`` (MLflow Run objects), one row per (run, metric, step).
 
     ``method``: ``sql`` (a database store), ``rest`` (an http(s) server), ``client`` (a thread pool
-    of ``workers`` over ``get_metric_history``), or ``auto`` (the first that fits ``uri``).
+    of ``workers`` over ``get_metric_history``), or ``auto`` (the first that fits ``uri``). Runs that
+    are not ``reportable`` (deleted, superseded) are left out; the SQL query checks that in the store
+    too.
     """
     if method not in METHODS:
         raise UserError(f"unknown history method {method!r} (expected one of {', '.join(METHODS)})")
     scheme = uri.split(":", 1)[0].split("+", 1)[0].lower()
     if method == "auto":
         method = "sql" if scheme in DB_SCHEMES else "rest" if scheme in ("http", "https") else "client"
+    runs = [r for r in runs if reportable(r)]
     if not runs:
         return dedupe(pd.DataFrame(columns=HISTORY_COLUMNS))
     if method == "sql":
@@ -206,14 +250,18 @@ def dedupe(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_sql(uri: str, run_ids: Sequence[str], metrics: Sequence[str] | None) -> pd.DataFrame:
-    """The ``metrics`` table of a database store, one query per SQL_CHUNK runs."""
+    """The ``metrics`` table of a database store, one query per SQL_CHUNK runs; deleted and superseded
+    runs are skipped."""
     import sqlalchemy as sa
 
-    query = "SELECT run_uuid, key, step, timestamp, value, is_nan FROM metrics WHERE run_uuid IN :ids"
-    params: dict = {}
+    query = ("SELECT m.run_uuid, m.key, m.step, m.timestamp, m.value, m.is_nan FROM metrics m "
+             "JOIN runs r ON r.run_uuid = m.run_uuid "
+             "WHERE m.run_uuid IN :ids AND r.lifecycle_stage = 'active' AND NOT EXISTS ("
+             "SELECT 1 FROM tags t WHERE t.run_uuid = m.run_uuid AND t.key = :superseded AND t.value <> '')")
+    params: dict = {"superseded": TAG_SUPERSEDED}
     bind = [sa.bindparam("ids", expanding=True)]
     if metrics is not None:
-        query += " AND key IN :keys"
+        query += " AND m.key IN :keys"
         params["keys"] = list(metrics)
         bind.append(sa.bindparam("keys", expanding=True))
     stmt = sa.text(query).bindparams(*bind)
