@@ -18,8 +18,6 @@ DEFAULT_BASELINES = {"weight-decay": ("wd-1e-3", "wd-8e-3"), "sparsity": ("wd-1e
 against constant 1e-3 and 8e-3; the sparsity schemes hold weight decay at 1e-4."""
 TUNED_PREFIX = "tuned"
 SELECTED_ON_VALIDATION = "selected on validation"
-TAG_SUPERSEDED = "adareg.superseded"
-"""A run carrying this tag (any non-empty value) is an old history kept for inspection: never reported."""
 
 
 def is_tuned(scheme: str) -> bool:

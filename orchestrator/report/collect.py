@@ -14,13 +14,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from orchestrator.claims import TAG_SUPERSEDED
 from orchestrator.errors import UserError
-from orchestrator.report import TAG_SUPERSEDED
 from training.config import RunConfig
 from training.schedules import EpochPlan, phase_bounds, plan_for
 
@@ -100,10 +99,11 @@ def collect(client, uri: str, sweep, configs: Sequence[RunConfig], metrics: Sequ
     (its hint names ``sweep_file``) or none has logged an epoch.
     """
     from orchestrator.identity import group_key, run_key
+    from orchestrator.tracking import find_runs
 
     by_key = {run_key(cfg): cfg for cfg in configs}
     groups = {k: group_key(cfg) for k, cfg in by_key.items()}
-    found = report_runs(client, sweep.experiment, list(by_key)) if by_key else {}
+    found = find_runs(client, sweep.experiment, list(by_key)) if by_key else {}
     if not found:
         raise UserError(f"no runs of sweep '{sweep.name}' in experiment '{sweep.experiment}' at {uri}: "
                         f"run 'adareg sweep run {sweep_file}' first")
@@ -128,41 +128,9 @@ def collect(client, uri: str, sweep, configs: Sequence[RunConfig], metrics: Sequ
     return Collection(sweep.name, sweep.experiment, uri, tuple(sweep.schemes), by_key, runs, frame, plans)
 
 
-def reportable(run) -> bool:
+def reportable(run) -> bool:  # find_runs already leaves these out; histories read by run id check again
     """Whether an MLflow run belongs in a report: active (not deleted) and not superseded."""
     return run.info.lifecycle_stage == "active" and not run.data.tags.get(TAG_SUPERSEDED)
-
-
-def report_runs(client, experiment_name: str, run_keys: Iterable[str] | None = None) -> dict[str, Any]:
-    """``{run_key: Run}`` of the experiment's reportable runs (all, or those keys), in bulk; should a
-    key have several, the FINISHED one, else the newest, wins."""
-    from mlflow.entities import ViewType
-
-    from orchestrator.identity import TAG_RUN_KEY
-
-    exp = client.get_experiment_by_name(experiment_name)
-    if exp is None:
-        return {}
-    wanted = set(run_keys) if run_keys is not None else None
-    found: dict[str, Any] = {}
-    token = None
-    while True:
-        page = client.search_runs([exp.experiment_id], filter_string="", run_view_type=ViewType.ACTIVE_ONLY,
-                                  max_results=1000, page_token=token)
-        for run in page:
-            key = run.data.tags.get(TAG_RUN_KEY)
-            if key is None or (wanted is not None and key not in wanted) or not reportable(run):
-                continue
-            old = found.get(key)
-            if old is None or rank(run) > rank(old):
-                found[key] = run
-        token = page.token
-        if not token:
-            return found
-
-
-def rank(run) -> tuple[bool, int]:
-    return (run.info.status == "FINISHED", run.info.start_time or 0)
 
 
 def long_frame(history: pd.DataFrame, runs: pd.DataFrame, plans: dict[str, Sequence[EpochPlan]]) -> pd.DataFrame:

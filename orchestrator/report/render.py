@@ -8,7 +8,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -213,7 +213,7 @@ def summary_markdown(summary: pd.DataFrame, col: Collection, paired: bool = True
 def report_markdown(rep: Report, col: Collection) -> str:
     found = int(col.runs["run_id"].notna().sum())
     finished = found - len(col.incomplete)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     rank = figures.METRIC_LABELS.get(rep.rank_by, rep.rank_by)
     out = [f"# Report: sweep `{col.sweep}`\n",
            f"Experiment `{col.experiment}` at `{col.uri}`, {stamp}. "

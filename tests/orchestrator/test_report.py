@@ -20,13 +20,15 @@ import pytest
 from PIL import Image
 
 import orchestrator.report.collect as collect_mod
+from orchestrator.claims import TAG_SUPERSEDED
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
-from orchestrator.report import TAG_SUPERSEDED, figures
-from orchestrator.report.collect import FRAME_COLUMNS, REPORT_METRICS, collect, read_histories, read_sql, report_runs
+from orchestrator.report import figures
+from orchestrator.report.collect import FRAME_COLUMNS, REPORT_METRICS, collect, read_histories, read_sql
 from orchestrator.report.stats import holm, method_line
 from orchestrator.report.synthetic import log_run
 from orchestrator.sweepfile import expand, load_sweep
+from orchestrator.tracking import find_runs
 from training.schedules import phase_bounds, plan_for
 
 SWEEP = """
@@ -155,7 +157,7 @@ def test_sql_client_and_rest_paths_give_the_same_frame(store, stale, monkeypatch
     from werkzeug.serving import WSGIRequestHandler, make_server
 
     client, uri, _, sweep, _ = store
-    runs = list(report_runs(client, sweep.experiment).values())
+    runs = list(find_runs(client, sweep.experiment).values())
     sql = read_histories(client, uri, runs, None, "sql")
     assert len(sql) == (13 * 20 + 12) * 10
     pd.testing.assert_frame_equal(sql, read_histories(client, uri, runs, None, "client"))
@@ -202,7 +204,7 @@ def test_superseded_and_deleted_runs_are_not_part_of_the_report(store, stale, co
     stale_ids = {r.info.run_id for r in stale}
     assert all(r.info.status == "FINISHED" for r in stale)  # finished and newer: they would win a key
     assert not stale_ids & set(col.runs["run_id"].dropna())
-    assert not stale_ids & {r.info.run_id for r in report_runs(client, sweep.experiment).values()}
+    assert not stale_ids & {r.info.run_id for r in find_runs(client, sweep.experiment).values()}
     f = col.frame
     assert not (f["run_key"].astype(str).isin([r.data.tags["adareg.run_key"] for r in stale if r.info.lifecycle_stage
                                                == "deleted"])).any()
@@ -226,7 +228,7 @@ def test_phase_summary_equals_mlflows_own_client_and_scipy_at_each_phases_last_e
     rep = write_report(collect(client, uri, sweep, configs), tmp_path, workers=1)
     csv = pd.read_csv(tmp_path / "phase_summary.csv", dtype={"scheme": str, "baseline": str})
     assert len(csv) == 5 * 3 * 2  # one baseline each
-    runs = report_runs(client, sweep.experiment).values()
+    runs = find_runs(client, sweep.experiment).values()
     by_key = {r.data.tags["adareg.run_key"]: r for r in runs}
     ends = {}  # (scheme, phase, metric) -> {seed: value at the phase's last epoch}
     for scheme in sweep.schemes:
