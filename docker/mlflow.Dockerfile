@@ -1,12 +1,13 @@
 # The MLflow tracking server of docker/compose.yaml: MLflow 3.17.x (as pinned in pyproject.toml)
-# with the PostgreSQL driver. The server command and its options are in compose.yaml.
+# with the PostgreSQL driver psycopg 3 (compose.yaml names it: postgresql+psycopg://). The server
+# command and its options are in compose.yaml.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-RUN pip install "mlflow>=3.17,<3.18" "psycopg2-binary>=2.9"
+RUN pip install "mlflow>=3.17,<3.18" "psycopg[binary]>=3.2"
 
 # /mlartifacts exists and belongs to the server's user, so a fresh named volume does too.
 RUN useradd --create-home --uid 1000 mlflow \

@@ -8,15 +8,20 @@ culprit's dotted path, e.g. ``sweeps/x.yaml: schemes.01.weight_decay[2]: must be
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import re
+import textwrap
+import types
+import typing
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from orchestrator.errors import UserError
@@ -25,7 +30,6 @@ from training.config import TABLE1_EPOCHS_PER_STEP, TABLE1_LR, ConfigError, RunC
 
 _MODELS = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
 _ONLY_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if not isinstance(f.default, tuple))
-_DEFAULT = {f.name: f.default for f in dataclasses.fields(RunConfig)}
 _LISTS = {"arch": "archs", "dataset": "datasets", "seed": "seeds"}
 
 Taper = Any
@@ -57,27 +61,42 @@ class Scheme(BaseModel):
     """Learning rate for this scheme only (null = ``schedule.lr``)."""
 
 
-class TrainSettings(BaseModel):
-    """Training settings shared by every run of the sweep (defaults: RunConfig's)."""
+_ELSEWHERE = ("arch", "dataset", "seed", "scheme", "lr", "epochs_per_step", "weight_decay", "grad_sparsity")
+"""RunConfig fields a sweep sets outside ``train:`` (its lists, schedule and schemes)."""
 
-    model_config = _MODELS
 
-    batch_size: int = _DEFAULT["batch_size"]
-    """Training mini-batch size (the paper: 50)."""
-    momentum: float = _DEFAULT["momentum"]
-    """SGD momentum, in [0, 1)."""
-    augment: bool = _DEFAULT["augment"]
-    """Random crop after 4-pixel padding (+ horizontal flip on CIFAR)."""
-    label_noise: float = _DEFAULT["label_noise"]
-    """Share of training labels replaced by random classes (seeded), in [0, 1]."""
-    train_subset: int = _DEFAULT["train_subset"]
-    """Train on N examples of a seeded permutation (0 = all)."""
-    epochs_scale: float = _DEFAULT["epochs_scale"]
-    """Every step lasts max(1, round(n x epochs_scale)) epochs (0.1: 450 epochs -> 45)."""
-    data_dir: str | None = None
-    """Where CIFAR archives live (null = RunConfig's default cache directory)."""
-    eval_batch_size: int = _DEFAULT["eval_batch_size"]
-    """Evaluation batch size (does not change results)."""
+def _field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a class (``name: T = ...`` followed by a string), from its source."""
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    except (OSError, TypeError, SyntaxError, IndexError, AttributeError):
+        return {}
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+            and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)}
+
+
+def _train_settings() -> type[BaseModel]:
+    """``train:``: every RunConfig field not set elsewhere in a sweep file, with RunConfig's type, default
+    and docstring, so that a field added to RunConfig is a sweep-file setting at once. A field whose
+    default is computed (``data_dir``) defaults to null here, meaning RunConfig's default."""
+    hints, docs = typing.get_type_hints(RunConfig), _field_docs(RunConfig)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name in _ELSEWHERE:
+            continue
+        doc = docs.get(f.name) or f.name.replace("_", " ")
+        if f.default is dataclasses.MISSING:
+            doc = doc.rstrip(".") + " (null = RunConfig's default)."
+            fields[f.name] = (hints[f.name] | None, Field(default=None, description=doc))
+        else:
+            fields[f.name] = (hints[f.name], Field(default=f.default, description=doc))
+    return create_model("TrainSettings", __config__=_MODELS, __doc__=(
+        "Training settings shared by every run of the sweep: any RunConfig field but the grid's own "
+        "(defaults: RunConfig's)."), **fields)
+
+
+TrainSettings = _train_settings()
 
 
 class Range(BaseModel):
@@ -173,24 +192,32 @@ class Sweep(BaseModel):
 
     @model_validator(mode="after")
     def _values_make_run_configs(self) -> Sweep:
-        """Build one RunConfig per scheme, arch, dataset and seed; name the culprit on failure."""
-        first_scheme = next(iter(self.schemes))
-        checks = [(s, {"arch": 0, "dataset": 0, "seed": 0}) for s in self.schemes]
-        checks += [(first_scheme, {"arch": 0, "dataset": 0, "seed": 0, field: i})
-                   for field, plural in _LISTS.items() for i in range(len(getattr(self, plural)))]
-        for scheme, index in checks:
-            args = {field: getattr(self, plural)[index[field]] for field, plural in _LISTS.items()}
+        """Build one RunConfig per scheme, and per arch, dataset and seed; name every culprit on failure."""
+        found: dict[str, str] = {}
+
+        def check(scheme: str, index: dict[str, int]) -> bool:
+            args = {field: getattr(self, plural)[index.get(field, 0)] for field, plural in _LISTS.items()}
             try:
                 self.run_config(scheme, **args)
             except ConfigError as e:
-                raise _at(self._locate(e.field, scheme, index), str(e).removeprefix(f"{e.field}: ")) from None
+                found.setdefault(self._locate(e.field, scheme, index), str(e).removeprefix(f"{e.field}: "))
+                return False
+            return True
+
+        good = [scheme for scheme in self.schemes if check(scheme, {})]
+        for field, plural in _LISTS.items():
+            for i in range(1, len(getattr(self, plural))):
+                check(good[0] if good else next(iter(self.schemes)), {field: i})
+        if found:
+            raise PydanticCustomError("sweep_values", "{count} invalid values",
+                                      {"count": len(found), "items": list(found.items())})
         return self
 
     def _locate(self, field: str, scheme: str, index: dict[str, int]) -> str:
         """The sweep-file path of a RunConfig field name such as ``weight_decay[0][2]``."""
         name, suffix = re.fullmatch(r"(\w+)(.*)", field).groups()
         if name in _LISTS:
-            return f"{_LISTS[name]}[{index[name]}]"
+            return f"{_LISTS[name]}[{index.get(name, 0)}]"
         owner = self.schemes[scheme]
         if name in ("weight_decay", "grad_sparsity") or (name == "lr" and owner.lr is not None):
             return f"schemes.{scheme}.{name}{_as_written(suffix, getattr(owner, name))}"
@@ -345,17 +372,107 @@ def load_sweep(path: str | Path, sets: Sequence[str] = (), epochs_scale: float |
         raise UserError(f"{where}: {_describe(e, origins)}") from None
 
 
+MAX_ERRORS = 5
+"""How many problems one error line lists (then: 'and N more')."""
+
+
 def _describe(error: ValidationError, origins: Sequence[tuple[str, str]]) -> str:
-    """One line for the first validation error (and how many more there are)."""
-    errors = error.errors(include_url=False)
-    path, reason = _explain(errors[0])
-    for key, origin in reversed(origins):
-        if path == key or path.startswith((key + ".", key + "[")):
-            reason += f" (from {origin})"
-            break
-    if len(errors) > 1:
-        reason += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    return f"{path}: {reason}"
+    """One line listing every problem (up to ``MAX_ERRORS``), each as ``path: reason``, '; '-separated.
+
+    Unknown keys come first (a typo is the likeliest cause of the rest), and a required key reported
+    missing is left out when an unknown key is a close match for it (``seedz`` for ``seeds``)."""
+    problems: list[tuple[str, str]] = []
+    for err in _without_other_union_branches(error.errors(include_url=False)):
+        if err["type"] == "sweep_values":
+            problems += [tuple(item) for item in err["ctx"]["items"]]
+        else:
+            problems.append(_explain(err))
+    unknown = [(p, r) for p, r in problems if r.startswith("unknown key")]
+    meant = {(_parent(p), close) for p, r in unknown for close in re.findall(r"did you mean '([^']+)'", r)}
+    typo_for = [(p, r) for p, r in problems if r == "required key missing" and (_parent(p), _last(p)) in meant]
+    problems = list(dict.fromkeys(unknown + [x for x in problems if x not in unknown and x not in typo_for]))
+    parts = []
+    for path, reason in problems[:MAX_ERRORS]:
+        for key, origin in reversed(origins):
+            if path == key or path.startswith((key + ".", key + "[")):
+                reason += f" (from {origin})"
+                break
+        parts.append(f"{path}: {reason}")
+    more = len(problems) - MAX_ERRORS
+    return "; ".join(parts) + (f" (and {more} more error{'s' if more > 1 else ''})" if more > 0 else "")
+
+
+def _parent(path: str) -> str:
+    return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def _last(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _without_other_union_branches(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For a field such as ``Range | float``, keep the errors of the branch the input was meant for (the
+    mapping's when a mapping was given, else the scalar's) and drop the branch name from the location."""
+    kept = []
+    for err in errors:
+        loc, tag_at = tuple(err["loc"]), None
+        node: Any = Sweep
+        for i, part in enumerate(loc):
+            node, is_tag = _child(node, part)
+            if is_tag:
+                tag_at = i
+                break
+        if tag_at is None:
+            kept.append(err)
+            continue
+        branch = _child(_child_chain(loc[:tag_at]), loc[tag_at])[0]
+        given = _value_at(errors, loc[:tag_at])
+        if _is_model(branch) == isinstance(given, dict):
+            kept.append({**err, "loc": loc[:tag_at] + loc[tag_at + 1:]})
+    return kept
+
+
+def _value_at(errors: list[dict[str, Any]], prefix: tuple) -> Any:
+    """What the file held at ``prefix`` (a scalar branch's error carries it as its input)."""
+    for err in errors:
+        loc = tuple(err["loc"])
+        if len(loc) == len(prefix) + 1 and loc[: len(prefix)] == prefix and not _is_model(
+                _child(_child_chain(prefix), loc[-1])[0]):
+            return err["input"]
+    return {}
+
+
+def _is_model(node: Any) -> bool:
+    return isinstance(node, type) and issubclass(node, BaseModel)
+
+
+def _child_chain(loc: Sequence[Any]) -> Any:
+    node: Any = Sweep
+    for part in loc:
+        node, _ = _child(node, part)
+    return node
+
+
+def _child(node: Any, part: Any) -> tuple[Any, bool]:
+    """The type found at ``part`` below ``node`` (a model, a dict/list type or a union), and whether
+    ``part`` was a union branch's name rather than a key."""
+    if node is None:
+        return None, False
+    if _is_model(node):
+        field = node.model_fields.get(part) if isinstance(part, str) else None
+        return (field.annotation if field else None), False
+    origin, args = typing.get_origin(node), typing.get_args(node)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if getattr(arg, "__name__", None) == part or str(arg) == part:
+                return arg, True
+        members = [a for a in args if a is not type(None)]
+        return (_child(members[0], part) if len(members) == 1 else (None, False))
+    if origin is dict and len(args) == 2:
+        return args[1], False
+    if origin is list and args and isinstance(part, int):
+        return args[0], False
+    return None, False
 
 
 def _explain(err: dict[str, Any]) -> tuple[str, str]:
@@ -373,11 +490,12 @@ def _explain(err: dict[str, Any]) -> tuple[str, str]:
 
 
 def _keys_at(loc: tuple) -> list[str]:
-    """Known keys of the mapping at ``loc`` (for 'did you mean')."""
-    model = {(): Sweep, ("train",): TrainSettings, ("schedule",): Schedule, ("tune",): TuneSpace}.get(tuple(loc))
-    if model is None and len(loc) == 2 and loc[0] == "schemes":
-        model = Scheme
-    return list(model.model_fields) if model else []
+    """Known keys of the mapping at ``loc`` (for 'did you mean'), at any depth."""
+    node = _child_chain(loc)
+    if not _is_model(node):  # e.g. a union such as Range | float, or Scheme | None
+        args = typing.get_args(node)
+        node = next((a for a in args if _is_model(a)), None)
+    return list(node.model_fields) if node else []
 
 
 # ------------------------------------------------------------------------------------- expansion

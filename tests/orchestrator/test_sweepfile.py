@@ -7,6 +7,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from orchestrator.cli import main
 from orchestrator.cli_common import (
     load_selection,
     selection_options,
@@ -14,7 +15,7 @@ from orchestrator.cli_common import (
     tracking_uri_option,
 )
 from orchestrator.errors import UserError
-from orchestrator.sweepfile import Scheme, Sweep, TrainSettings, expand, load_sweep, parse_only
+from orchestrator.sweepfile import MAX_ERRORS, Scheme, Sweep, TrainSettings, expand, load_sweep, parse_only
 from training.config import RunConfig
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
@@ -70,8 +71,21 @@ def test_demo_sweep():
 
 
 def test_train_settings_are_run_config_fields():
-    assert set(TrainSettings.model_fields) <= {f.name for f in dataclasses.fields(RunConfig)}
+    """``train:`` takes every RunConfig field that the grid, schedule and schemes do not set, generically."""
+    grid = {"arch", "dataset", "seed", "scheme", "lr", "epochs_per_step", "weight_decay", "grad_sparsity"}
+    assert set(TrainSettings.model_fields) == {f.name for f in dataclasses.fields(RunConfig)} - grid
     assert all(f.description for model in (Sweep, Scheme, TrainSettings) for f in model.model_fields.values())
+    assert TrainSettings.model_fields["momentum"].description == "SGD momentum."
+    assert TrainSettings.model_fields["data_dir"].default is None
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.name in TrainSettings.model_fields}
+    assert {k: v for k, v in TrainSettings().model_dump().items() if k != "data_dir"} == {
+        k: v for k, v in defaults.items() if k != "data_dir"}
+
+
+def test_every_train_setting_reaches_the_run_config(table1):
+    sweep = load_sweep(table1("  momentum: 0.9", "  momentum: 0.5\n  eval_batch_size: 123"))
+    config = sweep.run_config("01", "resnet14", "digits", 0)
+    assert (config.momentum, config.eval_batch_size) == (0.5, 123)
 
 
 def test_scheme_lr_overrides_the_schedule(table1):
@@ -253,3 +267,75 @@ def test_identical_schemes_are_refused(table1):
     sweep = load_sweep(table1(), sets=["schemes.copy={weight_decay: 0.004}"])
     message = error_of(expand, sweep)
     assert message.startswith("schemes 'wd-4e-3' and 'copy' give identical runs (run key ")
+
+
+# ------------------------------------------------------------------ several problems, one line
+
+
+def test_a_typo_in_a_top_level_key_is_named(table1, isolated, capsys):
+    """``sed 's/^seeds:/seedz:/' table1.yaml``: the unknown key is the error, not the missing 'seeds'."""
+    path = table1("seeds: [0, 1, 2, 3, 4]", "seedz: [0, 1, 2, 3, 4]")
+    assert error_of(load_sweep, path) == f"{path}: seedz: unknown key (did you mean 'seeds'?)"
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "plan", str(path)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert err == f"error: {path}: seedz: unknown key (did you mean 'seeds'?)\n"
+
+
+def test_a_missing_key_without_a_near_typo_is_still_reported(table1):
+    path = table1("seeds: [0, 1, 2, 3, 4]", "colours: [red]")
+    assert error_of(load_sweep, path) == f"{path}: colours: unknown key; seeds: required key missing"
+
+
+def test_several_problems_are_listed_in_one_line(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(TABLE1_TEXT.replace("seeds:", "seedz:", 1).replace("  momentum: 0.9", "  momentun: 0.9", 1)
+                    .replace("  batch_size: 50", "  batch_size: fifty", 1)
+                    .replace("epochs_per_step: [50", "epochs_per_stepp: [50", 1))
+    assert error_of(load_sweep, path) == (
+        f"{path}: schedule.epochs_per_stepp: unknown key (did you mean 'epochs_per_step'?); "
+        "train.momentun: unknown key (did you mean 'momentum'?); "
+        "seedz: unknown key (did you mean 'seeds'?); "
+        "train.batch_size: input should be a valid integer, got 'fifty'")
+
+
+def test_every_bad_value_is_named(table1, tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text(TABLE1_TEXT.replace("label_noise: 0.0", "label_noise: 2", 1)
+                    .replace("archs: [resnet14, resnet32]", "archs: [resnet14, resnet33]", 1)
+                    .replace("seeds: [0, 1, 2, 3, 4]", "seeds: [0, -1]", 1))
+    message = error_of(load_sweep, path)
+    assert message.startswith(f"{path}: train.label_noise: must be in [0, 1], got 2")
+    assert message.count("; ") == 2 and "; archs[1]: " in message and "; seeds[1]: must be a non-negative" in message
+    wd = table1("[0.0001, 0.0001, 0.0008, 0.0016, 0.0016]", "[0.0001, 0.0001, -1, 0.0016, 0.0016]")
+    wd.write_text(wd.read_text().replace("[0.0, 0.0, 0.8, 0.8, 0.8]", "[0.0, 0.0, 1.0, 0.8, 0.8]", 1))
+    assert error_of(load_sweep, wd) == (f"{wd}: schemes.01.weight_decay[2]: must be >= 0, got -1.0; "
+                                        "schemes.22.grad_sparsity[0][2]: must be in [0, 1), got 1.0")
+
+
+def test_at_most_a_handful_are_listed(tmp_path):
+    path = tmp_path / "x.yaml"
+    extra = "".join(f"extra{i}: 1\n" for i in range(MAX_ERRORS + 2))
+    path.write_text(TABLE1_TEXT + extra)
+    message = error_of(load_sweep, path)
+    assert message.count(": unknown key") == MAX_ERRORS
+    assert message.endswith("extra4: unknown key (and 2 more errors)")
+
+
+TUNE = "tune:\n  weight_decay_base: {low: 0.00001, high: 0.001, log: true}\n  grad_sparsity: 0.5\n"
+
+
+@pytest.mark.parametrize("old, new, says", [
+    ("weight_decay_base: {low:", "weight_decay_base: {lo:",
+     "tune.weight_decay_base.lo: unknown key (did you mean 'low'?)"),
+    ("weight_decay_base:", "weight_decay_bse:",
+     "tune.weight_decay_bse: unknown key (did you mean 'weight_decay_base'?)"),
+    ("grad_sparsity: 0.5", "grad_sparsity: lots", "tune.grad_sparsity: input should be a valid number, got 'lots'"),
+    ("grad_sparsity: 0.5", "grad_sparsity: {low: 0.1, hihg: 0.5}",
+     "tune.grad_sparsity.hihg: unknown key (did you mean 'high'?)"),
+])
+def test_did_you_mean_at_every_level_and_union_fields(tmp_path, old, new, says):
+    path = tmp_path / "x.yaml"
+    path.write_text(TABLE1_TEXT + TUNE.replace(old, new, 1))
+    assert error_of(load_sweep, path) == f"{path}: {says}"
