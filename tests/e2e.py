@@ -1,0 +1,133 @@
+"""Helpers of the end-to-end tests: tiny sweep files, the ``adareg`` command, and looks into the store.
+
+The store is read with SQL (sqlite or PostgreSQL alike, through SQLAlchemy) rather than through MLflow,
+so the tests see exactly what MLflow stored: every row of every metric, deleted and superseded runs too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+from training.callbacks import METRICS
+
+ADAREG = str(Path(sys.executable).parent / "adareg")
+N_METRICS = len(METRICS)
+TIMING = ("epoch_seconds", "images_per_second")  # differ between any two trainings
+
+
+def write_sweep(path: Path, schemes: str, lr: str = "[0.1, 0.01]", name: str = "tiny", epochs: int = 2,
+                subset: int = 100, seeds: str = "[0]", arch: str = "resnet8") -> Path:
+    """A sweep file of tiny digits runs: ``len(lr) x epochs`` epochs each, ``subset`` training images."""
+    path.write_text(textwrap.dedent(f"""\
+        name: {name}
+        experiment: {name}
+        datasets: [digits]
+        archs: [{arch}]
+        seeds: {seeds}
+        schedule:
+          lr: {lr}
+          epochs_per_step: [{epochs}]
+        train:
+          train_subset: {subset}
+        schemes:
+        """) + textwrap.indent(textwrap.dedent(schemes), "  "))
+    return path
+
+
+def sweep_cmd(sweep: Path, uri: str, runs_dir: Path, *extra: str) -> list[str]:
+    return [ADAREG, "sweep", "run", str(sweep), "--gpus", "none", "--max-parallel", "2", "--tracking-uri", uri,
+            "--runs-dir", str(runs_dir), *extra]
+
+
+def wait_until(condition, timeout: float, what: str, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def epochs_done(runs_dir: Path) -> int:
+    """Epochs the run folders' progress files report, summed."""
+    total = 0
+    for progress in runs_dir.glob("*/progress.json"):
+        try:
+            total += json.loads(progress.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return total
+
+
+def leftover_processes(marker: Path) -> list[int]:
+    """Live processes whose command line mentions ``marker`` (workers, orchestrators)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if str(marker).encode() in cmdline and state != "Z":
+            found.append(int(pid))
+    return found
+
+
+def run_bg(cmd: list[str], log: Path, **kwargs) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, its output appended to ``log``."""
+    with open(log, "ab") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+class Store:
+    """The rows of an MLflow backend store (``sqlite:///...`` or ``postgresql://...``)."""
+
+    def __init__(self, db_uri: str):
+        import sqlalchemy as sa
+
+        self.engine = sa.create_engine(db_uri.replace("postgresql://", "postgresql+psycopg://", 1))
+
+    def query(self, sql: str, **params) -> list[tuple]:
+        import sqlalchemy as sa
+
+        with self.engine.connect() as c:
+            return [tuple(r) for r in c.execute(sa.text(sql), params)]
+
+    def runs(self) -> list[dict]:
+        """Every MLflow run with its key, status, lifecycle and adareg tags."""
+        rows = self.query("""
+            SELECT r.run_uuid, r.status, r.lifecycle_stage, k.value, COALESCE(s.value, ''), COALESCE(f.value, '')
+            FROM runs r JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = 'adareg.run_key'
+            LEFT JOIN tags s ON s.run_uuid = r.run_uuid AND s.key = 'adareg.superseded'
+            LEFT JOIN tags f ON f.run_uuid = r.run_uuid AND f.key = 'adareg.failure'""")
+        return [dict(zip(("run_id", "status", "lifecycle", "key", "superseded", "failure"), r)) for r in rows]
+
+    def active(self) -> dict[str, dict]:
+        """``{run_key: run}`` of the active runs (not deleted, not superseded); fails if a key has several."""
+        active = [r for r in self.runs() if r["lifecycle"] == "active" and not r["superseded"]]
+        twice = [k for k, n in Counter(r["key"] for r in active).items() if n > 1]
+        assert not twice, f"keys with several active MLflow runs: {twice}: {active}"
+        return {r["key"]: r for r in active}
+
+    def history(self, run_id: str, timing: bool = False) -> dict[tuple[str, int], list[float]]:
+        """``{(metric, step): [values]}`` of a run (several values: a step logged twice)."""
+        out: dict[tuple[str, int], list[float]] = {}
+        for key, step, value in self.query("SELECT key, step, value FROM metrics WHERE run_uuid = :r", r=run_id):
+            if timing or key not in TIMING:
+                out.setdefault((key, int(step)), []).append(float(value))
+        return out
+
+    def assert_once_per_epoch(self, run_id: str, epochs: int) -> None:
+        rows = self.history(run_id, timing=True)
+        twice = {k: v for k, v in rows.items() if len(v) > 1}
+        assert not twice, f"run {run_id}: steps logged twice: {list(twice)[:5]}"
+        assert sorted(rows) == sorted((m, e) for m in METRICS for e in range(1, epochs + 1)), (
+            f"run {run_id}: epochs logged {sorted({s for _, s in rows})}, expected 1..{epochs}")

@@ -1,0 +1,154 @@
+"""Sweeps where researchers really run them (issue: containers, busy folders, restarting servers, stalled
+and broken runs). Real orchestrators, real workers, a real ``mlflow server``; tiny digits runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from e2e import ADAREG, Store, epochs_done, run_bg, sweep_cmd, wait_until, write_sweep
+from servers import MlflowServer, pid1_unavailable, run_as_pid1
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(pid1_unavailable() is not None, reason=str(pid1_unavailable()))
+def test_orchestrator_as_pid1_started_from_a_folder_that_shadows_adareg(tmp_path):
+    """The documented container runner (adareg is PID 1, no init) started from a user's project folder
+    holding its own ``training/``, ``orchestrator/`` and ``yaml.py``: every run finishes."""
+    caller = tmp_path / "project"
+    for package in ("training", "orchestrator"):
+        (caller / package).mkdir(parents=True)
+        (caller / package / "__init__.py").write_text(f"raise ImportError('the caller\\'s own {package}')\n")
+    (caller / "yaml.py").write_text("raise ImportError('the caller\\'s own yaml')\n")
+    sweep = write_sweep(tmp_path / "s.yaml", "wd-1e-4: {weight_decay: 0.0001}\n", seeds="[0, 1]")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = run_as_pid1(sweep_cmd(sweep, uri, tmp_path / "runs"), cwd=caller, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = Store(uri)
+    active = store.active()
+    assert len(active) == 2 and {r["status"] for r in active.values()} == {"FINISHED"}
+    for run in active.values():
+        store.assert_once_per_epoch(run["run_id"], 4)
+
+
+def test_the_tracking_server_restarting_mid_sweep_loses_nothing(tmp_path):
+    """``mlflow server`` killed for 60 s while runs train, then restarted on the same port: the same sweep
+    invocation ends with exit 0, every run FINISHED, each metric once per epoch, none left RUNNING."""
+    backend = f"sqlite:///{tmp_path}/server.db"
+    server = MlflowServer(backend, workdir=tmp_path / "server").start()
+    try:
+        sweep = write_sweep(tmp_path / "s.yaml", "wd-1e-4: {weight_decay: 0.0001}\n", seeds="[0, 1, 2]", epochs=4)
+        proc = run_bg(sweep_cmd(sweep, server.uri, tmp_path / "runs"), tmp_path / "sweep.log")
+        wait_until(lambda: epochs_done(tmp_path / "runs") >= 2, 120, "two epochs")
+        server.stop(kill=True)
+        down_at = time.monotonic()
+        time.sleep(60)
+        assert proc.poll() is None, (tmp_path / "sweep.log").read_text()  # waited; nothing failed
+        server.start()
+        code = proc.wait(timeout=300)
+        out = (tmp_path / "sweep.log").read_text()
+        assert code == 0, out
+        assert time.monotonic() - down_at >= 60
+        assert "tracking store unreachable since" in out and "tracking store answers again" in out, out
+    finally:
+        server.close()
+    store = Store(backend)
+    active = store.active()
+    assert len(active) == 3 and {r["status"] for r in active.values()} == {"FINISHED"}, active
+    assert all(r["status"] != "RUNNING" for r in store.runs())
+    for run in active.values():
+        store.assert_once_per_epoch(run["run_id"], 8)
+
+
+def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_retried(tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", "wd-1e-4: {weight_decay: 0.0001}\n", epochs=5)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = run_bg(sweep_cmd(sweep, uri, tmp_path / "runs", "--stall-timeout", "20"), tmp_path / "sweep.log")
+    (run_dir,) = [p for p in wait_for_run_dirs(tmp_path / "runs", 1)]
+    wait_until(lambda: epochs_done(tmp_path / "runs") >= 2, 120, "two epochs")
+    pid = int((run_dir / "lock").read_text())
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    code = proc.wait(timeout=300)
+    out = (tmp_path / "sweep.log").read_text()
+    assert code == 0, out
+    assert time.monotonic() - stopped_at >= 20
+    log = (run_dir / "worker.log").read_text()
+    assert "stalled: no new epoch for" in log and "killed by the orchestrator (SIGKILL) and retried" in log
+    assert "stalled" in out and "attempt 2" in out
+    store = Store(uri)
+    (run,) = store.active().values()
+    assert run["status"] == "FINISHED"
+    store.assert_once_per_epoch(run["run_id"], 10)
+
+
+def wait_for_run_dirs(runs: Path, n: int) -> list[Path]:
+    wait_until(lambda: len(list(runs.glob("*/spec.json"))) >= n, 60, f"{n} run folders")
+    return sorted(p.parent for p in runs.glob("*/spec.json"))
+
+
+def test_broken_checkpoints_restart_cleanly_and_uri_query_arguments_change_nothing(tmp_path, capsys):
+    """A truncated and a zero-byte checkpoint (say, a full disk) under runs that MLflow already holds epochs
+    of: each run finishes as one training, its log names the file and what was wrong, the bad file is kept.
+    Then ``sqlite:///...?timeout=60`` gives the same plan, status and report as the plain URI."""
+    sweep = write_sweep(tmp_path / "s.yaml", "wd-1e-4: {weight_decay: 0.0001}\n", seeds="[0, 1]", epochs=4)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    runs = tmp_path / "runs"
+    proc = run_bg(sweep_cmd(sweep, uri, runs), tmp_path / "sweep.log")
+    dirs = wait_for_run_dirs(runs, 2)
+    wait_until(lambda: all(progress_epoch(d) >= 3 for d in dirs), 120, "three epochs in each run")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = Store(uri)
+    first = {r["key"]: r["run_id"] for r in store.runs()}
+    truncated, empty = (d / "checkpoint.pt" for d in dirs)
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    empty.write_bytes(b"")
+
+    done = subprocess.run(sweep_cmd(sweep, uri, runs), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for run_dir, what, size in ((dirs[0], "truncated or not a checkpoint", len(data) // 2),
+                                (dirs[1], "empty file (0 bytes)", 0)):
+        log = (run_dir / "worker.log").read_text()
+        assert f"checkpoint {run_dir / 'checkpoint.pt'} cannot be resumed ({what}" in log, log
+        assert (run_dir / "checkpoint.pt.broken").stat().st_size == size  # kept beside it
+        assert f"{run_dir.name}: checkpoint {run_dir / 'checkpoint.pt'} cannot be resumed" in done.stdout
+    active = store.active()
+    assert {r["status"] for r in active.values()} == {"FINISHED"} and len(active) == 2
+    for key, run in active.items():
+        store.assert_once_per_epoch(run["run_id"], 8)
+        if first.get(key) != run["run_id"]:  # the first training's epochs live on only in a superseded run
+            old = next(r for r in store.runs() if r["run_id"] == first[key])
+            assert old["superseded"].startswith("MLflow holds epoch"), old
+
+    views = {}
+    for u in (uri, uri + "?timeout=60"):
+        where = ["--tracking-uri", u, "--runs-dir", str(runs)]
+        plan = subprocess.run([ADAREG, "sweep", "plan", str(sweep), "--format", "json", *where],
+                              capture_output=True, text=True, timeout=120)
+        status = subprocess.run([ADAREG, "sweep", "status", str(sweep), *where], capture_output=True, text=True,
+                                timeout=120)
+        out = tmp_path / f"report-{len(views)}"
+        report = subprocess.run([ADAREG, "report", str(sweep), "--out", str(out), "--tracking-uri", u],
+                                capture_output=True, text=True, timeout=300)
+        assert report.returncode == 0, report.stderr
+        views[u] = (json.loads(plan.stdout), status.stdout, (out / "phase_summary.csv").read_text())
+    plain, with_query = views.values()
+    assert plain == with_query
+    assert {r["state"] for r in plain[0]} == {"done"}
+
+
+def progress_epoch(run_dir: Path) -> int:
+    try:
+        return int(json.loads((run_dir / "progress.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
