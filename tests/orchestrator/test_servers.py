@@ -6,7 +6,16 @@ import subprocess
 import sys
 
 import pytest
-from servers import MlflowServer, Postgres, pid1_unavailable, postgres, postgres_uri, ray_cluster, run_as_pid1
+from servers import (
+    MlflowServer,
+    Postgres,
+    later,
+    pid1_unavailable,
+    postgres,
+    postgres_uri,
+    ray_cluster,
+    run_as_pid1,
+)
 
 __all__ = ["postgres", "postgres_uri", "ray_cluster"]  # fixtures, imported so that pytest finds them
 
@@ -62,6 +71,16 @@ def test_mlflow_server_refuses_a_taken_port(tmp_path):
     assert server.proc is None
 
 
+def test_later_runs_a_call_in_the_background_and_hands_back_its_error():
+    import time
+
+    started = time.monotonic()
+    assert later(0.2, lambda x: x * 2, 21).result(timeout=10) == 42
+    assert time.monotonic() - started >= 0.2
+    with pytest.raises(ZeroDivisionError):
+        later(0, lambda: 1 / 0).result(timeout=10)
+
+
 def test_postgres_fresh_databases_and_restart(postgres: Postgres):
     import psycopg
 
@@ -115,6 +134,14 @@ def test_ray_cluster_runs_on_a_worker_node_and_loses_one(ray_cluster):
         on_w1 = ray.get(where.options(resources={"node_w1": 1}).remote(), timeout=120)
         assert on_w1 == ray_cluster.node_id("w1") != ray_cluster.node_id("head")
 
+        # What `adareg --ray-address` does: a separate driver joins with the fixture's address and env.
+        code = (f"import ray; ray.init(address={ray_cluster.address!r}, log_to_driver=False); "
+                "print(sum(n['Alive'] for n in ray.nodes()), int(ray.cluster_resources()['CPU']))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **ray_cluster.env})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == ["3", "3"]
+
         ray_cluster.remove_worker("w1")
         deadline = time.monotonic() + 60
         while sum(n["Alive"] for n in ray.nodes()) != 2 and time.monotonic() < deadline:
@@ -128,17 +155,6 @@ def test_ray_cluster_runs_on_a_worker_node_and_loses_one(ray_cluster):
         assert ray.get(where.options(resources={"node_w3": 1}).remote(), timeout=120) == ray_cluster.node_id("w3")
     finally:
         ray.shutdown()
-
-
-@pytest.mark.slow
-def test_ray_cluster_is_reachable_from_a_subprocess(ray_cluster):
-    """What ``adareg --ray-address`` does: a separate driver joins with the fixture's address and env."""
-    code = (f"import ray; ray.init(address={ray_cluster.address!r}, log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()), int(ray.cluster_resources()['CPU']))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **ray_cluster.env})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["3", "3"]
 
 
 @pytest.mark.skipif(pid1_unavailable() is not None, reason=str(pid1_unavailable()))
