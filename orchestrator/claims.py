@@ -127,14 +127,14 @@ def live_holder(tags: dict[str, str], lease_s: float = DEFAULT_LEASE_S) -> Holde
     return h if h is not None and h.live else None
 
 
-def claim(client, run, me: Owner, *, lease_s: float = DEFAULT_LEASE_S, settle_s: float = SETTLE_S):
+def claim(client, run, me: Owner, *, lease_s: float = DEFAULT_LEASE_S, settle_s: float | None = None):
     """Take ``run`` for ``me`` (free or stale claims only); the run as read back. Busy otherwise."""
     h = holder(run.data.tags, lease_s=lease_s, my_run_dir=me.run_dir)
     if h is not None and h.live and h.owner.id != me.id:
         raise Busy(f"running elsewhere: {h.describe()}")
     client.set_tag(run.info.run_id, TAG_OWNER, me.tag())
     client.set_tag(run.info.run_id, TAG_HEARTBEAT, f"{time.time():.3f}")
-    time.sleep(settle_s)
+    time.sleep(SETTLE_S if settle_s is None else settle_s)
     back = client.get_run(run.info.run_id)
     winner = Owner.from_tag(back.data.tags.get(TAG_OWNER))
     if winner is None or winner.id != me.id:
@@ -143,12 +143,12 @@ def claim(client, run, me: Owner, *, lease_s: float = DEFAULT_LEASE_S, settle_s:
 
 
 def create_claimed(client, experiment_id: str, tags: dict[str, str], run_name: str, me: Owner, find_active,
-                   *, settle_s: float = SETTLE_S):
+                   *, settle_s: float | None = None):
     """Create the run of a key, claimed by ``me``, unless a concurrent creator wins; ``find_active()`` lists
     the key's active runs. The loser deletes its own run and raises Busy."""
     tags = {**tags, TAG_OWNER: me.tag(), TAG_HEARTBEAT: f"{time.time():.3f}"}
     run = client.create_run(experiment_id, tags=tags, run_name=run_name)
-    time.sleep(settle_s)
+    time.sleep(SETTLE_S if settle_s is None else settle_s)
     rivals = [r for r in find_active() if r.info.run_id != run.info.run_id]
     if rivals:
         first = min([run, *rivals], key=lambda r: (r.info.start_time or 0, r.info.run_id))

@@ -7,7 +7,7 @@
                     aside to ``checkpoint.pt.broken`` (``.broken.1``, ...) and kept
     progress.json   the worker's heartbeat: epoch, total, last metrics, pid, time, and notes for the user
     result.json     the latest attempt: ``started`` while it runs, then its outcome (status, message, MLflow
-                    run id, epochs done), with the count of starts and failed attempts
+                    run id, epochs done), with the count of starts and of attempts that ended in an error
     stop            a request to stop after the current epoch (a pruned trial)
     worker.log      the worker's stdout and stderr
 
@@ -58,7 +58,7 @@ class Result:
     run_id: str | None = None
     epochs_done: int = 0
     starts: int = 0  # attempts started in this folder
-    failures: int = 0  # attempts that ended in error or crashed
+    failures: int = 0  # attempts that ended in an error
     pid: int = 0
     host: str = ""
     time: float = field(default_factory=time.time)
@@ -144,12 +144,11 @@ class RunFolder:
         return Result.from_json(_read_json(self.result_path))
 
     def start_attempt(self, host: str) -> Result:
-        """Record a new attempt (``started``). A previous attempt still ``started`` died without a word
-        (SIGKILL, out of memory): it counts as a failure."""
+        """Record a new attempt (``started``). The count of failed attempts carries over (errors the worker
+        caught, even before the first epoch); a previous attempt still ``started`` died without a word, most
+        often with its orchestrator (a SIGKILL, a reboot), which is not the run's fault and is not counted."""
         before = self.read_result() or Result(starts=0)
-        failures = before.failures + (before.status in ("started", "crashed"))
-        if before.status in DONE:
-            failures = 0
+        failures = 0 if before.status in DONE else before.failures
         result = Result("started", starts=before.starts + 1, failures=failures, pid=os.getpid(), host=host,
                         run_id=before.run_id, epochs_done=before.epochs_done)
         self.write_result(result)

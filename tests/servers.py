@@ -349,7 +349,7 @@ class RayCluster:
     for this process while the cluster lives and in :attr:`env` for subprocesses.
     """
 
-    def __init__(self, workers: int = 2, num_cpus: int = 1, object_store_mb: int = 80):
+    def __init__(self, workers: int = 2, num_cpus: int = 1, object_store_mb: int = 80, head_cpus: int | None = None):
         self.temp_dir = short_tempdir("ray-")
         (self.temp_dir / "ray").mkdir()  # Ray's temp dir under $RAY_TMPDIR (its address file goes there)
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray's "this machine's IP" is then 127.0.0.1; otherwise a
@@ -364,7 +364,7 @@ class RayCluster:
         self._constants = ray_constants
         self._saved_cluster_flag = ray_constants.ENABLE_RAY_CLUSTER
         ray_constants.ENABLE_RAY_CLUSTER = False  # the env var above, for a Ray imported before it was set
-        self.num_cpus = num_cpus
+        self.num_cpus, self.head_cpus = num_cpus, num_cpus if head_cpus is None else head_cpus
         self.object_store_mb = object_store_mb
         self.workers: dict[str, object] = {}
         self._count = 0
@@ -380,7 +380,7 @@ class RayCluster:
         self.start_seconds = time.monotonic() - started
 
     def _node_args(self, name: str) -> dict:
-        args = {"num_cpus": self.num_cpus, "node_ip_address": "127.0.0.1", "resources": {f"node_{name}": 1},
+        args = {"num_cpus": self.head_cpus if name == "head" else self.num_cpus, "node_ip_address": "127.0.0.1", "resources": {f"node_{name}": 1},
                 "object_store_memory": self.object_store_mb * 1024 * 1024}
         if name == "head":
             # A dead node is declared dead after ~3 s instead of ~15 s (Ray's own tests shorten it too).

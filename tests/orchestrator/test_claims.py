@@ -1,0 +1,169 @@
+"""Claims in the tracking store, on a real MLflow sqlite store: who holds a run, races between processes
+that create or take over the same run at once, and a logger that never splices two trainings."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from orchestrator import claims, tracking
+from orchestrator.identity import TAG_RUN_KEY
+from training.callbacks import METRICS
+from training.config import RunConfig
+from training.schedules import plan_for
+
+ME = "/runs/k"
+
+
+def owner(host=None, pid=None, run_dir="/elsewhere/k", since=None, oid="x1"):
+    return claims.Owner(oid, host or claims.hostname(), pid or os.getpid(), run_dir, since or time.time())
+
+
+def tags(o: claims.Owner, beat: float) -> dict[str, str]:
+    return {claims.TAG_OWNER: o.tag(), claims.TAG_HEARTBEAT: str(beat)}
+
+
+def test_holder_is_live_within_the_lease_and_stale_when_its_process_is_provably_gone():
+    now = time.time()
+    assert claims.holder({}) is None
+    far = owner(host="gpu-box-7", pid=4242)
+    assert claims.holder(tags(far, now - 10), lease_s=300, now=now).live
+    stale = claims.holder(tags(far, now - 301), lease_s=300, now=now)
+    assert not stale.live and stale.why == "no heartbeat for 301s (lease 300s)"
+    dead = subprocess_pid_that_exited()
+    assert not claims.holder(tags(owner(pid=dead), now), now=now).live  # this host, process gone
+    assert claims.holder(tags(owner(), now), now=now).live  # this host, process alive (us)
+    mine = claims.holder(tags(owner(run_dir=ME), now), now=now, my_run_dir=ME)
+    assert not mine.live and "holds its run folder's lock" in mine.why
+
+
+def subprocess_pid_that_exited() -> int:
+    p = multiprocessing.get_context("fork").Process(target=lambda: None)
+    p.start()
+    p.join()
+    return p.pid
+
+
+@pytest.fixture
+def store_uri(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.ensure_experiment(tracking.connect(uri), "claims")
+    return uri
+
+
+def _create(uri: str, key: str, start_at: float, queue) -> None:
+    client = tracking.connect(uri)
+    exp = client.get_experiment_by_name("claims").experiment_id
+    me = claims.Owner.me(f"/runs/{os.getpid()}")
+    while time.time() < start_at:
+        time.sleep(0.001)
+    try:
+        run = claims.create_claimed(client, exp, {TAG_RUN_KEY: key}, "r", me,
+                                    lambda: tracking.active_runs(client, exp, key), settle_s=0.5)
+        queue.put(("won", run.info.run_id))
+    except claims.Busy as e:
+        queue.put(("lost", str(e)))
+
+
+def _claim(uri: str, run_id: str, start_at: float, queue) -> None:
+    client = tracking.connect(uri)
+    me = claims.Owner.me(f"/runs/{os.getpid()}")
+    run = client.get_run(run_id)
+    while time.time() < start_at:
+        time.sleep(0.001)
+    try:
+        claims.claim(client, run, me, settle_s=0.5)
+        queue.put(("won", me.id))
+    except claims.Busy as e:
+        queue.put(("lost", str(e)))
+
+
+def race(target, *args, n=4):
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    start_at = time.time() + 1.5
+    procs = [ctx.Process(target=target, args=(*args, start_at, queue)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    return [queue.get(timeout=5) for _ in procs]
+
+
+def test_four_processes_creating_one_key_at_once_leave_exactly_one_run(store_uri):
+    results = race(_create, store_uri, "k1")
+    won = [r for what, r in results if what == "won"]
+    assert len(won) == 1, results
+    client = tracking.connect(store_uri)
+    exp = client.get_experiment_by_name("claims").experiment_id
+    assert [r.info.run_id for r in tracking.active_runs(client, exp, "k1")] == won
+
+
+def test_four_processes_taking_over_one_stale_claim_leave_one_owner(store_uri):
+    client = tracking.connect(store_uri)
+    exp = client.get_experiment_by_name("claims").experiment_id
+    dead = owner(host="gone-host", pid=1, since=time.time() - 1000)
+    run = client.create_run(exp, tags={TAG_RUN_KEY: "k2", **tags(dead, time.time() - 1000)})
+    results = race(_claim, store_uri, run.info.run_id)
+    won = [r for what, r in results if what == "won"]
+    assert len(won) == 1, results
+    assert claims.Owner.from_tag(client.get_run(run.info.run_id).data.tags[claims.TAG_OWNER]).id == won[0]
+    assert all(why.startswith(("taken over meanwhile by", "running elsewhere")) for what, why in results
+               if what == "lost")
+
+
+def metrics(config, epoch, scale=1.0):
+    return {m: float(epoch * scale + i) for i, m in enumerate(METRICS)}
+
+
+def logger_for(uri, run_dir=ME):
+    store = tracking.Store(uri)
+    exp = tracking.ensure_experiment(store.client, "claims")
+    return tracking.RunLogger(store, exp, "s", owner=claims.Owner.me(run_dir), lease_s=60)
+
+
+def test_the_logger_resumes_its_own_history_and_supersedes_anothers(store_uri, monkeypatch):
+    monkeypatch.setattr(claims, "SETTLE_S", 0.0)
+    config = RunConfig(epochs_scale=0.02)
+    plan = plan_for(config)
+    first = logger_for(store_uri)
+    first.on_start(config, plan, [])
+    for e in (1, 2, 3):
+        first.on_epoch_end(e, metrics(config, e))
+    first.finish("KILLED", "killed", "interrupted")
+    history = [{"epoch": float(e), **metrics(config, e)} for e in (1, 2, 3, 4)]
+
+    again = logger_for(store_uri)  # the checkpoint that produced epochs 1-3, one epoch further
+    again.on_start(config, plan, history)
+    assert again.run_id == first.run_id and again.superseded is None
+    again.finish("KILLED", "killed", "interrupted")
+
+    other = [{"epoch": float(e), **metrics(config, e, scale=2.0)} for e in (1, 2)]  # another training's
+    fresh = logger_for(store_uri)
+    fresh.on_start(config, plan, other)
+    assert fresh.run_id != first.run_id
+    assert fresh.superseded.startswith(f"run {first.run_id} superseded: MLflow's ")
+    client = fresh.store.client
+    old = client.get_run(first.run_id)
+    assert old.data.tags[claims.TAG_SUPERSEDED_BY] == fresh.run_id and old.info.status == "KILLED"
+    assert {m.step for m in client.get_metric_history(fresh.run_id, "train_loss")} == {1, 2}
+    fresh.finish("FINISHED")
+    exp = client.get_experiment_by_name("claims").experiment_id
+    assert tracking.find_runs(client, "claims")[tracking.run_key(config)].info.run_id == fresh.run_id
+    assert [r.info.run_id for r in tracking.active_runs(client, exp, tracking.run_key(config))] == [fresh.run_id]
+
+
+def test_a_live_claim_elsewhere_keeps_the_logger_out(store_uri, monkeypatch):
+    monkeypatch.setattr(claims, "SETTLE_S", 0.0)
+    config = RunConfig(epochs_scale=0.02)
+    plan = plan_for(config)
+    holder = logger_for(store_uri, run_dir="/machine-a/runs/k")
+    holder.on_start(config, plan, [])
+    intruder = logger_for(store_uri, run_dir="/machine-b/runs/k")
+    intruder.owner = claims.Owner("other", "machine-b", 1, "/machine-b/runs/k", time.time())
+    with pytest.raises(claims.Busy, match="running elsewhere"):
+        intruder.on_start(config, plan, [])
+    holder.finish("FINISHED")

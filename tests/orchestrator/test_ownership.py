@@ -1,0 +1,169 @@
+"""One owner per run, whatever shares the store (issue: several orchestrators, machines and tuners on one
+MLflow server backed by PostgreSQL, and a real Ray cluster). Real orchestrators SIGKILLed at random, real
+servers; every logged curve is compared with an uninterrupted reference training of the same run key."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from e2e import Store, epochs_done, run_bg, sweep_cmd, wait_until, write_sweep
+from servers import MlflowServer, RayCluster, postgres, postgres_uri  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.slow
+
+SCHEMES = "wd-1e-4: {weight_decay: 0.0001}\n'01': {weight_decay: [0.0001, 0.0008]}\n"
+SEEDS = "[0, 1]"
+EPOCHS = 8  # two steps of four
+
+
+def tiny_sweep(path: Path) -> Path:
+    return write_sweep(path, SCHEMES, seeds=SEEDS, epochs=EPOCHS // 2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, dict]:
+    """``{run_key: history without timing}`` of the sweep trained once, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("reference")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    done = subprocess.run(sweep_cmd(tiny_sweep(tmp / "s.yaml"), uri, tmp / "runs"), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = Store(uri)
+    return {key: store.history(run["run_id"]) for key, run in store.active().items()}
+
+
+def assert_one_training_per_key(store: Store, reference: dict[str, dict]) -> None:
+    """Exactly one active MLflow run per key, FINISHED, each metric once per epoch, equal to the reference."""
+    active = store.active()
+    assert sorted(active) == sorted(reference)
+    for key, run in active.items():
+        assert run["status"] == "FINISHED", run
+        store.assert_once_per_epoch(run["run_id"], EPOCHS)
+        assert store.history(run["run_id"]) == reference[key], f"run {key} is not one uninterrupted training"
+    for run in store.runs():
+        assert run["status"] != "RUNNING", run
+
+
+def two_orchestrators_killed_at_random(tmp_path: Path, uri: str, seed: int, kills: int = 5) -> list:
+    """Two ``adareg sweep run`` of one sweep on one store with different run folders, started 0-10 s apart,
+    SIGKILLed (alone or with their workers) at random moments ``kills`` times in all, restarted each time,
+    then left to finish and run once more each. Returns what happened, for failure messages."""
+    rng = random.Random(seed)
+    sweep = tiny_sweep(tmp_path / "s.yaml")
+    cmds = {name: sweep_cmd(sweep, uri, tmp_path / f"runs-{name}", "--claim-lease", "60") for name in "AB"}
+    procs: dict[str, subprocess.Popen] = {}
+    history: list = [("seed", seed)]
+
+    def start(name: str) -> None:
+        procs[name] = run_bg(cmds[name], tmp_path / f"orchestrator-{name}.log")
+
+    start("A")
+    time.sleep(rng.uniform(0.0, 10.0))
+    start("B")
+    for _ in range(kills):
+        time.sleep(rng.uniform(1.0, 8.0))
+        name = rng.choice([n for n, p in procs.items() if p.poll() is None] or ["A"])
+        proc = procs[name]
+        alone = rng.random() < 0.5
+        with contextlib.suppress(ProcessLookupError):
+            (os.kill if alone else os.killpg)(proc.pid, signal.SIGKILL)
+        history.append((name, "SIGKILL alone" if alone else "SIGKILL group", proc.wait(timeout=30)))
+        time.sleep(rng.uniform(0.0, 2.0))
+        start(name)
+    for name, proc in procs.items():
+        history.append((name, "ended", proc.wait(timeout=600)))
+    for name, cmd in cmds.items():  # re-run until done: once more must find nothing left
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        history.append((name, "re-run", done.returncode))
+        assert done.returncode == 0, (history, done.stdout + done.stderr)
+    return history
+
+
+def test_two_orchestrators_on_one_sqlite_store_killed_at_random(tmp_path, reference):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    history = two_orchestrators_killed_at_random(tmp_path, uri, seed=int(time.time()) % 10_000)
+    try:
+        assert_one_training_per_key(Store(uri), reference)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{history}") from None
+
+
+def test_two_orchestrators_on_an_mlflow_server_on_postgresql_killed_at_random(tmp_path, postgres_uri, reference):
+    with MlflowServer(postgres_uri, workdir=tmp_path / "server") as server:
+        history = two_orchestrators_killed_at_random(tmp_path, server.uri, seed=int(time.time()) % 10_000 + 1)
+    try:
+        assert_one_training_per_key(Store(postgres_uri), reference)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{history}") from None
+
+
+def test_a_lost_run_folder_restarts_in_a_fresh_run_and_supersedes_the_old(tmp_path, reference):
+    """The run folder is deleted (a cleaned scratch disk, a new machine) after the run was killed at epoch
+    >= 3: the re-run trains from epoch 1 in a fresh MLflow run; the old one is kept, tagged superseded."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = tiny_sweep(tmp_path / "s.yaml")
+    runs = tmp_path / "runs"
+    proc = run_bg(sweep_cmd(sweep, uri, runs, "--only", "seed=0"), tmp_path / "sweep.log")
+    wait_until(lambda: epochs_done(runs) >= 6, 300, "three epochs in each of two runs")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    store = Store(uri)
+    killed = {r["key"]: r["run_id"] for r in store.runs()}
+    shutil.rmtree(runs)
+    done = subprocess.run(sweep_cmd(sweep, uri, runs, "--only", "seed=0"), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    active = store.active()
+    for key, old_id in killed.items():
+        assert active[key]["run_id"] != old_id and active[key]["status"] == "FINISHED"
+        store.assert_once_per_epoch(active[key]["run_id"], EPOCHS)
+        assert store.history(active[key]["run_id"]) == reference[key]
+        (old,) = [r for r in store.runs() if r["run_id"] == old_id]
+        assert old["superseded"].startswith("MLflow holds epoch 1 of "), old
+        assert old["status"] == "KILLED"
+        assert store.query("SELECT value FROM tags WHERE run_uuid = :r AND key = 'adareg.superseded_by'",
+                           r=old_id) == [(active[key]["run_id"],)]
+    # plan and report see the fresh runs only
+    plan = subprocess.run(sweep_cmd(sweep, uri, runs, "--only", "seed=0")[:1] + ["sweep", "plan", str(sweep),
+                          "--only", "seed=0", "--tracking-uri", uri, "--runs-dir", str(runs), "--format", "json"],
+                          capture_output=True, text=True, timeout=120)
+    import json
+
+    assert {(r["run_id"], r["state"]) for r in json.loads(plan.stdout)} == {
+        (active[k]["run_id"], "done") for k in killed}
+
+
+def test_a_ray_worker_node_lost_mid_sweep(tmp_path):
+    """A head (no CPUs) and two one-CPU worker nodes on loopback, a shared runs folder: the node running one
+    of the two runs in flight is removed; that run is retried on the remaining node and the sweep finishes."""
+    pytest.importorskip("ray")
+    cluster = RayCluster(workers=2, num_cpus=1, head_cpus=0)
+    try:
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        sweep = tiny_sweep(tmp_path / "s.yaml")
+        runs = tmp_path / "runs"
+        cmd = sweep_cmd(sweep, uri, runs, "--only", "scheme=wd-1e-4", "--backend", "ray", "--ray-address",
+                        cluster.address)
+        proc = run_bg(cmd, tmp_path / "sweep.log", env={**os.environ, **cluster.env})
+        wait_until(lambda: sum(1 for p in runs.glob("*/progress.json")) >= 2 and epochs_done(runs) >= 3, 300,
+                   "two runs in flight")
+        cluster.remove_worker("w2")
+        code = proc.wait(timeout=600)
+        out = (tmp_path / "sweep.log").read_text()
+        assert code == 0, out
+    finally:
+        cluster.shutdown()
+    store = Store(uri)
+    active = store.active()
+    assert len(active) == 2 and {r["status"] for r in active.values()} == {"FINISHED"}
+    for run in active.values():
+        store.assert_once_per_epoch(run["run_id"], EPOCHS)
+    assert "retry 1 of 2" in out, out  # the lost node's run
