@@ -101,6 +101,10 @@ class Store:
         with self.engine.connect() as c:
             return [tuple(r) for r in c.execute(sa.text(sql), params)]
 
+    def experiment_tags(self, name: str) -> dict[str, str]:
+        return dict(self.query("SELECT t.key, t.value FROM experiment_tags t JOIN experiments e "
+                               "ON e.experiment_id = t.experiment_id WHERE e.name = :n", n=name))
+
     def runs(self) -> list[dict]:
         """Every MLflow run with its key, status, lifecycle and adareg tags."""
         rows = self.query("""

@@ -254,6 +254,8 @@ def test_trains_on_cifar_archives_from_data_dir(isolated, capsys):
     assert runs(isolated / "mlflow.db") == []
     proc = cli(capsys, *args, "--allow-unofficial-data")  # ... unless the user vouches for it
     assert proc.returncode == 0, proc.stderr
+    kind = db_rows(isolated / "mlflow.db", "SELECT value FROM experiment_tags WHERE key = 'mlflow.experimentKind'")
+    assert kind == [("custom_model_development",)]  # the MLflow UI opens on the runs, not on GenAI traces
     run_id = finished_run(isolated / "mlflow.db")
     assert_each_metric_once_per_epoch(isolated / "mlflow.db", run_id, 15)
     assert (isolated / "data" / "cifar-10-batches-py" / "data_batch_5").exists()

@@ -124,6 +124,9 @@ def test_broken_checkpoints_restart_cleanly_and_uri_query_arguments_change_nothi
         assert f"{run_dir.name}: checkpoint {run_dir / 'checkpoint.pt'} cannot be resumed" in done.stdout
     active = store.active()
     assert {r["status"] for r in active.values()} == {"FINISHED"} and len(active) == 2
+    tags = store.experiment_tags("tiny")  # the MLflow UI opens on the runs table, with a description
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags["mlflow.note.content"].startswith("adareg sweep 'tiny'")
     for key, run in active.items():
         store.assert_once_per_epoch(run["run_id"], 8)
         if first.get(key) != run["run_id"]:  # the first training's epochs live on only in a superseded run
