@@ -18,7 +18,7 @@ from orchestrator.cli_common import (
 )
 from orchestrator.errors import UserError
 from orchestrator.reconcile import inspect_sweep
-from orchestrator.tracking import absolute_tracking_uri, resolve_tracking_uri
+from orchestrator.tracking import absolute_tracking_uri, resolve_tracking_uri, ui_url
 from orchestrator.worker import default_runs_dir
 
 runs_dir_option = click.option(
@@ -127,8 +127,12 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
     elif failed:
         click.echo(f"error: {failed} of {len(result.states)} runs failed", err=True)
     uri = f" --tracking-uri {tracking_uri}" if tracking_uri else ""
-    click.echo(f"browse the runs: adareg ui{uri}   (then open http://127.0.0.1:5000, experiment "
-               f"{sweep_.experiment}); figures: adareg report {sweep_file}{uri}")
+    server = _tracking_uri(tracking_uri)
+    if server.startswith(("http://", "https://")):
+        where = f"open {ui_url(server, result.experiment_id)}"
+    else:
+        where = f"adareg ui{uri}, then open {ui_url('http://127.0.0.1:5000', result.experiment_id)}"
+    click.echo(f"browse the runs: {where}\nfigures and tables: adareg report {sweep_file}{uri}")
     ctx.exit(result.exit_code)
 
 
@@ -169,13 +173,13 @@ def ui_command(port, tracking_uri):
     """The MLflow UI on the same store, at http://127.0.0.1:PORT (this machine only)."""
     uri = _tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
-        click.echo(f"the tracking server {uri} serves the MLflow UI itself: open it in a browser")
+        click.echo(f"the tracking server {uri} serves the MLflow UI itself: open {ui_url(uri)}")
         return
     if not 0 < port < 65536:
         raise UserError(f"--port {port}: must be in 1-65535")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(port)]
-    click.echo(f"MLflow UI on {uri}: http://127.0.0.1:{port} (Ctrl-C to stop)")
+    click.echo(f"MLflow UI on {uri}: {ui_url(f'http://127.0.0.1:{port}')} (Ctrl-C to stop)")
     sys.stdout.flush()
     os.execv(sys.executable, command)
 

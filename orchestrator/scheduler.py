@@ -441,6 +441,7 @@ class SweepResult:
     exit_code: int = 0
 
     store_down: bool = False  # ended because the tracking store stayed unreachable
+    experiment_id: str | None = None
 
     def outcome(self, state: RunState) -> tuple[str, str]:
         """(state, reason) for the summary: MLflow's word, or the scheduler's when MLflow has none."""
@@ -481,12 +482,12 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
     if backend == "ray":
         check_shared(ray_address, uri, runs_dir, shared_runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    tracking.ensure_experiment(tracking.connect(uri), sweep.experiment, describe(sweep))  # before any worker
+    experiment_id = tracking.ensure_experiment(tracking.connect(uri), sweep.experiment, describe(sweep))  # once
 
     states = inspect_sweep(configs, sweep.experiment, uri, runs_dir, retries, claim_lease)
     tasks = [Task(s.run_key, s.config, runs_dir / s.run_key, s.total_epochs) for s in to_run(states, retry_failed)]
     if not tasks:
-        return _finish(states, {}, None)
+        return _finish(states, {}, None, experiment_id=experiment_id)
 
     chosen: Backend
     if backend == "ray":
@@ -518,7 +519,7 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
         chosen.close()
     by_key = {t.key: t for t in tasks}
     if scheduler.aborted:  # stop at once: no final look at MLflow
-        return _finish(states, by_key, stopped_by, aborted=True)
+        return _finish(states, by_key, stopped_by, aborted=True, experiment_id=experiment_id)
     try:
         final = inspect_sweep(configs, sweep.experiment, uri, runs_dir, retries, claim_lease)
     except Exception as e:  # noqa: BLE001 - the store went down again: report what the scheduler saw
@@ -526,7 +527,7 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
             raise
         final = states
         scheduler.store_gave_up = True
-    return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up)
+    return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up, experiment_id=experiment_id)
 
 
 def describe(sweep) -> str:
@@ -562,8 +563,9 @@ def ray_slots(resources: dict[str, float], no_gpus: bool, jobs_per_gpu: int, max
 
 
 def _finish(states: list[RunState], tasks: dict[str, Task], stopped_by: int | None,
-            aborted: bool = False, store_down: bool = False) -> SweepResult:
-    result = SweepResult(states, tasks, stopped_by, aborted=aborted, store_down=store_down)
+            aborted: bool = False, store_down: bool = False, experiment_id: str | None = None) -> SweepResult:
+    result = SweepResult(states, tasks, stopped_by, aborted=aborted, store_down=store_down,
+                         experiment_id=experiment_id)
     if stopped_by is not None:
         result.exit_code = EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
     elif any(result.outcome(s)[0] == "failed" for s in states):

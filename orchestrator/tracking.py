@@ -230,6 +230,14 @@ def connect(uri: str | None = None, create: bool = True, transient_errors: bool 
     return client
 
 
+def ui_url(base: str, experiment_id: str | None = None) -> str:
+    """A link into the MLflow UI that opens on the training runs: MLflow 3.17's UI starts in its GenAI
+    mode (traces overview) whatever the experiment's kind; ``workflowType=machine_learning`` switches it
+    to "Model training", and the UI remembers the choice."""
+    page = f"experiments/{experiment_id}" if experiment_id else "experiments"
+    return f"{base.rstrip('/')}/#/{page}?workflowType=machine_learning"
+
+
 def probe(uri: str, timeout_s: float = 5.0) -> bool:
     """Whether the store answers now (a quick health check; never raises)."""
     try:

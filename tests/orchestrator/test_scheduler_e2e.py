@@ -142,6 +142,8 @@ def test_run_then_rerun_finished_and_diverged(tmp_path, store, capsys):
     assert reason[0].startswith("diverged at epoch ")
     summary = [line for line in out.splitlines() if " boom " in line and "failed" in line]
     assert summary and "diverged at epoch" in summary[-1], out
+    # the UI link opens the experiment's runs table (MLflow 3.17's UI starts in GenAI mode otherwise)
+    assert re.search(r"then open http://127\.0\.0\.1:5000/#/experiments/\d+\?workflowType=machine_learning", out)
     assert_each_metric_once_per_epoch_of_finished(tmp_path)
 
     where = ["--tracking-uri", store, "--runs-dir", str(tmp_path / "runs")]
