@@ -38,7 +38,7 @@ from orchestrator.backends import Backend, Job, LocalBackend, RayBackend, Slot, 
 from orchestrator.errors import UserError
 from orchestrator.reconcile import DEFAULT_RETRIES, TODO, RunState, inspect_sweep
 from orchestrator.runfolder import COUNTED, DONE, Result, RunFolder
-from orchestrator.worker import EXIT_SIGINT, EXIT_SIGTERM, WorkerSpec
+from orchestrator.worker import EXIT_BUSY, EXIT_SIGINT, EXIT_SIGTERM, WorkerSpec
 from training.config import RunConfig
 
 POLL_S = 0.2
@@ -355,7 +355,10 @@ class Scheduler:
     def _outcome(self, task: Task, code: int) -> Result:
         """The attempt's result.json, or a crash if the worker wrote none for this attempt."""
         result = task.folder.read_result()
-        if result is None or result.status == "started" or result.time < task.dispatched_at - 1.0:
+        fresh = result is not None and result.status != "started" and result.time >= task.dispatched_at - 1.0
+        if not fresh and code == EXIT_BUSY:  # it found the folder locked: it writes nothing into a folder it lacks
+            return Result("busy", "held by a live worker here (its run folder is locked)")
+        if not fresh:
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             tail = log_tail(task.folder.log)
             result = Result("crashed", f"worker died without a result ({how})" + (f": {tail}" if tail else ""))
@@ -379,7 +382,7 @@ class Scheduler:
             task.result, task.message = "killed", "interrupted; resumable"
         elif status == "busy":  # held by a live process elsewhere: look again later, without counting
             task.result = "skipped"
-            task.not_before = now + (self.lock_wait_s if "running here" in task.message else self.busy_wait_s)
+            task.not_before = now + (self.lock_wait_s if " here" in task.message else self.busy_wait_s)
             if task.busy != task.message:
                 self.view.note(f"{task.key}: {task.message}; will look again")
             task.busy = task.message

@@ -148,8 +148,10 @@ class Store:
 
     @property
     def client(self):
+        """The MlflowClient (connecting on first use: an unreachable store raises a transient error, which
+        the enclosing ``call`` retries)."""
         if self._client is None:
-            self._client = self.call(lambda: connect(self.uri, transient_errors=True))
+            self._client = connect(self.uri, transient_errors=True)
         return self._client
 
     def call(self, fn: Callable[[], T], what: str = "", budget_s: float | None = None) -> T:

@@ -129,7 +129,9 @@ class FakeJob:
         finished = time.monotonic() >= self.end
         if finished and not self.written:
             self.written = True
-            if self.status != "crashed":
+            if self.status == "locked":  # found the folder locked: writes nothing, exits 4
+                self.code = 4
+            elif self.status != "crashed":
                 self.folder.write_result(Result(self.status, f"{self.status} (fake)"))
         return finished
 
@@ -203,7 +205,7 @@ def scheduler(backend, n_slots=2, retries=2, view=None, grace_s=0.1, **kwargs):
 def test_result_files_decide_retry_fail_or_wait(tmp_path):
     script = {"ok": ["finished"], "flaky": ["error", "finished"], "broken": ["error", "crashed", "error"],
               "diverges": ["diverged"], "bad": ["bad_input"], "elsewhere": ["busy", "busy", "already_finished"],
-              "outage": ["store_down", "finished"], "pruned": ["stopped"]}
+              "outage": ["store_down", "finished"], "pruned": ["stopped"], "locked": ["locked", "finished"]}
     backend = FakeBackend(script)
     tasks = make_tasks(tmp_path, script)
     assert scheduler(backend, retries=2, store_probe=lambda: True).run(tasks) is None
@@ -214,7 +216,7 @@ def test_result_files_decide_retry_fail_or_wait(tmp_path):
         "diverges": ("diverged", 1, 0), "bad": ("failed", 1, 0),  # never retried
         "elsewhere": ("finished", 3, 0),  # held elsewhere: looked at again, never counted
         "outage": ("finished", 2, 0),  # store down: resumed when it answers, never counted
-        "pruned": ("stopped", 1, 0)}
+        "pruned": ("stopped", 1, 0), "locked": ("finished", 2, 0)}  # a worker that found the folder locked
     assert all(not codes for codes in script.values())
     broken = next(t for t in tasks if t.key == "broken")
     assert broken.message == "error (fake)"
