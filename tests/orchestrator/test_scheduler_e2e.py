@@ -19,14 +19,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import e2e
 import pytest
-
-from training.callbacks import METRICS
+from e2e import N_METRICS, leftover_processes, wait_until, write_sweep
 
 pytestmark = pytest.mark.slow
 
-ADAREG = str(Path(sys.executable).parent / "adareg")
-N_METRICS = len(METRICS)
 
 
 @pytest.fixture(scope="module")
@@ -45,26 +43,8 @@ def store(tmp_path, store_template) -> str:
     return f"sqlite:///{tmp_path}/mlflow.db"
 
 
-def write_sweep(path: Path, schemes: str, lr: str = "[0.1, 0.01]", name: str = "tiny") -> Path:
-    path.write_text(textwrap.dedent(f"""\
-        name: {name}
-        experiment: {name}
-        datasets: [digits]
-        archs: [resnet8]
-        seeds: [0]
-        schedule:
-          lr: {lr}
-          epochs_per_step: [2]
-        train:
-          train_subset: 100
-        schemes:
-        """) + textwrap.indent(textwrap.dedent(schemes), "  "))
-    return path
-
-
 def sweep_cmd(tmp_path: Path, sweep: Path, *extra: str) -> list[str]:
-    return [ADAREG, "sweep", "run", str(sweep), "--gpus", "none", "--max-parallel", "2",
-            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--runs-dir", str(tmp_path / "runs"), *extra]
+    return e2e.sweep_cmd(sweep, f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "runs", *extra)
 
 
 def query(tmp_path: Path, sql: str) -> list[tuple]:
@@ -90,40 +70,6 @@ def assert_each_metric_once_per_epoch(tmp_path: Path, epochs: int, runs: int) ->
     steps = query(tmp_path, "SELECT run_uuid, key, MIN(step), MAX(step), COUNT(*) FROM metrics GROUP BY run_uuid, key")
     assert len(steps) == runs * N_METRICS
     assert {row[2:] for row in steps} == {(1, epochs, epochs)}
-
-
-def leftover_processes(tmp_path: Path) -> list[int]:
-    """Live processes whose command line mentions this test's folder (workers, orchestrators)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if str(tmp_path).encode() in cmdline and state != "Z":
-            found.append(int(pid))
-    return found
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
-def epochs_done(tmp_path: Path) -> int:
-    total = 0
-    for progress in (tmp_path / "runs").glob("*/progress.json"):
-        try:
-            total += json.loads(progress.read_text())["epoch"]
-        except (OSError, ValueError, KeyError):
-            pass
-    return total
 
 
 def test_run_then_rerun_finished_and_diverged(tmp_path, store, capsys):
@@ -193,8 +139,8 @@ def test_sigkill_at_random_moments_then_ctrl_c_then_rerun(tmp_path, store, capsy
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def at_an_epoch(proc: subprocess.Popen) -> None:
-        before = epochs_done(tmp_path)
-        wait_until(lambda: epochs_done(tmp_path) > before or proc.poll() is not None, 90, "an epoch")
+        before = e2e.epochs_done(tmp_path / "runs")
+        wait_until(lambda: e2e.epochs_done(tmp_path / "runs") > before or proc.poll() is not None, 90, "an epoch")
         time.sleep(rng.uniform(0.0, 1.5))
 
     log = open(tmp_path / "orchestrators.log", "ab")
