@@ -234,13 +234,13 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="the CPU defaults (also the default on the CPU): "
-                   "resnet14, fp32, 10 runs x 2 epochs x 400 images, 2 processes, packs of 5 and 10")
+                   "resnet14, fp32, 10 runs x 1 epoch x 300 images, 2 processes, packs of 5 and 10")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--arch", help="comma-separated (cpu: resnet14; cuda: resnet14,resnet32)")
     p.add_argument("--precision", help="comma-separated fp32,bf16 (cpu: fp32; cuda: fp32,bf16)")
     p.add_argument("--runs", type=int, help="runs in the fixed batch (cpu: 10; cuda: 50)")
-    p.add_argument("--epochs", type=int, help="epochs per run (cpu: 2; cuda: 2)")
-    p.add_argument("--subset", type=int, help="digits training images per run, at most 1297 (cpu: 400; cuda: 1297)")
+    p.add_argument("--epochs", type=int, help="epochs per run (cpu: 1; cuda: 2)")
+    p.add_argument("--subset", type=int, help="digits training images per run, at most 1297 (cpu: 300; cuda: 1297)")
     p.add_argument("--processes", help="K values for (b), comma-separated (cpu: 2; cuda: 2,4,8)")
     p.add_argument("--packs", help="N values for (c), comma-separated (cpu: 5,10; cuda: 5,10,25,50)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads for (a) and (c)")
@@ -252,7 +252,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     defaults = {"arch": "resnet14,resnet32" if gpu else "resnet14", "precision": "fp32,bf16" if gpu else "fp32",
-                "runs": 50 if gpu else 10, "epochs": 2, "subset": 1297 if gpu else 400,
+                "runs": 50 if gpu else 10, "epochs": 2 if gpu else 1, "subset": 1297 if gpu else 300,
                 "processes": "2,4,8" if gpu else "2", "packs": "5,10,25,50" if gpu else "5,10"}
     for key, value in defaults.items():
         if getattr(args, key) is None:

@@ -41,7 +41,7 @@ from torch import nn
 
 from training.callbacks import Callback
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import RunConfig
+from training.config import ConfigError, RunConfig
 from training.data import Batches, Split, load_splits
 from training.loop import CHECKPOINT_VERSION, CheckpointMismatch, TrainResult, epoch_seed
 from training.models import STAGE_CHANNELS, build_model
@@ -63,14 +63,14 @@ def _field(config: RunConfig, name: str) -> Any:
 
 
 def check_shape(configs: Sequence[RunConfig]) -> None:
-    """ValueError naming the first field in which a config differs from the first one."""
+    """ConfigError (a ValueError) naming the first field in which a config differs from the first one."""
     if not configs:
-        raise ValueError("configs: a pack needs at least one run")
+        raise ConfigError("configs", "a pack needs at least one run")
     for i, c in enumerate(configs[1:], start=1):
         for name in SHAPE_FIELDS:
             if _field(c, name) != _field(configs[0], name):
-                raise ValueError(f"{name}: member {i} has {_field(c, name)!r}, member 0 has "
-                                 f"{_field(configs[0], name)!r}; a pack's runs must share it")
+                raise ConfigError(name, f"member {i} has {_field(c, name)!r}, member 0 has "
+                                        f"{_field(configs[0], name)!r}; a pack's runs must share it")
 
 
 def checkpoint_epoch(path: str | Path | None) -> int:
@@ -432,7 +432,8 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
     start = starts.pop()
     plan = members[0].plan
     test_batches = Batches(members[0].test_split, configs[0].dataset, configs[0].eval_batch_size, augment=False)
-    eval_batch_size = configs[0].eval_batch_size
+    # the fused model sees N x the channels: keep the evaluation batch's memory that of a solo run
+    eval_batch_size = max(configs[0].batch_size, configs[0].eval_batch_size // n)
     for m in members:
         for cb in m.callbacks:
             cb.on_start(m.config, m.plan, m.history)
