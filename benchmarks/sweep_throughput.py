@@ -7,7 +7,8 @@ clock from the first run's start to the last run's end:
 - (a) one run at a time: ``training.train`` for each run, one after another, in this process;
 - (b) K processes: K spawned workers (each with max(1, threads // K) torch threads on the CPU) share
   the runs; the clock starts once every worker has imported torch and loaded the data;
-- (c) packs of N: ``training.packed.train_packed`` on consecutive groups of N runs.
+- (c) packs of N: ``training.packed.train_packed`` on consecutive groups of N runs;
+- (d) on the CPU: K processes, each training whole packs of N (the first K of ``--processes``).
 
 With ``--repeats R`` the modes run R times, interleaved, and each keeps its best (shortest) pass.
 The aggregate is training images (runs x epochs x subset) per wall second, evaluation included; each
@@ -72,7 +73,7 @@ def one_at_a_time(configs: list[RunConfig], device: str, threads: int) -> float:
     return time.perf_counter() - t0
 
 
-def _worker(configs: list[dict], device: str, threads: int, ready, go, done) -> None:
+def _worker(configs: list[dict], device: str, threads: int, pack: int, ready, go, done) -> None:
     torch.set_num_threads(threads)
     runs = [RunConfig.from_dict(c) for c in configs]
     if runs:
@@ -81,17 +82,25 @@ def _worker(configs: list[dict], device: str, threads: int, ready, go, done) -> 
             torch.zeros(1, device=device)  # the CUDA context
     ready.put(os.getpid())
     go.wait()
-    for config in runs:
-        train(config, device=device, threads=threads)
+    if pack > 1:
+        packs(runs, device, threads, pack)
+    else:
+        for config in runs:
+            train(config, device=device, threads=threads)
     done.put(os.getpid())
 
 
-def processes(configs: list[RunConfig], device: str, threads: int, k: int) -> float:
+def processes(configs: list[RunConfig], device: str, threads: int, k: int, pack: int = 1) -> float:
     ctx = mp.get_context("spawn")
     ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    shares = [[c.to_dict() for c in configs[i::k]] for i in range(k)]
-    procs = [ctx.Process(target=_worker, args=(share, device, max(1, threads // k) if device == "cpu" else threads,
-                                               ready, go, done)) for share in shares]
+    if pack > 1:  # whole packs to each process
+        groups = [configs[i:i + pack] for i in range(0, len(configs), pack)]
+        shares = [[c.to_dict() for g in groups[i::k] for c in g] for i in range(k)]
+    else:
+        shares = [[c.to_dict() for c in configs[i::k]] for i in range(k)]
+    per_process = max(1, threads // k) if device == "cpu" else threads
+    procs = [ctx.Process(target=_worker, args=(share, device, per_process, pack, ready, go, done))
+             for share in shares]
     for p in procs:
         p.start()
     for _ in procs:
@@ -194,6 +203,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             modes = [("(a) one run at a time", one_at_a_time, ())]
             modes += [(f"(b) {k} processes", processes, (k,)) for k in args.processes]
             modes += [(f"(c) packs of {n}", packs, (n,)) for n in args.packs]
+            if args.device == "cpu" and args.processes:  # the CPU's best layout may be both
+                k = args.processes[0]
+                modes += [(f"(d) {k} processes x packs of {n}", processes, (k, n)) for n in args.packs
+                          if n * k <= len(configs)]
             best: dict[str, float] = {}
             for repeat in range(args.repeats):  # interleaved, so that other load hits every mode alike
                 for name, measure, extra in modes:

@@ -13,6 +13,11 @@ trains them together, fused operator by operator in the spirit of HFTA (Wang et 
 - the loss is the sum of the members' mean losses, so each member's gradient is its own;
 - the optimizer is one SGD (momentum) over the fused parameters with per-member weight decay and masks.
 
+Why not ``torch.func`` (``stack_module_state`` + ``functional_call`` + ``vmap``): measured with
+``benchmarks/sweep_throughput.py --operators`` on the 2-core CPU, a vmapped forward+backward of
+5-10 ResNet-14s ran at 0.37-0.64x of training them one after another (several ops fall back to a
+slow per-member loop), the grouped-convolution model at 0.83-1.05x.
+
 Each member keeps what a solo ``training.train`` run has: init built by ``build_model`` from its own
 seed (then stacked), its own data order, crops, subset and noisy labels, its own weight-decay and
 sparsity schedule and masks, momentum buffers, BatchNorm statistics and metrics. Every epoch each
@@ -225,7 +230,8 @@ class _Member:
             train_split.images = shared_images
         train_split = Split(train_split.images.to(device), train_split.labels.to(device))
         self.train_batches = Batches(train_split, config.dataset, config.batch_size, augment=config.augment)
-        self.test_split = Split(test_split.images.to(device), test_split.labels.to(device))
+        # every member has the same test split: only the first keeps it (on the device)
+        self.test_split = Split(test_split.images.to(device), test_split.labels.to(device)) if index == 0 else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.solo = build_model(config.arch, config.num_classes)
