@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from training import Callback, RunConfig, train
 from training.checkpoint import load_checkpoint
-from training.data import Batches, load_splits
+from training.data import Batches, Split, load_splits
 from training.loop import epoch_seed
 from training.models import build_model
-from training.packed import group_by_epoch, train_packed
+from training.packed import PackedBatches, group_by_epoch, train_packed
 from training.regularizers import SparseSGD, draw_masks, mask_seed
 from training.schedules import plan_for
 
@@ -244,3 +244,21 @@ def test_members_at_different_epochs_are_refused_and_grouped(tmp_path):
                                          r"\(member 0 at 1, member 1 at 0\)"):
         train_packed(configs, checkpoint_paths=paths)
     assert load_checkpoint(first)["epoch"] == 1 and not paths[1].exists()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_packed_batches_are_the_members_batches(shared):
+    """Crops, flips (CIFAR), order and labels of every member, fused, equal to its own ``Batches.epoch``."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (23, 3, 32, 32), dtype=torch.uint8, generator=g)
+    splits = [Split(images if shared else torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=g),
+                    torch.randint(0, 10, (23,), generator=g)) for _ in range(3)]
+    alone = [Batches(Split(s.images.clone(), s.labels.clone()), "cifar10", 10, augment=True) for s in splits]
+    packed = PackedBatches([Batches(s, "cifar10", 10, augment=True) for s in splits])
+    fused = list(packed.epoch([torch.Generator().manual_seed(seed) for seed in (5, 6, 7)]))
+    members = [list(b.epoch(torch.Generator().manual_seed(seed))) for b, seed in zip(alone, (5, 6, 7))]
+    assert [x.shape for x, _ in fused] == [(10, 9, 32, 32), (10, 9, 32, 32), (3, 9, 32, 32)]
+    for step, (x, y) in enumerate(fused):
+        for i in range(3):
+            assert torch.equal(x[:, 3 * i:3 * i + 3], members[i][step][0])
+            assert torch.equal(y[i], members[i][step][1])
