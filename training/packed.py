@@ -365,7 +365,7 @@ class _Pack:
         for j, (p, s) in enumerate(zip(self.params, self.shapes)):
             parts = [m.masks[j].to(self.device, p.dtype).reshape(-1) if m.masks is not None
                      else torch.ones(s.numel(), dtype=p.dtype, device=self.device) for m in self.members]
-            self.fused_masks.append(torch.stack(parts).view(p.shape))
+            self.fused_masks.append(torch.stack(parts).view(p.shape).contiguous(memory_format=_format(p)))
 
     @torch.no_grad()
     def step(self) -> None:
