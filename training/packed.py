@@ -1,0 +1,609 @@
+"""Packed training: N runs of one shape trained as ONE fused model, each member exactly as if alone.
+
+Runs that share arch, dataset, learning-rate grid, epochs, batch size, momentum, augmentation, subset
+size and label-noise level differ only in seed, weight-decay taper and sparsity taper. ``train_packed``
+trains them together, fused operator by operator in the spirit of HFTA (Wang et al., MLSys 2021,
+"Horizontally Fused Training Array"):
+
+- every member's batch is stacked along the channel axis, ``[B, N*3, 32, 32]``;
+- a convolution is one grouped convolution over the members (``groups=N``), weights ``[N*Cout, Cin, k, k]``;
+- BatchNorm is one ``BatchNorm2d(N*C)``: per-channel statistics are per-member statistics;
+- option-A shortcuts subsample and zero-pad each member's channels;
+- the classifier is block-diagonal (one batched matmul), logits ``[N, B, classes]``;
+- the loss is the sum of the members' mean losses, so each member's gradient is its own;
+- the optimizer is one SGD (momentum) over the fused parameters with per-member weight decay and masks.
+
+Why not ``torch.func`` (``stack_module_state`` + ``functional_call`` + ``vmap``): measured with
+``benchmarks/sweep_throughput.py --operators`` on the 2-core CPU, a vmapped forward+backward of
+5-10 ResNet-14s ran at 0.37-0.64x of training them one after another (several ops fall back to a
+slow per-member loop), the grouped-convolution model at 0.83-1.05x.
+
+Each member keeps what a solo ``training.train`` run has: init built by ``build_model`` from its own
+seed (then stacked), its own data order, crops, subset and noisy labels, its own weight-decay and
+sparsity schedule and masks, momentum buffers, BatchNorm statistics and metrics. Every epoch each
+member gets its own checkpoint in exactly the solo format (solo key names, ``SparseSGD`` state), so a
+member can resume solo or in another pack. A member whose train or test loss is non-finite is reported
+diverged (its callbacks' optional ``on_diverged(epoch, message)``, and ``PackResult.diverged``) and
+dropped; the others train on.
+
+Timing metrics (``epoch_seconds``, ``images_per_second``) are the pack's: every member reports the
+pack's wall time and its own images, so the members' ``images_per_second`` add up to the pack's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.callbacks import Callback
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import ConfigError, RunConfig
+from training.data import PAD, Batches, Split, load_splits
+from training.loop import CHECKPOINT_VERSION, CheckpointMismatch, TrainResult, epoch_seed
+from training.models import STAGE_CHANNELS, build_model
+from training.regularizers import SparseSGD, draw_masks, mask_seed
+from training.schedules import plan_for
+
+SHAPE_FIELDS = ("arch", "dataset", "lr", "epochs_per_step", "epochs_scale", "batch_size", "momentum", "augment",
+                "train_subset", "label_noise", "precision")
+"""Fields every member of a pack shares (``precision`` read with a default of ``fp32``)."""
+
+
+def shape_of(config: RunConfig) -> tuple:
+    """What must be equal for two runs to share a pack."""
+    return tuple(_field(config, name) for name in SHAPE_FIELDS)
+
+
+def _field(config: RunConfig, name: str) -> Any:
+    return getattr(config, "precision", "fp32") if name == "precision" else getattr(config, name)
+
+
+def check_shape(configs: Sequence[RunConfig]) -> None:
+    """ConfigError (a ValueError) naming the first field in which a config differs from the first one."""
+    if not configs:
+        raise ConfigError("configs", "a pack needs at least one run")
+    for i, c in enumerate(configs[1:], start=1):
+        for name in SHAPE_FIELDS:
+            if _field(c, name) != _field(configs[0], name):
+                raise ConfigError(name, f"member {i} has {_field(c, name)!r}, member 0 has "
+                                        f"{_field(configs[0], name)!r}; a pack's runs must share it")
+
+
+def checkpoint_epoch(path: str | Path | None) -> int:
+    """The epoch a checkpoint holds (0 if there is none)."""
+    state = load_checkpoint(path) if path else None
+    return int(state["epoch"]) if state is not None else 0
+
+
+def group_by_epoch(checkpoint_paths: Sequence[str | Path | None]) -> dict[int, list[int]]:
+    """``{epoch: [member indices]}``: the runs whose checkpoints are at one epoch (0 = fresh) can share a pack."""
+    groups: dict[int, list[int]] = {}
+    for i, path in enumerate(checkpoint_paths):
+        groups.setdefault(checkpoint_epoch(path), []).append(i)
+    return dict(sorted(groups.items()))
+
+
+# --- fused operators --------------------------------------------------------------------------------
+
+class PackedConv(nn.Module):
+    """N bias-free 3x3 convolutions of one shape as one grouped convolution; weight ``[N*Cout, Cin, 3, 3]``."""
+
+    def __init__(self, members: int, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.members, self.stride = members, stride
+        self.weight = nn.Parameter(torch.empty(members * out_channels, in_channels, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, None, self.stride, 1, 1, self.members)
+
+
+class PackedShortcutA(nn.Module):
+    """Option A per member: subsample, then zero-pad each member's channels at their end."""
+
+    def __init__(self, members: int, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.members, self.in_channels, self.stride = members, in_channels, stride
+        self.pad = out_channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        b, _, h, w = x.shape
+        x = F.pad(x.reshape(b, self.members, self.in_channels, h, w), (0, 0, 0, 0, 0, self.pad))
+        return x.reshape(b, -1, h, w).contiguous(memory_format=torch.channels_last)
+
+
+class PackedBlock(nn.Module):
+    def __init__(self, members: int, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = PackedConv(members, in_channels, out_channels, stride)
+        self.bn1 = nn.BatchNorm2d(members * out_channels)
+        self.conv2 = PackedConv(members, out_channels, out_channels, 1)
+        self.bn2 = nn.BatchNorm2d(members * out_channels)
+        changes_shape = stride != 1 or in_channels != out_channels
+        self.shortcut = PackedShortcutA(members, in_channels, out_channels, stride) if changes_shape else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class PackedLinear(nn.Module):
+    """N linear layers as one batched matmul (a block-diagonal classifier): ``[B, N*in]`` -> ``[N, B, out]``."""
+
+    def __init__(self, members: int, in_features: int, out_features: int):
+        super().__init__()
+        self.members, self.in_features = members, in_features
+        self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(members, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.shape[0], self.members, self.in_features).transpose(0, 1)
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class PackedResNet(nn.Module):
+    """``members`` CIFAR ResNets (``training.models.CifarResNet``) fused; same module names as the solo model.
+
+    Input ``[B, N*3, H, W]`` (member i's images in channels 3i..3i+2), output logits ``[N, B, classes]``.
+    Parameters are uninitialised: load them with ``load_members``.
+    """
+
+    def __init__(self, members: int, blocks_per_stage: int, num_classes: int):
+        super().__init__()
+        self.members = members
+        c0 = STAGE_CHANNELS[0]
+        self.conv = PackedConv(members, 3, c0, 1)
+        self.bn = nn.BatchNorm2d(members * c0)
+        stages, in_channels = [], c0
+        for i, channels in enumerate(STAGE_CHANNELS):
+            blocks = []
+            for b in range(blocks_per_stage):
+                blocks.append(PackedBlock(members, in_channels, channels, 2 if i > 0 and b == 0 else 1))
+                in_channels = channels
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.fc = PackedLinear(members, in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.stages(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+SHARED_KEYS = ("num_batches_tracked",)
+
+
+def _shared(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in SHARED_KEYS
+
+
+def stack_states(states: Sequence[dict[str, torch.Tensor]], fused: nn.Module) -> dict[str, torch.Tensor]:
+    """Solo state dicts (solo key names and shapes) -> the fused model's state dict (member-major)."""
+    out = {}
+    for key, target in fused.state_dict().items():
+        if _shared(key):
+            values = {int(s[key]) for s in states}
+            if len(values) != 1:
+                raise ValueError(f"{key}: members differ ({sorted(values)})")
+            out[key] = states[0][key].clone()
+        else:
+            out[key] = torch.stack([s[key].reshape(-1) for s in states]).view(target.shape)
+    return out
+
+
+def member_view(tensor: torch.Tensor, members: int, i: int, solo_shape: torch.Size) -> torch.Tensor:
+    """Member ``i``'s part of a fused (member-major) tensor, shaped as in the solo model (a view)."""
+    return tensor.view(members, *solo_shape)[i]
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+class PackedBatches:
+    """Every member's ``Batches``, fused: ``epoch(generators)`` yields ``x [B, N*3, 32, 32]`` (channels_last)
+    and ``y [N, B]``, member i's part equal to what ``batches[i].epoch(generators[i])`` yields.
+
+    Draws from each member's generator exactly what ``Batches.epoch`` draws (permutation, then crop
+    offsets and flips), then crops, flips and normalises all members' images in one go: a handful of
+    kernels per step instead of a handful per member. Members' distinct images (a ``train_subset``)
+    are concatenated once and the members' splits become views of that one tensor.
+    """
+
+    def __init__(self, batches: Sequence[Batches]):
+        self.batches, first = list(batches), batches[0]
+        self.n = len(first.split)
+        self.shared = all(b.split.images is first.split.images for b in batches)
+        if self.shared:
+            self.images = first.split.images
+        else:
+            self.images = torch.cat([b.split.images for b in batches])
+            for i, b in enumerate(batches):
+                b.split.images = self.images[i * self.n:(i + 1) * self.n]
+        self.labels = torch.cat([b.split.labels for b in batches])
+
+    def epoch(self, generators: Sequence[torch.Generator]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        first, k, n = self.batches[0], len(self.batches), self.n
+        device = self.images.device
+        perms, offsets, flips = [], [], []
+        for b, g in zip(self.batches, generators):
+            perms.append(torch.randperm(n, generator=g))
+            if b.augment:
+                offsets.append(torch.randint(0, 2 * PAD + 1, (n, 2), generator=g))
+                flips.append(torch.rand(n, generator=g) < 0.5 if b.flip else torch.zeros(n, dtype=torch.bool))
+        perm = torch.stack(perms)
+        label_index = (perm + torch.arange(k).view(k, 1) * n).to(device)
+        image_index = perm.to(device) if self.shared else label_index
+        if first.augment:
+            offsets_all, flips_all = torch.stack(offsets).to(device), torch.stack(flips).to(device)
+        for start in range(0, n, first.batch_size):
+            stop = min(start + first.batch_size, n)
+            x = self.images[image_index[:, start:stop].reshape(-1)]
+            if first.augment:
+                x = first._crop_flip(x, offsets_all[:, start:stop].reshape(-1, 2),
+                                     flips_all[:, start:stop].reshape(-1))
+            x = first._normalise(x)
+            x = x.view(k, stop - start, *x.shape[1:]).transpose(0, 1).reshape(stop - start, -1, *x.shape[2:])
+            yield x.contiguous(memory_format=torch.channels_last), self.labels[label_index[:, start:stop]]
+
+
+# --- the packed trainer -------------------------------------------------------------------------------
+
+@dataclass
+class PackResult:
+    """One ``TrainResult`` per member (in the order given; ``model`` is the member's solo model), and
+    ``diverged`` = {member index: message} for the members dropped on a non-finite loss."""
+
+    members: list[TrainResult]
+    diverged: dict[int, str] = field(default_factory=dict)
+
+
+class _Member:
+    """What the pack keeps per member, and its solo twin (model + SparseSGD) to write solo checkpoints."""
+
+    def __init__(self, index: int, config: RunConfig, callbacks: Sequence[Callback], device: torch.device,
+                 checkpoint_path: str | Path | None, meta: dict | None, shared_images: torch.Tensor | None):
+        self.index, self.config, self.callbacks = index, config, list(callbacks)
+        self.checkpoint_path, self.meta = checkpoint_path, meta
+        self.plan = plan_for(config)
+        train_split, test_split = load_splits(config, "cpu")
+        if shared_images is not None and not config.train_subset:  # the same images: keep one copy on the device
+            train_split.images = shared_images
+        train_split = Split(train_split.images.to(device), train_split.labels.to(device))
+        self.train_batches = Batches(train_split, config.dataset, config.batch_size, augment=config.augment)
+        # every member has the same test split: only the first keeps it (on the device)
+        self.test_split = Split(test_split.images.to(device), test_split.labels.to(device)) if index == 0 else None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.solo = build_model(config.arch, config.num_classes)
+        self.solo_opt = SparseSGD(list(self.solo.parameters()), momentum=config.momentum)
+        self.history: list[dict[str, float]] = []
+        self.masks: list[torch.Tensor] | None = None
+        self.momentum: list[torch.Tensor | None] | None = None  # from a checkpoint, until stacked
+        self.metrics: dict[str, float] = {}
+
+    def restore(self) -> None:
+        state = load_checkpoint(self.checkpoint_path) if self.checkpoint_path else None
+        if state is None:
+            return
+        if state.get("identity") != self.config.identity_dict():
+            raise CheckpointMismatch(f"{self.checkpoint_path} belongs to another configuration")
+        self.solo.load_state_dict(state["model"])
+        self.solo_opt.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+        self.masks = list(state["masks"]) or None
+        opt_state = self.solo_opt.optimizer.state
+        self.momentum = [opt_state.get(p, {}).get("momentum_buffer") for p in self.solo_opt.params]
+
+
+class _Pack:
+    """The fused model and optimizer of the members still training."""
+
+    def __init__(self, members: list[_Member], device: torch.device, dtype: torch.dtype):
+        self.members, self.device, self.dtype = members, device, dtype
+        n, first = len(members), members[0].config
+        self.n = n
+        self.model = PackedResNet(n, (int(first.arch.removeprefix("resnet")) - 2) // 6, first.num_classes)
+        self.solo_shapes = {k: v.shape for k, v in members[0].solo.state_dict().items()}
+        self.model.load_state_dict(stack_states([m.solo.state_dict() for m in members], self.model))
+        self.model = self.model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        self.names = [name for name, _ in self.model.named_parameters()]
+        self.params = [p for _, p in self.model.named_parameters()]
+        self.shapes = [self.solo_shapes[name] for name in self.names]
+        solo_names = [name for name, _ in members[0].solo.named_parameters()]
+        assert self.names == solo_names, "the fused model's parameters must follow the solo model's order"
+        self.opt = torch.optim.SGD(self.params, lr=0.1, momentum=first.momentum, weight_decay=0.0, foreach=True)
+        if all(m.momentum is not None for m in members):
+            for j, p in enumerate(self.params):
+                bufs = [m.momentum[j] for m in members]
+                if all(b is not None for b in bufs):
+                    stacked = torch.stack([b.reshape(-1) for b in bufs]).view(p.shape).to(device, p.dtype)
+                    self.opt.state[p]["momentum_buffer"] = stacked.contiguous(memory_format=_format(p))
+        for m in members:
+            m.momentum = None
+        self.decay = [torch.zeros_like(p) for p in self.params]
+        self.any_decay = False
+        self.fused_masks: list[torch.Tensor] | None = None
+        self._build_masks()
+        self.batches = PackedBatches([m.train_batches for m in members])
+
+    def member_params(self, i: int) -> list[torch.Tensor]:
+        return [member_view(p, self.n, i, s) for p, s in zip(self.params, self.shapes)]
+
+    def set_hyper(self, lr: float, weight_decays: Sequence[float]) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        per_member = torch.tensor(weight_decays, dtype=self.dtype, device=self.device)
+        self.any_decay = any(wd != 0 for wd in weight_decays)
+        for d, p in zip(self.decay, self.params):
+            d.copy_(per_member.repeat_interleave(p.numel() // self.n).view(p.shape))
+
+    def set_masks(self, i: int, masks: list[torch.Tensor] | None) -> None:
+        """Member i's new masks; its momentum of frozen entries is cleared (as ``SparseSGD.set_masks``)."""
+        self.members[i].masks = masks
+        if masks is not None:
+            with torch.no_grad():
+                for p, s, m in zip(self.params, self.shapes, masks):
+                    buf = self.opt.state.get(p, {}).get("momentum_buffer")
+                    if buf is not None:
+                        member_view(buf, self.n, i, s).mul_(m.to(buf.device, buf.dtype).view(s))
+        self._build_masks()
+
+    def _build_masks(self) -> None:
+        if all(m.masks is None for m in self.members):
+            self.fused_masks = None
+            return
+        self.fused_masks = []
+        for j, (p, s) in enumerate(zip(self.params, self.shapes)):
+            parts = [m.masks[j].to(self.device, p.dtype).reshape(-1) if m.masks is not None
+                     else torch.ones(s.numel(), dtype=p.dtype, device=self.device) for m in self.members]
+            self.fused_masks.append(torch.stack(parts).view(p.shape).contiguous(memory_format=_format(p)))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [p.grad for p in self.params]
+        if self.any_decay:
+            torch._foreach_addcmul_(grads, self.params, self.decay)
+        if self.fused_masks is not None:
+            torch._foreach_mul_(grads, self.fused_masks)
+        self.opt.step()
+
+    def sync_solo(self, i: int, lr: float, weight_decay: float) -> None:
+        """Copy member i's weights, BN statistics and momentum into its solo twin (for checkpoint and result)."""
+        m = self.members[i]
+        fused = self.model.state_dict()
+        solo = {k: (fused[k].clone() if _shared(k) else member_view(fused[k], self.n, i, s).clone().float())
+                for k, s in self.solo_shapes.items()}
+        m.solo.load_state_dict(solo)
+        state = m.solo_opt.optimizer.state
+        state.clear()
+        for p, solo_p, s in zip(self.params, m.solo_opt.params, self.shapes):
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                state[solo_p]["momentum_buffer"] = member_view(buf, self.n, i, s).detach().to("cpu", solo_p.dtype)
+        m.solo_opt.set_hyper(lr, weight_decay)
+
+    def pull_momentum(self) -> None:
+        """Keep every member's momentum (solo layout) so that a smaller pack can be stacked from them."""
+        for i, m in enumerate(self.members):
+            m.momentum = []
+            for p, s in zip(self.params, self.shapes):
+                buf = self.opt.state.get(p, {}).get("momentum_buffer")
+                m.momentum.append(None if buf is None else member_view(buf, self.n, i, s).clone())
+
+
+def _format(p: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if p.dim() == 4 else torch.contiguous_format
+
+
+def _full(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _set_tf32(precision: str, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _evaluate(pack: _Pack, test: Batches, batch_size: int, precision: str) -> tuple[list[float], list[float]]:
+    """Every member's mean cross-entropy and error over the (shared) test split."""
+    pack.model.eval()
+    n = pack.n
+    loss_sum = torch.zeros(n, device=pack.device)
+    wrong = torch.zeros(n, device=pack.device, dtype=torch.long)
+    for x, y in test.ordered(batch_size):
+        with _autocast(precision, pack.device):
+            logits = pack.model(x.to(pack.dtype).repeat(1, n, 1, 1).contiguous(memory_format=torch.channels_last))
+        logits = _full(logits)
+        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(n), reduction="none")
+        loss_sum += flat.view(n, -1).sum(1)
+        wrong += (logits.argmax(2) != y).sum(1)
+    total = len(test.split.labels)
+    return (loss_sum / total).tolist(), (wrong.double() / total).tolist()
+
+
+def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Callback]] | None = None, *,
+                 device: str | torch.device = "cpu", checkpoint_paths: Sequence[str | Path | None] | None = None,
+                 threads: int | None = None, checkpoint_metas: Sequence[dict | None] | None = None,
+                 dtype: torch.dtype = torch.float32) -> PackResult:
+    """Train ``configs`` (one shape, see ``SHAPE_FIELDS``) as one fused model.
+
+    ``callbacks[i]`` are member i's callbacks; they hear exactly what a solo run's callbacks hear
+    (``on_start``, ``on_epoch_end``), plus ``on_diverged(epoch, message)`` if they define it.
+    ``checkpoint_paths[i]`` is member i's solo-format checkpoint (resumed from if present, written every
+    epoch before the callbacks hear of it), with ``"meta": dict(checkpoint_metas[i])`` if given. All
+    members must resume from the same epoch (``group_by_epoch`` groups runs by it). Exceptions from
+    callbacks propagate, as in a solo run (every member's checkpoint of that epoch is already written).
+    ``dtype`` is the fused model's (float64 only to check exactness against a float64 reference: with
+    BatchNorm, float32 rounding alone makes two correct implementations drift apart within a few
+    steps); checkpoints and result models are float32 like a solo run's.
+    """
+    configs = list(configs)
+    check_shape(configs)
+    n = len(configs)
+    callbacks = [list(c) for c in callbacks] if callbacks is not None else [[] for _ in configs]
+    paths = list(checkpoint_paths) if checkpoint_paths is not None else [None] * n
+    metas = list(checkpoint_metas) if checkpoint_metas is not None else [None] * n
+    for name, value in (("callbacks", callbacks), ("checkpoint_paths", paths), ("checkpoint_metas", metas)):
+        if len(value) != n:
+            raise ValueError(f"{name}: {len(value)} entries for {n} configs")
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    precision = _field(configs[0], "precision")
+    _set_tf32(precision, device)
+
+    members: list[_Member] = []
+    for i, (c, cbs, p, meta) in enumerate(zip(configs, callbacks, paths, metas)):
+        shared = members[0].train_batches.split.images if members and not c.train_subset else None
+        members.append(_Member(i, c, cbs, device, p, meta, shared))
+    for m in members:
+        m.restore()
+    starts = {len(m.history) for m in members}
+    if len(starts) > 1:
+        detail = ", ".join(f"member {m.index} at {len(m.history)}" for m in members)
+        raise ValueError(f"checkpoint_paths: members resume from different epochs ({detail}); "
+                         "pack runs of one epoch (training.packed.group_by_epoch)")
+    start = starts.pop()
+    plan = members[0].plan
+    test_batches = Batches(members[0].test_split, configs[0].dataset, configs[0].eval_batch_size, augment=False)
+    # N x the channels: evaluate in training-sized batches (faster on the CPU than larger ones, and bounded memory)
+    eval_batch_size = configs[0].batch_size
+    for m in members:
+        for cb in m.callbacks:
+            cb.on_start(m.config, m.plan, m.history)
+
+    diverged: dict[int, str] = {}
+    pack = _Pack(members, device, dtype)
+    for step in plan[start:]:
+        epoch = step.epoch
+        t0 = time.perf_counter()
+        steps = [m.plan[epoch - 1] for m in pack.members]
+        pack.set_hyper(step.lr, [s.weight_decay for s in steps])
+        for i, m in enumerate(pack.members):
+            previous = m.plan[epoch - 2].grad_sparsity if epoch > 1 else 0.0
+            if steps[i].grad_sparsity != previous:
+                pack.set_masks(i, draw_masks(pack.member_params(i), steps[i].grad_sparsity,
+                                             mask_seed(m.config.seed, epoch)))
+        before = [p.detach().clone() for p in pack.params]
+
+        pack.model.train()
+        k = pack.n
+        loss_sum = torch.zeros(k, device=device)
+        wrong = torch.zeros(k, device=device, dtype=torch.long)
+        generators = [torch.Generator().manual_seed(epoch_seed(m.config.seed, epoch)) for m in pack.members]
+        for x, y in pack.batches.epoch(generators):
+            x = x.to(dtype)
+            with _autocast(precision, device):
+                logits = pack.model(x)
+            logits = _full(logits)
+            per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                         reduction="none").view(k, -1).mean(1)
+            pack.opt.zero_grad(set_to_none=False)
+            per_member.sum().backward()
+            pack.step()
+            loss_sum += per_member.detach() * y.shape[1]
+            wrong += (logits.detach().argmax(2) != y).sum(1)
+        _sync(device)
+        train_seconds = time.perf_counter() - t0
+
+        changed = torch.zeros(k, dtype=torch.long, device=device)
+        for p, b in zip(pack.params, before):
+            changed += (p.detach() != b).reshape(k, -1).sum(1)
+        test_loss, test_error = _evaluate(pack, test_batches, eval_batch_size, precision)
+        train_losses, train_wrong, changed = loss_sum.tolist(), wrong.tolist(), changed.tolist()
+        epoch_seconds = time.perf_counter() - t0
+
+        keep: list[int] = []
+        for i, m in enumerate(pack.members):
+            n_train = len(m.train_batches.split.labels)
+            train_loss = train_losses[i] / n_train
+            if not math.isfinite(train_loss) or not math.isfinite(test_loss[i]):
+                what, value = ("train", train_loss) if not math.isfinite(train_loss) else ("test", test_loss[i])
+                diverged[m.index] = f"diverged at epoch {epoch}: {what} loss is {value}"
+                continue
+            keep.append(i)
+            total_weights = sum(s.numel() for s in pack.shapes)
+            metrics = {
+                "train_loss": train_loss,
+                "train_error": train_wrong[i] / n_train,
+                "test_loss": test_loss[i],
+                "test_error": test_error[i],
+                "lr": steps[i].lr,
+                "weight_decay": steps[i].weight_decay,
+                "grad_sparsity": steps[i].grad_sparsity,
+                "updated_fraction": changed[i] / total_weights,
+                "epoch_seconds": epoch_seconds,
+                "images_per_second": n_train / train_seconds,
+            }
+            m.history.append({"epoch": float(epoch), **metrics})
+            m.metrics = metrics
+            if m.checkpoint_path:
+                pack.sync_solo(i, steps[i].lr, steps[i].weight_decay)
+                payload = {
+                    "version": CHECKPOINT_VERSION,
+                    "identity": m.config.identity_dict(),
+                    "epoch": epoch,
+                    "model": m.solo.state_dict(),
+                    "optimizer": m.solo_opt.state_dict(),
+                    "masks": [t.cpu() for t in m.masks] if m.masks is not None else [],
+                    "history": m.history,
+                }
+                if m.meta is not None:
+                    payload["meta"] = dict(m.meta)
+                save_checkpoint(m.checkpoint_path, payload)
+        if len(keep) < pack.n:
+            for i, m in enumerate(pack.members):
+                if i not in keep:
+                    for cb in m.callbacks:
+                        hook = getattr(cb, "on_diverged", None)
+                        if hook is not None:
+                            hook(epoch, diverged[m.index])
+            if not keep:
+                pack = None
+                break
+            pack = _shrink(pack, keep, epoch)
+        for m in pack.members:
+            for cb in m.callbacks:
+                cb.on_epoch_end(epoch, m.metrics)
+
+    if pack is not None:
+        last = plan[-1]
+        for i, m in enumerate(pack.members):
+            pack.sync_solo(i, last.lr, m.plan[-1].weight_decay)
+    results = []
+    for m in members:
+        alive = pack is not None and m in pack.members
+        results.append(TrainResult(config=m.config, history=m.history, resumed_from=start,
+                                   model=m.solo if alive else None))
+    return PackResult(members=results, diverged=diverged)
+
+
+def _shrink(pack: _Pack, keep: list[int], epoch: int) -> _Pack:
+    """A new pack of the members ``keep`` (their weights, BN statistics, momentum and masks carried over)."""
+    pack.pull_momentum()
+    survivors = [pack.members[i] for i in keep]
+    for i in keep:
+        pack.sync_solo(i, 0.0, 0.0)  # weights and BN statistics into the solo twin, the source of the new pack
+    return _Pack(survivors, pack.device, pack.dtype)
