@@ -7,6 +7,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers such as cifar_archives
 
+pytest_plugins = ["servers"]  # real PostgreSQL, mlflow server and Ray cluster fixtures
+
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ["ADAREG_NO_DOWNLOAD"] = "1"
 os.environ.pop("MLFLOW_TRACKING_URI", None)

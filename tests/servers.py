@@ -16,8 +16,8 @@ temp folders only, everything stopped and removed afterwards.
   (``unshare -Urpf --mount-proc``), what a container entrypoint without ``--init`` is.
 - :func:`later`: run a call (an outage: ``server.restart``, ``postgres.restart``) in the background.
 
-Use from a test module with ``from servers import MlflowServer, postgres, postgres_uri, ...`` (fixtures
-must be imported by name into the module, or into a conftest, to be found).
+The fixtures are registered for every test by ``tests/conftest.py`` (``pytest_plugins``); classes and
+helpers are imported as usual: ``from servers import MlflowServer, RayCluster, ...``.
 """
 
 from __future__ import annotations
@@ -380,7 +380,8 @@ class RayCluster:
         self.start_seconds = time.monotonic() - started
 
     def _node_args(self, name: str) -> dict:
-        args = {"num_cpus": self.head_cpus if name == "head" else self.num_cpus, "node_ip_address": "127.0.0.1", "resources": {f"node_{name}": 1},
+        args = {"num_cpus": self.head_cpus if name == "head" else self.num_cpus, "node_ip_address": "127.0.0.1",
+                "resources": {f"node_{name}": 1},
                 "object_store_memory": self.object_store_mb * 1024 * 1024}
         if name == "head":
             # A dead node is declared dead after ~3 s instead of ~15 s (Ray's own tests shorten it too).

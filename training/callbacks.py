@@ -35,6 +35,10 @@ class Callback:
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         """After epoch ``epoch`` is trained, evaluated and (if checkpointing) durable on disk."""
 
+    def on_diverged(self, epoch: int, message: str) -> None:
+        """A packed run (``training.packed``) diverged at ``epoch`` and left its pack; a solo run raises
+        ``training.loop.Diverged`` instead."""
+
 
 def history_metrics(entry: dict[str, Any]) -> dict[str, float]:
     """Every metric of a history entry (all its keys but ``epoch``)."""

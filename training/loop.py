@@ -65,7 +65,7 @@ def epoch_seed(run_seed: int, epoch: int) -> int:
     return (run_seed * 1_000_033 + epoch * 104_729 + 3) % (2**63 - 1)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -183,7 +183,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
             opt.step()
             loss_sum += loss.detach() * len(y)
             wrong += (logits.detach().argmax(1) != y).sum()
-        _sync(device)
+        sync(device)
         train_seconds = time.perf_counter() - t0
 
         n_train = len(train_split.labels)

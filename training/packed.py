@@ -32,13 +32,11 @@ pack's wall time and its own images, so the members' ``images_per_second`` add u
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,23 +46,27 @@ from training.callbacks import Callback
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ConfigError, RunConfig
 from training.data import PAD, Batches, Split, load_splits
-from training.loop import CHECKPOINT_VERSION, CheckpointMismatch, TrainResult, epoch_seed
+from training.loop import (
+    CHECKPOINT_VERSION,
+    CheckpointMismatch,
+    TrainResult,
+    autocast,
+    epoch_seed,
+    precision_mode,
+    sync,
+)
 from training.models import STAGE_CHANNELS, build_model
 from training.regularizers import SparseSGD, draw_masks, mask_seed
 from training.schedules import plan_for
 
 SHAPE_FIELDS = ("arch", "dataset", "lr", "epochs_per_step", "epochs_scale", "batch_size", "momentum", "augment",
                 "train_subset", "label_noise", "precision")
-"""Fields every member of a pack shares (``precision`` read with a default of ``fp32``)."""
+"""Fields every member of a pack shares."""
 
 
 def shape_of(config: RunConfig) -> tuple:
     """What must be equal for two runs to share a pack."""
-    return tuple(_field(config, name) for name in SHAPE_FIELDS)
-
-
-def _field(config: RunConfig, name: str) -> Any:
-    return getattr(config, "precision", "fp32") if name == "precision" else getattr(config, name)
+    return tuple(getattr(config, name) for name in SHAPE_FIELDS)
 
 
 def check_shape(configs: Sequence[RunConfig]) -> None:
@@ -73,9 +75,9 @@ def check_shape(configs: Sequence[RunConfig]) -> None:
         raise ConfigError("configs", "a pack needs at least one run")
     for i, c in enumerate(configs[1:], start=1):
         for name in SHAPE_FIELDS:
-            if _field(c, name) != _field(configs[0], name):
-                raise ConfigError(name, f"member {i} has {_field(c, name)!r}, member 0 has "
-                                        f"{_field(configs[0], name)!r}; a pack's runs must share it")
+            if getattr(c, name) != getattr(configs[0], name):
+                raise ConfigError(name, f"member {i} has {getattr(c, name)!r}, member 0 has "
+                                        f"{getattr(configs[0], name)!r}; a pack's runs must share it")
 
 
 def checkpoint_epoch(path: str | Path | None) -> int:
@@ -408,23 +410,6 @@ def _full(logits: torch.Tensor) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _set_tf32(precision: str, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        torch.backends.cudnn.allow_tf32 = precision == "tf32"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def _evaluate(pack: _Pack, test: Batches, batch_size: int, precision: str) -> tuple[list[float], list[float]]:
     """Every member's mean cross-entropy and error over the (shared) test split."""
@@ -433,7 +418,7 @@ def _evaluate(pack: _Pack, test: Batches, batch_size: int, precision: str) -> tu
     loss_sum = torch.zeros(n, device=pack.device)
     wrong = torch.zeros(n, device=pack.device, dtype=torch.long)
     for x, y in test.ordered(batch_size):
-        with _autocast(precision, pack.device):
+        with autocast(precision, pack.device):
             logits = pack.model(x.to(pack.dtype).repeat(1, n, 1, 1).contiguous(memory_format=torch.channels_last))
         logits = _full(logits)
         flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(n), reduction="none")
@@ -450,7 +435,7 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
     """Train ``configs`` (one shape, see ``SHAPE_FIELDS``) as one fused model.
 
     ``callbacks[i]`` are member i's callbacks; they hear exactly what a solo run's callbacks hear
-    (``on_start``, ``on_epoch_end``), plus ``on_diverged(epoch, message)`` if they define it.
+    (``on_start``, ``on_epoch_end``), plus ``on_diverged(epoch, message)`` (a no-op unless overridden).
     ``checkpoint_paths[i]`` is member i's solo-format checkpoint (resumed from if present, written every
     epoch before the callbacks hear of it), with ``"meta": dict(checkpoint_metas[i])`` if given. All
     members must resume from the same epoch (``group_by_epoch`` groups runs by it). Exceptions from
@@ -471,9 +456,13 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
-    precision = _field(configs[0], "precision")
-    _set_tf32(precision, device)
+    precision = configs[0].precision
+    with precision_mode(precision, device):
+        return _train_packed(configs, callbacks, paths, metas, device, precision, dtype)
 
+
+def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], paths: list, metas: list,
+                  device: torch.device, precision: str, dtype: torch.dtype) -> PackResult:
     members: list[_Member] = []
     for i, (c, cbs, p, meta) in enumerate(zip(configs, callbacks, paths, metas)):
         shared = members[0].train_batches.split.images if members and not c.train_subset else None
@@ -515,7 +504,7 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
         generators = [torch.Generator().manual_seed(epoch_seed(m.config.seed, epoch)) for m in pack.members]
         for x, y in pack.batches.epoch(generators):
             x = x.to(dtype)
-            with _autocast(precision, device):
+            with autocast(precision, device):
                 logits = pack.model(x)
             logits = _full(logits)
             per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
@@ -525,7 +514,7 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
             pack.step()
             loss_sum += per_member.detach() * y.shape[1]
             wrong += (logits.detach().argmax(2) != y).sum(1)
-        _sync(device)
+        sync(device)
         train_seconds = time.perf_counter() - t0
 
         changed = torch.zeros(k, dtype=torch.long, device=device)
@@ -577,9 +566,7 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
             for i, m in enumerate(pack.members):
                 if i not in keep:
                     for cb in m.callbacks:
-                        hook = getattr(cb, "on_diverged", None)
-                        if hook is not None:
-                            hook(epoch, diverged[m.index])
+                        cb.on_diverged(epoch, diverged[m.index])
             if not keep:
                 pack = None
                 break

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from e2e import Store, epochs_done, run_bg, sweep_cmd, wait_until, write_sweep
-from servers import MlflowServer, RayCluster, postgres, postgres_uri  # noqa: F401 - fixtures
+from servers import MlflowServer, RayCluster
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,8 @@
-"""Smoke tests of the real scale-out components in ``tests/servers.py``: PostgreSQL, ``mlflow server``,
-a multi-node Ray cluster and PID 1 of a new PID namespace. Each starts the real thing on loopback."""
+"""Smoke tests of the real scale-out components in ``tests/servers.py`` that the end-to-end tests do not
+already cover (those run sweeps against ``mlflow server`` on sqlite and PostgreSQL with restarts, a Ray
+cluster losing a node, and the orchestrator as PID 1: tests/orchestrator/test_deployment.py and
+test_ownership.py)."""
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -11,52 +11,8 @@ from servers import (
     Postgres,
     later,
     pid1_unavailable,
-    postgres,
-    postgres_uri,
-    ray_cluster,
     run_as_pid1,
 )
-
-__all__ = ["postgres", "postgres_uri", "ray_cluster"]  # fixtures, imported so that pytest finds them
-
-
-def _log_and_read(server: MlflowServer, kill: bool) -> None:
-    """Log through the server, restart it on the same port (stopped, or killed like a crash), read back."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(server.uri)
-    experiment = client.create_experiment("smoke")
-    run = client.create_run(experiment).info.run_id
-    for step in (1, 2, 3):
-        client.log_metric(run, "test_error", 0.5 / step, step=step)
-    client.set_terminated(run)
-    port = server.port
-    server.restart(kill=kill)
-    assert server.port == port and server.uri == f"http://127.0.0.1:{port}"
-    client = MlflowClient(server.uri)
-    history = client.get_metric_history(run, "test_error")
-    assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25), (3, 0.5 / 3)]
-    assert client.get_run(run).info.status == "FINISHED"
-    assert client.get_experiment_by_name("smoke").experiment_id == experiment
-    assert len(server.start_seconds) == 2
-
-
-@pytest.mark.slow
-def test_mlflow_server_on_sqlite_survives_restarts(tmp_path):
-    with MlflowServer(f"sqlite:///{tmp_path}/mlflow.db", workdir=tmp_path / "server") as server:
-        _log_and_read(server, kill=False)
-        pgid = server.proc.pid
-    assert not server.healthy()
-    with pytest.raises(ProcessLookupError):  # the whole process group is gone (uvicorn's worker too)
-        os.killpg(pgid, 0)
-    assert server.command()[-2:] == ["--workers", "1"]
-    assert (tmp_path / "mlflow.db").exists() and not (tmp_path / "server" / "mlflow.db").exists()
-
-
-@pytest.mark.slow
-def test_mlflow_server_on_postgres_survives_restarts(postgres_uri, tmp_path):
-    with MlflowServer(postgres_uri, workdir=tmp_path / "server") as server:
-        _log_and_read(server, kill=True)
 
 
 def test_mlflow_server_refuses_a_taken_port(tmp_path):
@@ -113,48 +69,6 @@ def test_optuna_rdb_storage_on_postgres(postgres_uri):
     again = optuna.load_study(study_name="smoke", storage=optuna.storages.RDBStorage(postgres_uri))
     assert [t.state for t in again.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert again.best_value == min(t.value for t in study.trials)
-
-
-@pytest.mark.slow
-def test_ray_cluster_runs_on_a_worker_node_and_loses_one(ray_cluster):
-    import time
-
-    import ray
-
-    assert ray_cluster.address.startswith("127.0.0.1:") and ray_cluster.alive_nodes() == 3
-    ray.init(address=ray_cluster.address, log_to_driver=False)
-    try:
-        nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
-        assert len(nodes) == 3 and {n["NodeManagerAddress"] for n in nodes.values()} == {"127.0.0.1"}
-
-        @ray.remote(num_cpus=1)
-        def where() -> str:
-            return ray.get_runtime_context().get_node_id()
-
-        on_w1 = ray.get(where.options(resources={"node_w1": 1}).remote(), timeout=120)
-        assert on_w1 == ray_cluster.node_id("w1") != ray_cluster.node_id("head")
-
-        # What `adareg --ray-address` does: a separate driver joins with the fixture's address and env.
-        code = (f"import ray; ray.init(address={ray_cluster.address!r}, log_to_driver=False); "
-                "print(sum(n['Alive'] for n in ray.nodes()), int(ray.cluster_resources()['CPU']))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                              env={**os.environ, **ray_cluster.env})
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.split() == ["3", "3"]
-
-        ray_cluster.remove_worker("w1")
-        deadline = time.monotonic() + 60
-        while sum(n["Alive"] for n in ray.nodes()) != 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert sum(n["Alive"] for n in ray.nodes()) == 2
-        assert ray_cluster.alive_nodes() == 2
-        assert ray.get(where.options(resources={"node_w2": 1}).remote(), timeout=120) == ray_cluster.node_id("w2")
-
-        name = ray_cluster.add_worker()
-        assert name == "w3"
-        assert ray.get(where.options(resources={"node_w3": 1}).remote(), timeout=120) == ray_cluster.node_id("w3")
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.skipif(pid1_unavailable() is not None, reason=str(pid1_unavailable()))
