@@ -86,13 +86,16 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
 @click.option("--store-timeout", type=float, default=900, show_default=True, metavar="SECONDS",
               help="How long the tracking store may be unreachable before runs end (resumable) and the sweep "
                    "stops with exit 75; meanwhile workers train on and no new run starts.")
+@click.option("--pack", default=None, metavar="N|auto|off",
+              help="Train runs of one shape together as one fused model, N per process: auto (the sweep "
+                   "file's pack:, default auto: packs of 10 on GPUs, off on the CPU, where it measured slower).")
 @click.option("--claim-lease", type=float, default=300, show_default=True, metavar="SECONDS",
               help="A run claimed in the store by a process whose heartbeat is older than this may be taken over.")
 @runs_dir_option
 @tracking_uri_option
 @click.pass_context
 def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, jobs_per_gpu, max_parallel, retries,
-                retry_failed, backend, ray_address, shared_runs_dir, stall_timeout, store_timeout, claim_lease,
+                retry_failed, backend, ray_address, shared_runs_dir, stall_timeout, store_timeout, pack, claim_lease,
                 runs_dir, tracking_uri):
     """Run every run of the sweep that is not finished: resume interrupted ones, retry failures.
 
@@ -110,7 +113,7 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
         sweep_, configs, tracking_uri=tracking_uri, runs_dir=_runs_dir(runs_dir), backend=backend, gpus=gpus,
         jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, retries=retries, retry_failed=retry_failed,
         ray_address=ray_address, shared_runs_dir=shared_runs_dir, stall_timeout=stall_timeout,
-        store_timeout=store_timeout, claim_lease=claim_lease,
+        store_timeout=store_timeout, claim_lease=claim_lease, pack=pack,
         view_factory=lambda states, tasks: make_view(states, tasks, sweep_.name, console))
     if result.aborted:
         click.echo("error: stopped at once; interrupted runs stay resumable", err=True)

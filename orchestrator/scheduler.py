@@ -23,6 +23,7 @@ a ``Scheduler``, which keeps every slot busy through a backend (local subprocess
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import threading
@@ -38,7 +39,7 @@ from orchestrator.backends import Backend, Job, LocalBackend, RayBackend, Slot, 
 from orchestrator.errors import UserError
 from orchestrator.reconcile import DEFAULT_RETRIES, TODO, RunState, inspect_sweep
 from orchestrator.runfolder import COUNTED, DONE, Result, RunFolder
-from orchestrator.worker import EXIT_BUSY, EXIT_SIGINT, EXIT_SIGTERM, WorkerSpec
+from orchestrator.worker import EXIT_BUSY, EXIT_SIGINT, EXIT_SIGTERM, PackSpec, WorkerSpec
 from training.config import RunConfig
 
 POLL_S = 0.2
@@ -130,10 +131,16 @@ class Task:
     slowest_epoch: float = 0.0
     stalled: str = ""
     notes_seen: int = 0
+    members: list[Task] = field(default_factory=list)  # a pack: its runs (``run_dir`` is the pack's folder)
 
     @property
     def folder(self) -> RunFolder:
         return RunFolder(self.run_dir)
+
+    @property
+    def runs(self) -> list[Task]:
+        """The runs this job trains: the pack's members, or the run itself."""
+        return self.members or [self]
 
 
 class View(Protocol):
@@ -299,18 +306,21 @@ class Scheduler:
                 task.result, task.message = "failed", f"cannot start: {e}"
                 self.view.note(f"{task.key}: {task.message}")
                 continue
-            task.starts += 1
-            task.started_at = task.progress_at = time.monotonic()
-            task.waiting_for, task.progress_epoch, task.stalled, task.notes_seen = None, -1, "", 0
+            for run in {id(t): t for t in (task, *task.runs)}.values():
+                run.starts += 1
+                run.started_at = run.progress_at = time.monotonic()
+                run.dispatched_at = task.dispatched_at
+                run.waiting_for, run.progress_epoch, run.stalled, run.notes_seen = None, -1, "", 0
             self.active[slot.name] = (task, slot, job)
-            self.view.started(task, slot)
+            for run in task.runs:
+                self.view.started(run, slot)
 
     def _next_ready(self, now: float) -> Task | None:
         """The first queued run whose time has come and whose lock is free."""
         for _ in range(len(self.queue)):
             task = self.queue.popleft()
             if task.not_before <= now:
-                holder = task.folder.lock_holder()
+                holder = next((h for r in task.runs if (h := r.folder.lock_holder()) is not None), None)
                 if holder is None:
                     return task
                 if task.waiting_for is None:
@@ -323,9 +333,13 @@ class Scheduler:
     def _watch_workers(self, now: float) -> None:
         """Progress, notes and stalls of the running workers (from their progress.json)."""
         for task, _, job in self.active.values():
-            progress = task.folder.read_progress()
-            if progress is not None and float(progress.get("time") or 0) >= task.dispatched_at - 1.0:
-                self._read_progress(task, progress, now)  # else none yet, or the previous attempt's
+            for run in task.runs:
+                progress = run.folder.read_progress()
+                if progress is not None and float(progress.get("time") or 0) >= task.dispatched_at - 1.0:
+                    self._read_progress(run, progress, now)  # else none yet, or the previous attempt's
+            if task.members:  # a pack progresses while any member does
+                task.progress_at = max(r.progress_at for r in task.members)
+                task.slowest_epoch = max(r.slowest_epoch for r in task.members)
             limit = self.stall_timeout_s or max(MIN_STALL_S, STALL_EPOCHS * task.slowest_epoch)
             if not task.stalled and now - task.progress_at > limit:
                 task.stalled = f"stalled: no new epoch for {now - task.progress_at:.0f}s (stall timeout {limit:.0f}s)"
@@ -350,7 +364,10 @@ class Scheduler:
         for name, (task, slot, job) in list(self.active.items()):
             if job.done():
                 del self.active[name]
-                self._settle(task, slot, job.result())
+                code = job.result()
+                for run in task.runs:  # a pack's members are settled one by one, retried alone
+                    run.stalled = run.stalled or task.stalled
+                    self._settle(run, slot, code)
 
     def _outcome(self, task: Task, code: int) -> Result:
         """The attempt's result.json, or a crash if the worker wrote none for this attempt."""
@@ -461,7 +478,7 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
               max_parallel: int | None = None, retries: int = DEFAULT_RETRIES, retry_failed: bool = False,
               ray_address: str | None = None, shared_runs_dir: bool = False,
               stall_timeout: float | None = None, store_timeout: float = tracking.DEFAULT_STORE_TIMEOUT_S,
-              claim_lease: float = claims.DEFAULT_LEASE_S,
+              claim_lease: float = claims.DEFAULT_LEASE_S, pack: int | str | None = None,
               view_factory: Callable[[list[RunState], list[Task]], View] | None = None) -> SweepResult:
     """Run every run of ``configs`` that is not done yet; safe to run again at any time, and from several
     orchestrators (or machines) sharing the tracking store at once."""
@@ -473,6 +490,8 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
             raise UserError(f"{option} {value:g}: must be > 0 seconds")
     if backend not in ("local", "ray"):
         raise UserError(f"--backend {backend!r}: expected local or ray")
+    pack = sweep.pack if pack is None else pack
+    pack_size(pack, [])  # checked before anything is touched
     slots: list[Slot] = []
     if backend == "local":  # checked before anything is touched
         visible = [] if (gpus or "").strip().lower() == "none" else visible_gpus()
@@ -501,20 +520,24 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
         chosen = LocalBackend()
 
     def write_spec(task: Task, slot: Slot) -> Path:
-        path = task.folder.spec
-        config = task.config.replace(data_dir=os.path.abspath(task.config.data_dir))  # workers run in the run folder
-        WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(task.run_dir),
-                   tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
-                   store_timeout=store_timeout, claim_lease=claim_lease).write(path)
-        return path
+        for run in task.runs:
+            config = run.config.replace(data_dir=os.path.abspath(run.config.data_dir))  # workers run elsewhere
+            WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run.run_dir),
+                       tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
+                       store_timeout=store_timeout, claim_lease=claim_lease).write(run.folder.spec)
+        if task.members:
+            PackSpec(task.key, [str(r.folder.spec) for r in task.members]).write(task.folder.spec)
+        return task.folder.spec
 
     for task in tasks:
         task.run_dir.mkdir(parents=True, exist_ok=True)
+    size = pack_size(sweep.pack if pack is None else pack, slots)
+    jobs = form_packs(tasks, size, runs_dir / PACKS) if size > 1 else tasks
     view = view_factory(states, tasks) if view_factory else QuietView()
     scheduler = Scheduler(chosen, slots, write_spec, retries, view, stall_timeout_s=stall_timeout,
                           store_probe=lambda: tracking.probe(uri), store_timeout_s=store_timeout)
     try:
-        stopped_by = scheduler.run(tasks)
+        stopped_by = scheduler.run(jobs)
     finally:
         close = getattr(view, "close", None)
         if close:
@@ -531,6 +554,50 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
         final = states
         scheduler.store_gave_up = True
     return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up, experiment_id=experiment_id)
+
+
+PACKS = "packs"  # <runs dir>/packs/<pack id>/: a pack's spec and log (its members keep their own folders)
+AUTO_GPU_PACK = 10  # --pack auto on a GPU (not yet calibrated on a GPU: see benchmarks/sweep_throughput.py)
+
+
+def pack_size(pack: int | str, slots: Sequence[Slot]) -> int:
+    """Runs per worker process: ``off`` 1; N; ``auto`` AUTO_GPU_PACK on GPUs and 1 on the CPU, where packing
+    measured slower than separate processes (benchmarks/sweep_throughput.py)."""
+    from orchestrator.sweepfile import parse_pack
+
+    try:
+        pack = parse_pack(pack)
+    except ValueError:
+        raise UserError(f"--pack {pack!r}: expected a pack size >= 1, auto or off") from None
+    if pack == "off":
+        return 1
+    if pack == "auto":
+        return AUTO_GPU_PACK if any(s.device == "cuda" for s in slots) else 1
+    return int(pack)
+
+
+def form_packs(tasks: Sequence[Task], size: int, packs_dir: Path) -> list[Task]:
+    """Jobs for the scheduler: runs of one shape (``training.packed.shape_of``) in packs of up to ``size``,
+    in the order given (sorted within a shape by run key, so a re-run forms the same packs); a run with
+    no partner stays alone."""
+    from training.packed import shape_of
+
+    by_shape: dict[tuple, list[Task]] = {}
+    for task in tasks:
+        by_shape.setdefault(shape_of(task.config), []).append(task)
+    jobs: list[Task] = []
+    for group in by_shape.values():
+        group = sorted(group, key=lambda t: t.key)
+        for i in range(0, len(group), size):
+            members = group[i:i + size]
+            if len(members) == 1:
+                jobs.extend(members)
+                continue
+            pack_id = "pack-" + hashlib.sha256(" ".join(t.key for t in members).encode()).hexdigest()[:10]
+            label = members[0].config.replace(scheme=f"pack of {len(members)}")
+            jobs.append(Task(pack_id, label, packs_dir / pack_id, max(t.total_epochs for t in members),
+                             members=members))
+    return jobs
 
 
 def describe(sweep) -> str:

@@ -149,6 +149,19 @@ class TuneSpace(BaseModel):
         return self
 
 
+def parse_pack(value: Any) -> int | str:
+    """A pack setting (sweep file ``pack:`` or ``--pack``): a size N >= 1, ``auto`` or ``off``."""
+    if value is False:  # YAML 1.1 reads a bare `off` as false
+        return "off"
+    if isinstance(value, str) and value.strip().lower() in ("auto", "off"):
+        return value.strip().lower()
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PydanticCustomError("pack", "expected a pack size >= 1, auto or off", {})
+    return value
+
+
 class Sweep(BaseModel):
     """A sweep file: the grid datasets x archs x schemes x seeds, validated on construction."""
 
@@ -158,6 +171,12 @@ class Sweep(BaseModel):
     """Sweep name (letters, digits, '.', '_', '-'); tags every MLflow run as ``adareg.sweep``."""
     experiment: str = Field(min_length=1)
     """MLflow experiment the runs are logged to."""
+    description: str | None = None
+    """The experiment's description in the MLflow UI (default: what the sweep runs)."""
+    pack: int | str = "auto"
+    """Train runs of one shape together as one fused model (``training.packed``): a pack size N >= 1, ``off``
+    (one run per process), or ``auto`` (packs on a GPU, one run per process on the CPU, where packing
+    measured slower)."""
     datasets: list[str] = Field(min_length=1)
     """Datasets: cifar10, cifar100, digits."""
     archs: list[str] = Field(min_length=1)
@@ -181,6 +200,11 @@ class Sweep(BaseModel):
                 raise PydanticCustomError(
                     "scheme_name", "scheme name {name} is not text: quote it (e.g. \"01\")", {"name": repr(name)})
         return value
+
+    @field_validator("pack", mode="before")
+    @classmethod
+    def _pack_size_auto_or_off(cls, value: Any) -> Any:
+        return parse_pack(value)
 
     @field_validator("datasets", "archs", "seeds")
     @classmethod

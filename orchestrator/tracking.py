@@ -219,17 +219,18 @@ def connect(uri: str | None = None, create: bool = True, transient_errors: bool 
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = resolve_tracking_uri(uri)
     _check_reachable(uri, create, transient_errors)
-    client = MlflowClient(tracking_uri=uri)
     path = sqlite_path(uri)
-    if path is not None:
-        lock = path.absolute().with_name(path.name + ".adareg-init.lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            client.search_experiments(max_results=1)  # creates and migrates the schema, once
-        finally:
-            os.close(fd)
-    return client
+    if path is None:
+        return MlflowClient(tracking_uri=uri)
+    lock = path.absolute().with_name(path.name + ".adareg-init.lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)  # the store's first use creates and migrates its schema
+        client.search_experiments(max_results=1)
+        return client
+    finally:
+        os.close(fd)
 
 
 def ui_url(base: str, experiment_id: str | None = None) -> str:
@@ -424,8 +425,14 @@ class RunLogger(Callback):
         self._beat: threading.Thread | None = None
 
     # -- start: claim or create, never splice
-    def on_start(self, config: RunConfig, plan: Sequence[EpochPlan], history: list[dict[str, float]]) -> None:
+    def attach(self, config: RunConfig, plan: Sequence[EpochPlan], history: list[dict[str, float]]) -> None:
+        """Claim or create the key's run now (Busy, AlreadyFinished otherwise); ``on_start`` does it when
+        this was not done before (a pack claims every member before it starts)."""
         self.store.call(lambda: self._attach(config, plan, history), "claiming the run")
+
+    def on_start(self, config: RunConfig, plan: Sequence[EpochPlan], history: list[dict[str, float]]) -> None:
+        if self.run_id is None:
+            self.attach(config, plan, history)
         self.pending = [(int(entry["epoch"]), history_metrics(entry)) for entry in history]
         self._flush(blocking=True)
         self._beat = threading.Thread(target=self._heartbeat, name="adareg-heartbeat", daemon=True)

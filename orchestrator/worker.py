@@ -12,6 +12,7 @@ exit code or a log line, is what the orchestrator reads. A checkpoint that canno
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
@@ -27,7 +28,7 @@ from typing import Any
 from orchestrator import claims, tracking
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
-from orchestrator.runfolder import RunFolder
+from orchestrator.runfolder import Result, RunFolder
 from training.atomic import atomic_write
 from training.callbacks import Callback
 from training.config import ConfigError, DataError, RunConfig
@@ -142,90 +143,155 @@ class StopWhenAsked(Callback):
             raise StopRun("pruned" if reason.startswith("pruned") else "stopped", reason)
 
 
+@dataclass
+class Member:
+    """One run inside a worker process: alone, or a member of a pack."""
+
+    spec: WorkerSpec
+    config: RunConfig
+    folder: RunFolder
+    attempt: Result | None = None  # None: its folder is locked by another live process
+    outcome: Outcome | None = None
+    logger: tracking.RunLogger | None = None
+    progress: ProgressFile | None = None
+    existing: Any = None
+
+    def callbacks(self) -> list[Callback]:
+        """What a run's training reports to: the MLflow logger, progress.json, the stop request."""
+        member = self
+
+        class RunId(Callback):  # progress.json names the MLflow run once the logger has it
+            def on_start(self, config, plan, history):
+                member.progress.run_id = member.logger.run_id
+
+        return [self.logger, RunId(), self.progress]
+
+    def result(self) -> Outcome:
+        return self.outcome or Outcome("error", message="ended without an outcome", exit_code=EXIT_FAILED)
+
+
+def _lock(spec: WorkerSpec) -> Member:
+    config = RunConfig.from_dict(spec.config)
+    member = Member(spec, config, RunFolder(spec.run_dir))
+    if not member.folder.acquire():
+        holder = member.folder.lock_holder()
+        member.outcome = Outcome("busy", message=f"run {run_key(config)} is already running here"
+                                 + (f" (pid {holder})" if holder else "") + f": {member.folder.lock_path}",
+                                 exit_code=EXIT_BUSY)
+        return member
+    member.attempt = member.folder.start_attempt(claims.hostname())
+    member.progress = ProgressFile(member.folder)
+    return member
+
+
+def _unlock(member: Member, raised: BaseException | None = None) -> None:
+    """Write the attempt's outcome to result.json (an exception's if one ended it) and release the lock."""
+    if member.attempt is None:
+        return
+    if member.outcome is None and raised is not None:
+        if isinstance(raised, (ConfigError, DataError, UserError)):
+            member.outcome = Outcome("bad_input", message=str(raised), exit_code=EXIT_USER)
+        elif isinstance(raised, (KeyboardInterrupt, Terminated)):
+            member.outcome = Outcome("killed", message="interrupted; resumable", exit_code=EXIT_SIGTERM)
+        else:
+            member.outcome = Outcome("error", message=f"{type(raised).__name__}: {raised}"[:2000],
+                                     exit_code=EXIT_FAILED)
+    outcome, attempt = member.result(), member.attempt
+    member.folder.write_result(dataclasses.replace(
+        attempt, status=outcome.status, message=outcome.message, run_id=outcome.run_id or attempt.run_id,
+        epochs_done=outcome.epochs_done or attempt.epochs_done,
+        failures=attempt.failures + (outcome.status == "error")))
+    member.folder.release()
+
+
+def _connect(spec: WorkerSpec, note) -> tuple[tracking.Store, str]:
+    """The store and the experiment's id; a store down before anything started is said soon (StoreDown
+    after START_BUDGET_S): the orchestrator waits for it to answer."""
+    store = tracking.Store(spec.tracking_uri, budget_s=spec.store_timeout, on_wait=note)
+    experiment_id = store.call(lambda: tracking.ensure_experiment(store.client, spec.experiment),
+                               budget_s=START_BUDGET_S)
+    return store, experiment_id
+
+
+def _prepare(member: Member, store: tracking.Store, experiment_id: str, tags: dict[str, str] | None = None) -> None:
+    """Look at the key's run before loading anything (finished, or held by a live process elsewhere: an
+    outcome now), move a broken checkpoint aside, and make the member's logger."""
+    spec, config, folder = member.spec, member.config, member.folder
+    existing = store.call(lambda: tracking.find_run(store.client, experiment_id, run_key(config)),
+                          budget_s=START_BUDGET_S)
+    if existing is not None and existing.info.status == "FINISHED":
+        member.outcome = Outcome("already_finished", existing.info.run_id,
+                                 f"run {existing.info.run_id} is already finished")
+        return
+    if existing is not None:  # the claim itself is taken on start
+        holder = claims.holder(existing.data.tags, lease_s=spec.claim_lease, my_run_dir=str(folder.path))
+        if holder is not None and holder.live:
+            member.outcome = Outcome("busy", existing.info.run_id, f"running elsewhere: {holder.describe()}",
+                                     exit_code=EXIT_BUSY)
+            return
+    _check_checkpoint(folder, config, member.progress.note)
+    member.logger = tracking.RunLogger(store, experiment_id, spec.sweep, {**spec.tags, **(tags or {})},
+                                       owner=claims.Owner.me(str(folder.path)), lease_s=spec.claim_lease,
+                                       note=member.progress.note)
+    member.logger.candidate = existing
+
+
 def execute(spec: WorkerSpec, callbacks: Sequence[Callback] = ()) -> Outcome:
     """Run (or resume) one configuration under its folder lock and its claim, mirrored into MLflow; the
     outcome is also written to ``result.json``. Bad input is raised (after being recorded)."""
-    config = RunConfig.from_dict(spec.config)
-    folder = RunFolder(spec.run_dir)
-    if not folder.acquire():
-        holder = folder.lock_holder()
-        return Outcome("busy", message=f"run {run_key(config)} is already running here"
-                       + (f" (pid {holder})" if holder else "") + f": {folder.lock_path}", exit_code=EXIT_BUSY)
-    attempt = folder.start_attempt(claims.hostname())
-    outcome: Outcome | None = None
+    member = _lock(spec)
+    if member.attempt is None:
+        return member.result()
+    raised: BaseException | None = None
     try:
-        outcome = _execute(spec, config, folder, callbacks)
-        return outcome
-    except (ConfigError, DataError, UserError) as e:
-        outcome = Outcome("bad_input", message=str(e), exit_code=EXIT_USER)
-        raise
-    except (KeyboardInterrupt, Terminated):
-        outcome = Outcome("killed", message="interrupted; resumable", exit_code=EXIT_SIGTERM)
-        raise
+        _execute(member, callbacks)
+        return member.result()
     except BaseException as e:
-        outcome = Outcome("error", message=f"{type(e).__name__}: {e}"[:2000], exit_code=EXIT_FAILED)
+        raised = e
         raise
     finally:
-        failed = outcome.status == "error"
-        folder.write_result(dataclasses.replace(
-            attempt, status=outcome.status, message=outcome.message, run_id=outcome.run_id or attempt.run_id,
-            epochs_done=outcome.epochs_done or attempt.epochs_done, failures=attempt.failures + failed))
-        folder.release()
+        _unlock(member, raised)
 
 
-def _execute(spec: WorkerSpec, config: RunConfig, folder: RunFolder, callbacks: Sequence[Callback]) -> Outcome:
-    progress = ProgressFile(folder)
-    store = tracking.Store(spec.tracking_uri, budget_s=spec.store_timeout, on_wait=progress.note)
-    key = run_key(config)
-    try:  # a store down before anything started: say so soon; the orchestrator waits for it to answer
-        experiment_id = store.call(lambda: tracking.ensure_experiment(store.client, spec.experiment),
-                                   budget_s=START_BUDGET_S)
-        existing = store.call(lambda: tracking.find_run(store.client, experiment_id, key), budget_s=START_BUDGET_S)
+def _execute(member: Member, callbacks: Sequence[Callback]) -> None:
+    spec, config, folder, progress = member.spec, member.config, member.folder, member.progress
+    try:
+        store, experiment_id = _connect(spec, progress.note)
+        _prepare(member, store, experiment_id)
     except tracking.StoreDown as e:
-        return Outcome("store_down", message=str(e), exit_code=EXIT_STORE)
-    if existing is not None and existing.info.status == "FINISHED":
-        return Outcome("already_finished", existing.info.run_id, f"run {existing.info.run_id} is already finished")
-    if existing is not None:  # cheap look before loading anything; the claim itself is taken on start
-        holder = claims.holder(existing.data.tags, lease_s=spec.claim_lease, my_run_dir=str(folder.path))
-        if holder is not None and holder.live:
-            return Outcome("busy", existing.info.run_id, f"running elsewhere: {holder.describe()}",
-                           exit_code=EXIT_BUSY)
-    _check_checkpoint(folder, config, progress.note)
-
-    owner = claims.Owner.me(str(folder.path))
-    logger = tracking.RunLogger(store, experiment_id, spec.sweep, spec.tags, owner=owner, lease_s=spec.claim_lease,
-                                note=progress.note)
-    logger.candidate = existing
+        member.outcome = Outcome("store_down", message=str(e), exit_code=EXIT_STORE)
+    if member.outcome is not None:
+        return
+    logger = member.logger
     from training.loop import Diverged, train  # torch loads here, not when the CLI starts
 
-    class RunId(Callback):  # progress.json names the MLflow run once the logger has it
-        def on_start(self, config, plan, history):
-            progress.run_id = logger.run_id
+    def end(status: str, message: str = "", code: int = EXIT_OK) -> None:
+        member.outcome = Outcome(status, logger.run_id, message, code, progress.epoch)
 
-    done = lambda: progress.epoch  # noqa: E731
     try:
-        train(config, [logger, RunId(), progress, *callbacks, StopWhenAsked(folder)], device=spec.device,
+        train(config, [*member.callbacks(), *callbacks, StopWhenAsked(folder)], device=spec.device,
               checkpoint_path=folder.checkpoint, threads=spec.threads)
     except tracking.AlreadyFinished as e:
-        return Outcome("already_finished", e.run_id, str(e))
+        member.outcome = Outcome("already_finished", e.run_id, str(e))
+        return
     except claims.Busy as e:
         logger.abandon()  # not ours (or no longer): leave it to its owner
-        return Outcome("busy", logger.run_id, str(e), EXIT_BUSY, done())
+        return end("busy", str(e), EXIT_BUSY)
     except tracking.StoreDown as e:
         logger.finish("KILLED", "store_down", str(e), blocking=False)
-        return Outcome("store_down", logger.run_id, str(e), EXIT_STORE, done())
+        return end("store_down", str(e), EXIT_STORE)
     except Diverged as e:
         logger.finish("FAILED", "diverged", str(e))
-        return Outcome("diverged", logger.run_id, str(e), EXIT_DIVERGED, done())
+        return end("diverged", str(e), EXIT_DIVERGED)
     except StopRun as e:
         logger.finish("KILLED", e.kind, str(e))
         folder.clear_stop()
-        return Outcome("stopped", logger.run_id, str(e), EXIT_OK, done())
+        return end("stopped", str(e))
     except (KeyboardInterrupt, Terminated) as e:
         _ignore_signals()  # a second signal must not cut the marking short (the run would stay RUNNING)
         logger.finish("KILLED", "killed", "interrupted", blocking=False)
-        code = EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT
-        return Outcome("killed", logger.run_id, "interrupted; resumable", code, done())
+        end("killed", "interrupted; resumable", EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT)
+        return
     except (ConfigError, DataError, UserError):
         logger.finish("FAILED", "error", traceback.format_exc(limit=1), blocking=False)
         raise
@@ -235,8 +301,160 @@ def _execute(spec: WorkerSpec, config: RunConfig, folder: RunFolder, callbacks: 
     try:
         logger.finish("FINISHED")
     except tracking.StoreDown as e:
-        return Outcome("store_down", logger.run_id, str(e), EXIT_STORE, done())
-    return Outcome("finished", logger.run_id, exit_code=EXIT_OK, epochs_done=done())
+        return end("store_down", str(e), EXIT_STORE)
+    end("finished")
+
+
+# ------------------------------------------------------------------------------------------------ packs
+
+
+TAG_PACK = "adareg.pack"  # "<pack id>/<size>" on every member's MLflow run
+
+
+@dataclass
+class PackSpec:
+    """A pack: the spec files of its members (each in its own run folder), trained as one fused model."""
+
+    pack_id: str
+    members: list[str]
+
+    def write(self, path: str | os.PathLike) -> None:
+        data = json.dumps(dataclasses.asdict(self), indent=2).encode()
+        atomic_write(path, lambda f: f.write(data))
+
+
+class _PackDone(Exception):
+    """Every member of the pack has an outcome: stop training it."""
+
+
+class _Guard(Callback):
+    """One member's callbacks inside a pack: what would end a solo run (stop request, claim lost, store
+    down past its budget, an error in its logger) ends this member only; the others train on."""
+
+    def __init__(self, member: Member, group: Sequence[Member]):
+        self.member, self.group = member, group
+        self.inner = [*member.callbacks(), StopWhenAsked(member.folder)]
+
+    def _call(self, fn) -> None:
+        m = self.member
+        if m.outcome is not None:
+            return
+        logger, epoch = m.logger, m.progress.epoch
+        try:
+            fn()
+        except StopRun as e:
+            logger.finish("KILLED", e.kind, str(e))
+            m.folder.clear_stop()
+            m.outcome = Outcome("stopped", logger.run_id, str(e), EXIT_OK, epoch)
+        except claims.Busy as e:
+            logger.abandon()
+            m.outcome = Outcome("busy", logger.run_id, str(e), EXIT_BUSY, epoch)
+        except tracking.AlreadyFinished as e:
+            m.outcome = Outcome("already_finished", e.run_id, str(e))
+        except tracking.StoreDown as e:
+            logger.finish("KILLED", "store_down", str(e), blocking=False)
+            m.outcome = Outcome("store_down", logger.run_id, str(e), EXIT_STORE, epoch)
+        except Exception as e:  # noqa: BLE001 - this member's trouble, not the pack's
+            with contextlib.suppress(Exception):
+                logger.finish("FAILED", "error", f"{type(e).__name__}: {e}", blocking=False)
+            m.outcome = Outcome("error", logger.run_id, f"{type(e).__name__}: {e}"[:2000], EXIT_FAILED, epoch)
+        if all(x.outcome is not None for x in self.group):
+            raise _PackDone()
+
+    def on_start(self, config, plan, history) -> None:
+        self._call(lambda: [cb.on_start(config, plan, history) for cb in self.inner])
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self._call(lambda: [cb.on_epoch_end(epoch, metrics) for cb in self.inner])
+
+    def on_diverged(self, epoch: int, message: str) -> None:
+        m = self.member
+        if m.outcome is None:
+            m.logger.finish("FAILED", "diverged", message)
+            m.outcome = Outcome("diverged", m.logger.run_id, message, EXIT_DIVERGED, m.progress.epoch)
+
+
+def execute_pack(pack: PackSpec) -> list[Outcome]:
+    """Train the members of a pack as one fused model (``training.packed.train_packed``). Each member is
+    a run like any other: its folder lock, its claim, its MLflow run (tagged ``adareg.pack``), its
+    checkpoint in the solo format, its ``result.json``. Members found finished, held elsewhere or with a
+    checkpoint of another epoch are left out or trained in a pack of their own epoch."""
+    members = [_lock(WorkerSpec.read(path)) for path in pack.members]
+    ready = [m for m in members if m.attempt is not None]
+    raised: BaseException | None = None
+    try:
+        if ready:
+            _execute_pack(pack, ready)
+        return [m.result() for m in members]
+    except BaseException as e:
+        raised = e
+        raise
+    finally:
+        for m in ready:
+            _unlock(m, raised)
+
+
+def _execute_pack(pack: PackSpec, members: list[Member]) -> None:
+    from training.checkpoint import load_checkpoint
+    from training.packed import group_by_epoch
+    from training.schedules import plan_for
+
+    lead = members[0].spec
+    try:
+        store, experiment_id = _connect(lead, members[0].progress.note)
+        for m in members:
+            _prepare(m, store, experiment_id, {TAG_PACK: f"{pack.pack_id}/{len(pack.members)}"})
+    except tracking.StoreDown as e:
+        for m in members:
+            m.outcome = m.outcome or Outcome("store_down", message=str(e), exit_code=EXIT_STORE)
+        return
+    for m in members:  # claim every member before the pack starts: one held elsewhere is left out
+        if m.outcome is None:
+            payload = load_checkpoint(m.folder.checkpoint)
+            try:
+                m.logger.attach(m.config, plan_for(m.config), list(payload["history"]) if payload else [])
+            except tracking.AlreadyFinished as e:
+                m.outcome = Outcome("already_finished", e.run_id, str(e))
+            except claims.Busy as e:
+                m.outcome = Outcome("busy", message=str(e), exit_code=EXIT_BUSY)
+            except tracking.StoreDown as e:
+                m.outcome = Outcome("store_down", message=str(e), exit_code=EXIT_STORE)
+    todo = [m for m in members if m.outcome is None]
+    for indices in group_by_epoch([m.folder.checkpoint for m in todo]).values():
+        _train_group([todo[i] for i in indices], lead)
+
+
+def _train_group(group: list[Member], lead: WorkerSpec) -> None:
+    from training.packed import train_packed
+
+    try:
+        train_packed([m.config for m in group], [[_Guard(m, group)] for m in group], device=lead.device,
+                     checkpoint_paths=[m.folder.checkpoint for m in group], threads=lead.threads)
+    except _PackDone:
+        return
+    except (KeyboardInterrupt, Terminated):
+        _ignore_signals()
+        for m in group:
+            if m.outcome is None:
+                m.logger.finish("KILLED", "killed", "interrupted", blocking=False)
+                m.outcome = Outcome("killed", m.logger.run_id, "interrupted; resumable", EXIT_SIGTERM,
+                                    m.progress.epoch)
+        raise
+    except Exception as e:  # noqa: BLE001 - the pack itself failed: every member still in it
+        for m in group:
+            if m.outcome is None:
+                with contextlib.suppress(Exception):
+                    m.logger.finish("FAILED", "error", f"{type(e).__name__}: {e}", blocking=False)
+                m.outcome = Outcome("error", m.logger.run_id, f"{type(e).__name__}: {e}"[:2000], EXIT_FAILED,
+                                    m.progress.epoch)
+        return
+    for m in group:
+        if m.outcome is None:
+            try:
+                m.logger.finish("FINISHED")
+                m.outcome = Outcome("finished", m.logger.run_id, epochs_done=m.progress.epoch)
+            except tracking.StoreDown as e:
+                m.outcome = Outcome("store_down", m.logger.run_id, str(e), EXIT_STORE, m.progress.epoch)
 
 
 def _check_checkpoint(folder: RunFolder, config: RunConfig, note) -> None:
@@ -286,8 +504,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         _die_with_parent()
-        spec = WorkerSpec.read(argv[0])
-        outcome = execute(spec)
+        data = json.loads(Path(argv[0]).read_text())
+        if "members" in data:
+            outcomes = execute_pack(PackSpec(**data))
+            for o in outcomes:
+                print(f"{o.status}: {o.message}".rstrip(": "), flush=True)
+            return max((o.exit_code for o in outcomes), default=EXIT_OK)
+        outcome = execute(WorkerSpec(**data))
     except Terminated:
         return EXIT_SIGTERM
     except KeyboardInterrupt:
