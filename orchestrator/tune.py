@@ -311,13 +311,13 @@ class Tuner:
                 beat = float(t.system_attrs.get(SYS_HEARTBEAT, start))
                 if now - beat <= self.lease_s:
                     continue
-                try:
+                try:  # the reason first: a finished trial takes no attribute
+                    self.storage.set_trial_user_attr(t._trial_id, ATTR_FAILURE, f"its tuner stopped heartbeating "
+                                                     f"{now - beat:.0f}s ago (lease {self.lease_s:.0f}s)")
                     if not self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
                         continue
                 except (UpdateFinishedTrialError, KeyError):
                     continue  # failed by another tuner first
-                self.storage.set_trial_user_attr(t._trial_id, ATTR_FAILURE, f"its tuner stopped heartbeating "
-                                                 f"{now - beat:.0f}s ago (lease {self.lease_s:.0f}s)")
                 retry(self.study, self.storage.get_trial(t._trial_id))
         failed = [t.number for t in self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
                   if t.number not in before]
