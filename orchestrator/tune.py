@@ -531,8 +531,10 @@ def run_tune(sweep: Sweep, trials: int, *, storage: str | None, tracking_uri: st
 
     def write_spec(task, slot) -> Path:
         config = task.config.replace(data_dir=os.path.abspath(task.config.data_dir))
-        WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(task.run_dir), tracking_uri=uri,
-                   sweep=sweep.name, device=slot.device, threads=slot.threads, tags=tuner.tags[task.key]).write(task.folder.spec)
+        spec = WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(task.run_dir),
+                          tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
+                          tags=tuner.tags[task.key])
+        spec.write(task.folder.spec)
         return task.folder.spec
 
     backend = LocalBackend()

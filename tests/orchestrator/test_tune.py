@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import postgres, postgres_uri  # noqa: F401 (fixtures)
+from servers import postgres, postgres_uri  # noqa: F401, F811 (fixtures)
 
 from orchestrator.errors import UserError
 from orchestrator.scheduler import Task
@@ -225,7 +225,7 @@ def load_study(storage: str, name: str = "tune-digits"):
 
 
 @pytest.mark.slow
-def test_trials_run_in_parallel_on_a_validation_split_and_are_scored_by_the_mean_over_seeds(tmp_path, postgres_uri):
+def test_trials_run_in_parallel_on_a_validation_split_and_are_scored_by_the_mean_over_seeds(tmp_path, postgres_uri):  # noqa: F811
     """The study lives in Optuna's RDB storage on a real PostgreSQL server (the journal file is what the
     other tests use)."""
     path = tune_file(tmp_path / "t.yaml", seeds=2)
@@ -326,3 +326,26 @@ def test_tune_run_refuses_bad_input_in_one_line(tmp_path):
     done = subprocess.run(tune_cmd(path, str(tmp_path / "s.journal"), "--max-parallel", "0"), capture_output=True,
                           text=True, env=env_for(tmp_path), cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and done.stderr.strip() == text("error: --max-parallel 0: must be at least 1")
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    from orchestrator.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(list(args))
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def test_dashboard_without_optuna_dashboard_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "optuna_dashboard", None)  # import fails as if not installed
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adareg_tune").mkdir()
+    (tmp_path / "adareg_tune" / "tune-digits.journal").write_text("")
+    code, _, err = cli(capsys, "tune", "dashboard", TUNE, "--port", "8089")
+    assert (code, err) == (2, "error: optuna-dashboard is not installed: pip install optuna-dashboard\n")
+
+
+def test_tune_file_is_an_alias_of_tune_run(capsys):
+    code, out, _ = cli(capsys, "tune", TUNE, "--help")
+    assert code == 0 and "Run TRIALS more trials" in out and "--max-parallel" in out
