@@ -311,7 +311,7 @@ class Scheduler:
             if slot.name in self.active:
                 continue
             task = self._next_ready(now)
-            if task is None and not self.queue and self.source is not None:
+            if task is None and not self.queue and self.source is not None and self.source.running():
                 self.queue.extend(self.source.more())
                 task = self._next_ready(now)
             if task is None:
