@@ -98,7 +98,9 @@ def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial
         summary, _ = best_sweep(sweep, study)
         click.echo(f"best: trial {summary['trial']} {summary['objective']} {summary['value']:.4f} "
                    f"{json.dumps(summary['params'])}")
-    if result.exit_code:
+    if result.errors:
+        click.echo(f"error: {result.errors[0][:500]} (no further trial started)", err=True)
+    elif result.exit_code:
         click.echo("interrupted: its trials are enqueued again; run the command again to go on", err=True)
     ctx.exit(result.exit_code)
 

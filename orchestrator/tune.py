@@ -261,6 +261,8 @@ class Tuner:
         self.by_key: dict[str, TrialRuns] = {}
         self.told: dict[int, str] = {}  # trial number -> state name
         self.tags: dict[str, dict[str, str]] = {}  # run key -> MLflow tags of its run
+        self.errors: list[str] = []  # trials that failed with an error: no further trial is asked
+        self.halted = False
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -328,7 +330,7 @@ class Tuner:
 
     # -- TaskSource
     def running(self) -> bool:
-        return self.asked < self.budget and not self._stop.is_set()
+        return self.asked < self.budget and not self.halted
 
     def more(self) -> list:
         if not self.running():
@@ -409,7 +411,6 @@ class Tuner:
                 self._tell(runs)
 
     def _tell(self, runs: TrialRuns) -> None:
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
         from optuna.trial import TrialState
 
         trial = runs.trial
@@ -422,7 +423,11 @@ class Tuner:
         if results == {"finished"}:
             finals = []
             for key, run_id in zip(runs.tasks, run_ids):
-                history = self._history(run_id) if run_id else {}
+                try:
+                    history = self._history(run_id) if run_id else {}
+                except Exception as e:  # noqa: BLE001 - the store is down: the retry reads the finished runs
+                    return self._retry(runs, f"cannot read {self.space.objective} of run {key} from MLflow "
+                                             f"({type(e).__name__}); enqueued again (its runs are finished)")
                 runs.values[key].update(history)
                 if not history:
                     return self._fail(runs, f"run {key} has no {self.space.objective}")
@@ -437,12 +442,19 @@ class Tuner:
             self.told[trial.number] = "pruned"
             return None
         if "killed" in results or "skipped" in results:  # interrupted: another tuner (or this one, again) resumes it
-            self._fail(runs, "interrupted; enqueued again (its runs resume)")
-            RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)(
-                self.study, self.storage.get_trial(trial._trial_id))
-            return None
+            return self._retry(runs, "interrupted; enqueued again (its runs resume)")
         messages = [f"{key}: {t.result}: {t.message}" for key, t in runs.tasks.items() if t.result != "finished"]
+        if "failed" in results:  # an error that retries did not cure, or bad input: the next trial would fail too
+            self.errors.append(f"trial {trial.number}: " + "; ".join(messages))
+            self.halted = True
         return self._fail(runs, "; ".join(messages)[:2000])
+
+    def _retry(self, runs: TrialRuns, why: str) -> None:
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self._fail(runs, why)
+        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)(
+            self.study, self.storage.get_trial(runs.trial._trial_id))
 
     def _fail(self, runs: TrialRuns, why: str) -> None:
         from optuna.trial import TrialState
@@ -453,16 +465,13 @@ class Tuner:
         self.note(f"trial {runs.trial.number} failed: {why}")
 
     def abandon(self) -> None:
-        """The scheduler stopped at once: trials still in flight are failed and enqueued again."""
-        from optuna.storages import RetryHeartbeatStaleTrialCallback
-
-        self._stop.set()
+        """The scheduler stopped (a signal, the store down): trials still in flight are failed and enqueued
+        again, for this or another tuner to resume."""
+        self.halted = True
         with self.lock:
             for runs in list(self.live.values()):
                 with contextlib.suppress(Exception):
-                    self._fail(runs, "interrupted; enqueued again (its runs resume)")
-                    RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)(
-                        self.study, self.storage.get_trial(runs.trial._trial_id))
+                    self._retry(runs, "interrupted; enqueued again (its runs resume)")
             self.live.clear()
 
 
@@ -500,8 +509,11 @@ def _heartbeat_enabled(storage) -> bool:
 
 @dataclass
 class TuneResult:
+    """How ``run_tune`` ended: the study, how each trial this process asked ended, errors, the exit code."""
+
     study: Any
     told: dict[int, str]
+    errors: list[str] = field(default_factory=list)
     exit_code: int = 0
 
 
@@ -555,7 +567,9 @@ def run_tune(sweep: Sweep, trials: int, *, storage: str | None, tracking_uri: st
         code = EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
     elif scheduler.store_gave_up:
         code = sched.EXIT_STORE_DOWN
-    return TuneResult(study, tuner.told, code)
+    elif tuner.errors:
+        code = 1
+    return TuneResult(study, tuner.told, tuner.errors, code)
 
 
 # ------------------------------------------------------------------------------------------ export

@@ -349,3 +349,14 @@ def test_dashboard_without_optuna_dashboard_says_so_in_one_line(tmp_path, monkey
 def test_tune_file_is_an_alias_of_tune_run(capsys):
     code, out, _ = cli(capsys, "tune", TUNE, "--help")
     assert code == 0 and "Run TRIALS more trials" in out and "--max-parallel" in out
+
+
+@pytest.mark.slow
+def test_a_trial_that_fails_with_an_error_stops_the_tuner_with_its_reason(tmp_path):
+    path = tune_file(tmp_path / "t.yaml", seeds=1)
+    done = subprocess.run(tune_cmd(path, str(tmp_path / "s.journal"), "--trials", "3", "--set", "tune.validation=0.95"),
+                          capture_output=True, text=True, env=env_for(tmp_path), cwd=tmp_path, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.startswith("error: trial 0: ") and "left after the validation hold-out" in done.stderr
+    assert "(no further trial started)" in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    assert [t.state.name for t in load_study(str(tmp_path / "s.journal")).trials] == ["FAIL"]
