@@ -1,14 +1,16 @@
-"""``adareg tune FILE`` (run trials) and ``adareg tune best FILE`` (the best taper, exportable)."""
+"""``adareg tune run FILE`` (alias ``adareg tune FILE``), ``tune best FILE [--export]``, ``tune dashboard FILE``."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
 import click
 
 from orchestrator.cli_common import load_selection, selection_options, sweep_file_argument, tracking_uri_option
+from orchestrator.tune import DEFAULT_TRIAL_LEASE_S
 
 storage_option = click.option("--storage", default=None, metavar="URI",
                               help="Optuna storage: a journal file path or an RDB URL "
@@ -27,52 +29,95 @@ class DefaultToRun(click.Group):
 
 @click.group("tune", cls=DefaultToRun)
 def tune() -> None:
-    """Optuna search over Table 1-shaped taper schedules (the sweep file's ``tune`` section).
+    """Optuna search over Table 1-shaped taper schedules (the sweep file's ``tune`` section), scored on a
+    validation split held out from the training set (the test split is never read during a trial).
 
     \b
-    adareg tune sweeps/tune.yaml --trials 20        # run 20 more trials (run it in several terminals
-                                                    # to run trials in parallel on one study)
+    adareg tune run sweeps/tune.yaml --trials 20     # trials through the scheduler: every slot busy
     adareg tune best sweeps/tune.yaml --export best.yaml
+    adareg sweep run best.yaml                       # the tuned taper on the full training set, all seeds
+    adareg tune dashboard sweeps/tune.yaml           # optuna-dashboard on http://127.0.0.1:8080
     """
+
+
+class TuneView:
+    """One line per trial event and per run start/end (the scheduler's view)."""
+
+    def _say(self, text: str) -> None:
+        click.echo(f"{time.strftime('%H:%M:%S')} {text}")
+
+    def started(self, task, slot) -> None:
+        self._say(f"start {task.config.scheme} seed {task.config.seed} ({task.key}) on {slot.name}")
+
+    def ended(self, task, slot, status) -> None:
+        self._say(f"end   {task.config.scheme} seed {task.config.seed} ({task.key}): {status}"
+                  + (f" ({task.message})" if task.message and status not in ("finished", "stopped") else ""))
+
+    def note(self, message: str) -> None:
+        self._say(message)
+
+    def update(self, active) -> None:
+        pass
 
 
 @tune.command("run")
 @sweep_file_argument
 @click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True, help="Trials to run now.")
+@click.option("--gpus", default=None, metavar="LIST|all|none",
+              help="GPUs to use: indices such as 0,1, all, or none for the CPU [default: all visible GPUs, "
+                   "else the CPU].")
+@click.option("--jobs-per-gpu", type=int, default=1, show_default=True, metavar="K", help="Runs sharing one GPU.")
+@click.option("--max-parallel", type=int, default=None, metavar="N",
+              help="At most N runs at once [default: GPUs x K; on the CPU half the cores].")
+@click.option("--trial-lease", type=float, default=DEFAULT_TRIAL_LEASE_S, show_default=True, metavar="SECONDS",
+              help="A running trial whose tuner has not heartbeaten for this long is failed and enqueued again.")
 @storage_option
 @selection_options
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if present).")
-@click.option("--threads", type=int, default=None, help="CPU threads for torch.")
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=None, envvar="ADAREG_RUNS_DIR",
               help="Where run folders live [default: ./adareg_runs].")
 @tracking_uri_option
-def run_command(sweep_file, trials, storage, set_, only, epochs_scale, train_subset, device, threads, runs_dir,
-                tracking_uri):
-    """Run TRIALS trials: each trains the sweep's first dataset, arch and seed with a sampled taper."""
-    from orchestrator.cli_train import resolve_device
+@click.pass_context
+def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial_lease, storage, set_, only,
+                epochs_scale, train_subset, runs_dir, tracking_uri):
+    """Run TRIALS more trials; each trains the sweep's first dataset and arch over ``tune.seeds`` seeds with a
+    sampled taper, scored by the mean validation metric. Several of these commands (or machines) may share
+    one study: each proposes its own tapers, and the trials of a tuner that died are run again."""
     from orchestrator.tune import best_sweep, run_tune
     from orchestrator.worker import default_runs_dir
 
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
-    study = run_tune(sweep, trials, storage=storage, tracking_uri=tracking_uri,
-                     runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), device=resolve_device(device),
-                     threads=threads)
+    result = run_tune(sweep, trials, storage=storage, tracking_uri=tracking_uri,
+                      runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), gpus=gpus,
+                      jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, lease_s=trial_lease, view=TuneView())
+    study = result.study
     states = Counter(t.state.name.lower() for t in study.trials)
-    click.echo(f"study {sweep.name}: {len(study.trials)} trials ({', '.join(f'{n} {s}' for s, n in states.items())})")
+    mine = Counter(result.told.values())
+    click.echo(f"study {sweep.name}: this run {sum(mine.values())} trials ({_counts(mine)}); "
+               f"study {len(study.trials)} trials ({_counts(states)})")
     if states.get("complete"):
         summary, _ = best_sweep(sweep, study)
-        click.echo(f"best: trial {summary['trial']} {sweep.tune.objective} {summary['value']:.4f} "
+        click.echo(f"best: trial {summary['trial']} {summary['objective']} {summary['value']:.4f} "
                    f"{json.dumps(summary['params'])}")
+    if result.errors:
+        click.echo(f"error: {result.errors[0][:500]} (no further trial started)", err=True)
+    elif result.exit_code:
+        click.echo("interrupted: its trials are enqueued again; run the command again to go on", err=True)
+    ctx.exit(result.exit_code)
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{n} {s}" for s, n in sorted(counter.items())) or "none"
 
 
 @tune.command("best")
 @sweep_file_argument
 @storage_option
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None, metavar="PATH",
-              help="Write a sweep file that trains the best taper (scheme 'tuned') beside the file's schemes.")
+              help="Write a sweep file that trains the best taper (scheme 'tuned') on the full training set over "
+                   "all the file's seeds, beside the baselines wd-1e-4, wd-1e-3, wd-8e-3 and the file's schemes.")
 @selection_options
 def best_command(sweep_file, storage, export_path, set_, only, epochs_scale, train_subset):
-    """The best trial so far: its value, parameters and taper."""
+    """The best trial so far: its value (mean validation metric), parameters and taper."""
     from orchestrator.tune import best_sweep, export_sweep, open_study
 
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
@@ -82,8 +127,22 @@ def best_command(sweep_file, storage, export_path, set_, only, epochs_scale, tra
     click.echo(f"weight_decay: {json.dumps(scheme['weight_decay'])}")
     click.echo(f"grad_sparsity: {json.dumps(scheme['grad_sparsity'])}")
     if export_path:
-        export_sweep(doc, export_path)
+        export_sweep(doc, export_path, summary)
         click.echo(f"wrote {export_path}: adareg sweep run {export_path}")
+
+
+@tune.command("dashboard")
+@sweep_file_argument
+@storage_option
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@selection_options
+def dashboard_command(sweep_file, storage, port, set_, only, epochs_scale, train_subset):
+    """optuna-dashboard on the study's storage, at http://127.0.0.1:PORT (this machine only)."""
+    from orchestrator.tune import dashboard
+
+    sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    click.echo(f"optuna-dashboard for study {sweep.name}: http://127.0.0.1:{port} (Ctrl-C to stop)")
+    dashboard(sweep, storage, port)
 
 
 COMMANDS = [tune]

@@ -152,6 +152,26 @@ class View(Protocol):
     def update(self, active: Sequence[tuple[Task, Slot]]) -> None: ...
 
 
+class TaskSource(Protocol):
+    """Where more tasks come from once the queue is empty (ask-and-tell: a tuner hands out trials)."""
+
+    def more(self) -> list[Task]:
+        """Tasks to queue now that a slot is free and the queue is empty; [] when there are none (yet)."""
+        ...
+
+    def running(self) -> bool:
+        """Whether the source may still hand out tasks (the scheduler ends once it is False and idle)."""
+        ...
+
+    def progress(self, task: Task, progress: dict) -> None:
+        """Each poll, a running task's progress.json (this attempt's)."""
+        ...
+
+    def ended(self, task: Task) -> None:
+        """A task ended for good in this scheduler (``task.result`` says how); not called for requeued ones."""
+        ...
+
+
 class QuietView:
     def started(self, task, slot): pass
     def ended(self, task, slot, status): pass
@@ -211,7 +231,7 @@ class Scheduler:
                  grace_s: float = GRACE_S, lock_wait_s: float = LOCK_WAIT_S, retry_delay_s: float = RETRY_DELAY_S,
                  busy_wait_s: float = BUSY_WAIT_S, stall_timeout_s: float | None = None,
                  store_probe: Callable[[], bool] | None = None,
-                 store_timeout_s: float = tracking.DEFAULT_STORE_TIMEOUT_S):
+                 store_timeout_s: float = tracking.DEFAULT_STORE_TIMEOUT_S, source: TaskSource | None = None):
         if not slots:
             raise UserError("no device slot to run on")
         self.backend, self.slots, self.write_spec = backend, list(slots), write_spec
@@ -219,6 +239,7 @@ class Scheduler:
         self.lock_wait_s, self.retry_delay_s, self.busy_wait_s = lock_wait_s, retry_delay_s, busy_wait_s
         self.stall_timeout_s, self.store_timeout_s = stall_timeout_s, store_timeout_s
         self.store = StoreWatch(store_probe)
+        self.source = source
         self.queue: deque[Task] = deque()
         self.active: dict[str, tuple[Task, Slot, Job]] = {}
         self.stop_signal: int | None = None
@@ -256,7 +277,8 @@ class Scheduler:
                     self._stop_workers(now)
                 self._watch_workers(now)
                 self._collect()
-                idle = self.stop_signal is not None or self.store_gave_up or not self.queue
+                idle = self.stop_signal is not None or self.store_gave_up or not (
+                    self.queue or (self.source is not None and self.source.running()))
                 if not self.active and idle:
                     break
                 self.view.update([(t, s) for t, s, _ in self.active.values()])
@@ -296,6 +318,9 @@ class Scheduler:
             if slot.name in self.active:
                 continue
             task = self._next_ready(now)
+            if task is None and not self.queue and self.source is not None and self.source.running():
+                self.queue.extend(self.source.more())
+                task = self._next_ready(now)
             if task is None:
                 return
             try:
@@ -337,6 +362,8 @@ class Scheduler:
                 progress = run.folder.read_progress()
                 if progress is not None and float(progress.get("time") or 0) >= task.dispatched_at - 1.0:
                     self._read_progress(run, progress, now)  # else none yet, or the previous attempt's
+                    if self.source is not None:
+                        self.source.progress(run, progress)
             if task.members:  # a pack progresses while any member does
                 task.progress_at = max(r.progress_at for r in task.members)
                 task.slowest_epoch = max(r.slowest_epoch for r in task.members)
@@ -420,6 +447,8 @@ class Scheduler:
             else:
                 task.result = "failed"
         self.view.ended(task, slot, status)
+        if self.source is not None and task not in self.queue:
+            self.source.ended(task)
 
     def _stop_workers(self, now: float) -> None:
         waited = now - self._stop_time

@@ -119,8 +119,13 @@ class TuneSpace(BaseModel):
 
     model_config = _MODELS
 
-    objective: Literal["test_error", "test_loss"] = "test_error"
-    """Metric minimised, at the run's last epoch; reported every epoch for pruning."""
+    objective: Literal["val_error", "val_loss"] = "val_error"
+    """Validation metric minimised: its mean over the trial's seeds at the last epoch (the test split is never
+    read during a trial); the same mean per epoch is what the pruner sees."""
+    validation: float = Field(default=0.1, gt=0, lt=1)
+    """Share of the training split held out (stratified, fixed seed) to score trials on."""
+    seeds: int = Field(default=2, ge=1)
+    """Seeds a trial trains: the sweep's first ``seeds`` seeds."""
     weight_decay_base: Range | float = Field(default_factory=lambda: Range(low=1e-5, high=1e-3, log=True))
     """Weight decay of the high-learning-rate steps (1 and 2)."""
     weight_decay_peak: Range | float = Field(default_factory=lambda: Range(low=1e-4, high=1e-2, log=True))
@@ -130,7 +135,8 @@ class TuneSpace(BaseModel):
     pruner: Literal["median", "none"] = "median"
     """``median``: stop a trial whose objective is worse than the median of earlier trials at that epoch."""
     sampler_seed: int = 0
-    """Seed of the TPE sampler."""
+    """Seed of the TPE sampler, mixed with a per-process random number: several tuners on one study must not
+    propose the same tapers."""
 
     @model_validator(mode="after")
     def _ranges_are_sane(self) -> TuneSpace:
