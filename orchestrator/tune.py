@@ -475,28 +475,6 @@ class Tuner:
             self.live.clear()
 
 
-def _connect(uri: str):
-    """``tracking.connect``, with a fresh sqlite store migrated under its init lock first: MlflowClient()
-    itself migrates the schema, before tracking.connect takes the lock (three tuners started at once on a
-    fresh store crashed with "duplicate column name: step")."""
-    import fcntl
-    import logging
-
-    from mlflow import MlflowClient
-
-    for name in ("mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    path = tracking.sqlite_path(uri)
-    if path is not None and path.absolute().parent.is_dir():
-        fd = os.open(path.absolute().with_name(path.name + ".adareg-init.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        finally:
-            os.close(fd)
-    return tracking.connect(uri)
-
-
 class _NoResult:
     run_id = None
 
@@ -534,7 +512,7 @@ def run_tune(sweep: Sweep, trials: int, *, storage: str | None, tracking_uri: st
     uri = tracking.absolute_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
     runs_dir = Path(runs_dir).resolve()
     runs_dir.mkdir(parents=True, exist_ok=True)
-    client = _connect(uri)
+    client = tracking.connect(uri)
     experiment_id = tracking.ensure_experiment(client, sweep.experiment, sched.describe(sweep))
     study = open_study(sweep, storage, lease_s=lease_s)
     parent = study_run(client, experiment_id, sweep.name)
