@@ -30,7 +30,7 @@ from orchestrator.identity import run_key  # noqa: E402
 from orchestrator.scheduler import QuietView, Scheduler, Task  # noqa: E402
 from orchestrator.sweepfile import expand, load_sweep  # noqa: E402
 from orchestrator.tracking import connect, ensure_experiment  # noqa: E402
-from orchestrator.worker import PROGRESS, SPEC, WorkerSpec  # noqa: E402
+from orchestrator.worker import WorkerSpec  # noqa: E402
 
 
 class Stopwatch(QuietView):
@@ -45,14 +45,14 @@ class Stopwatch(QuietView):
 
     def update(self, active):
         for task, _ in active:
-            path = task.run_dir / PROGRESS
+            path = task.folder.progress_path
             if task.key not in self.first_step and path.exists():
                 self.first_step[task.key] = path.stat().st_mtime_ns / 1e9
 
-    def ended(self, task, slot, code):
+    def ended(self, task, slot, status):
         self.update([(task, slot)])  # a run shorter than one poll
-        if code != 0:
-            raise SystemExit(f"run {task.key} ended with exit code {code}: see {task.run_dir / 'worker.log'}")
+        if task.result != "finished":
+            raise SystemExit(f"run {task.key} ended {status}: see {task.folder.log}")
 
 
 def main() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
         tasks.append(Task(key, config, folder / "runs" / key))
 
     def write_spec(task, slot):
-        path = task.run_dir / SPEC
+        path = task.folder.spec
         WorkerSpec(config=task.config.to_dict(), experiment=sweep.experiment, run_dir=str(task.run_dir),
                    tracking_uri=uri, sweep=sweep.name, device="cpu", threads=slot.threads).write(path)
         return path

@@ -154,7 +154,6 @@ class Member:
     outcome: Outcome | None = None
     logger: tracking.RunLogger | None = None
     progress: ProgressFile | None = None
-    existing: Any = None
 
     def callbacks(self) -> list[Callback]:
         """What a run's training reports to: the MLflow logger, progress.json, the stop request."""
@@ -362,10 +361,18 @@ class _Guard(Callback):
             raise _PackDone()
 
     def on_start(self, config, plan, history) -> None:
-        self._call(lambda: [cb.on_start(config, plan, history) for cb in self.inner])
+        def start() -> None:
+            for cb in self.inner:
+                cb.on_start(config, plan, history)
+
+        self._call(start)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._call(lambda: [cb.on_epoch_end(epoch, metrics) for cb in self.inner])
+        def end() -> None:
+            for cb in self.inner:
+                cb.on_epoch_end(epoch, metrics)
+
+        self._call(end)
 
     def on_diverged(self, epoch: int, message: str) -> None:
         m = self.member

@@ -1,0 +1,69 @@
+"""Packed sweeps end to end (issue: packed training): the demo sweep packed and unpacked into two stores,
+and a packed sweep SIGKILLed mid-pack then resumed, equal to an uninterrupted packed run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from e2e import Store, epochs_done, run_bg, sweep_cmd, wait_until, write_sweep
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = ["--only", "seed=0", "--epochs-scale", "0.02", "--train-subset", "100", "--set", "archs=[resnet8]"]
+
+
+def test_the_demo_packed_and_unpacked_gives_the_same_runs(tmp_path):
+    """``--pack 5`` and ``--pack off`` into two stores: every run FINISHED, each metric once per epoch, the same
+    run keys, epoch-1 train_loss equal to 1e-3 relative; packed runs carry ``adareg.pack``."""
+    demo = REPO / "sweeps" / "demo.yaml"
+    stores = {}
+    for pack in ("5", "off"):
+        uri = f"sqlite:///{tmp_path}/{pack}.db"
+        done = subprocess.run(sweep_cmd(demo, uri, tmp_path / f"runs-{pack}", *SMALL, "--pack", pack,
+                                        "--max-parallel", "1"), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        stores[pack] = Store(uri)
+    packed, solo = (stores[p].active() for p in ("5", "off"))
+    assert sorted(packed) == sorted(solo) and len(packed) == 5
+    for key in packed:
+        for store, run in ((stores["5"], packed[key]), (stores["off"], solo[key])):
+            assert run["status"] == "FINISHED"
+            store.assert_once_per_epoch(run["run_id"], 15)
+        (a,), (b,) = stores["5"].history(packed[key]["run_id"])[("train_loss", 1)], \
+            stores["off"].history(solo[key]["run_id"])[("train_loss", 1)]
+        assert abs(a - b) <= 1e-3 * abs(b), (key, a, b)
+    tags = stores["5"].query("SELECT value FROM tags WHERE key = 'adareg.pack'")
+    assert len(tags) == 5 and len({v for (v,) in tags}) == 1 and tags[0][0].endswith("/5")
+    assert stores["off"].query("SELECT value FROM tags WHERE key = 'adareg.pack'") == []
+
+
+def test_a_killed_pack_resumes_to_the_uninterrupted_packed_result(tmp_path):
+    schemes = "wd-1e-4: {weight_decay: 0.0001}\n'01': {weight_decay: [0.0001, 0.0008]}\n"
+    sweep = write_sweep(tmp_path / "s.yaml", schemes, seeds="[0, 1]", epochs=4)
+    ref_uri = f"sqlite:///{tmp_path}/ref.db"
+    done = subprocess.run(sweep_cmd(sweep, ref_uri, tmp_path / "ref-runs", "--pack", "4"), capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ref = Store(ref_uri)
+    reference = {key: ref.history(run["run_id"]) for key, run in ref.active().items()}
+
+    uri, runs = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "runs"
+    for at in (4, 12):  # SIGKILL the orchestrator and its pack twice, at a few epochs in
+        proc = run_bg(sweep_cmd(sweep, uri, runs, "--pack", "4"), tmp_path / "sweep.log")
+        wait_until(lambda at=at, proc=proc: epochs_done(runs) >= at or proc.poll() is not None, 300, f"{at} epochs")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = subprocess.run(sweep_cmd(sweep, uri, runs, "--pack", "4"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = Store(uri)
+    active = store.active()
+    assert sorted(active) == sorted(reference)
+    for key, run in active.items():
+        assert run["status"] == "FINISHED"
+        store.assert_once_per_epoch(run["run_id"], 8)
+        assert store.history(run["run_id"]) == reference[key], key
