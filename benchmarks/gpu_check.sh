@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# GPU check, about 3 minutes (at most 6), run from anywhere in the repo on a machine with a CUDA GPU:
+# GPU check, about 6 minutes (at most 12), run from anywhere in the repo on a machine with a CUDA GPU:
 #   bash benchmarks/gpu_check.sh
 # 1. nvidia-smi and what torch sees; 2. trainer_throughput.py on cuda (bare / textbook / trainer,
 # plus eager NCHW vs channels_last + bf16 vs torch.compile); 3. a 2-run sweep on digits over all GPUs,
-# 2 jobs per GPU, against a throw-away MLflow store. Results go to $OUT (default: a new temp dir).
+# 2 jobs per GPU, against a throw-away MLflow store; 4. sweep_throughput.py on cuda (one run per GPU vs
+# K processes vs packs of N, fp32/bf16: the numbers that should set --pack auto and --jobs-per-gpu).
+# Results go to $OUT (default: a new temp dir).
 # Uses .venv (created by `make install` if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,4 +30,12 @@ export MLFLOW_TRACKING_URI="sqlite:///$OUT/mlflow.db" ADAREG_RUNS_DIR="$OUT/runs
 SELECT=(sweeps/demo.yaml --only scheme=wd-1e-4 --epochs-scale 0.02)  # 2 seeds x 15 epochs
 timeout 120 $BIN/adareg sweep run "${SELECT[@]}" --gpus all --jobs-per-gpu 2
 $BIN/adareg sweep status "${SELECT[@]}"
+
+echo "== 2-run sweep packed (--pack 2)"
+timeout 120 $BIN/adareg sweep run "${SELECT[@]}" --set name=demo-packed --set experiment=adareg-demo-packed \
+    --gpus all --pack 2
+
+echo "== sweep throughput on cuda (packs vs processes)"
+timeout 300 $BIN/python benchmarks/sweep_throughput.py --device cuda --epochs 1 --runs 50 \
+    --out "$OUT/sweep_throughput_cuda.json" || echo "sweep_throughput: timed out or failed (see above)"
 echo "== done"
