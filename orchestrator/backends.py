@@ -204,6 +204,19 @@ def check_shared(address: str | None, tracking_uri: str, runs_dir: Path, shared_
                         "--shared-runs-dir")
 
 
+def _signal_handlers() -> dict[int, object]:
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict[int, object]) -> None:
+    for signum, handler in handlers.items():
+        if handler is not None:
+            try:
+                signal.signal(signum, handler)
+            except ValueError:  # not the main thread
+                pass
+
+
 class RayBackend:
     """Each run in a Ray task (``num_gpus`` = the slot's GPU share) that runs the worker command.
 
@@ -226,6 +239,7 @@ class RayBackend:
             kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, _temp_dir=str(temp_dir))
         else:
             kwargs["address"] = address
+        self._handlers = _signal_handlers()  # ray.init installs its own; close() puts ours back
         try:
             ray.init(**kwargs)
         except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...: one line naming the address
@@ -243,5 +257,6 @@ class RayBackend:
 
     def close(self) -> None:
         self.ray.shutdown()
+        _restore_signal_handlers(self._handlers)
         if self._own_temp:
             shutil.rmtree(self._own_temp, ignore_errors=True)

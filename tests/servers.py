@@ -368,6 +368,7 @@ class RayCluster:
         self.object_store_mb = object_store_mb
         self.workers: dict[str, object] = {}
         self._count = 0
+        self._handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # Ray replaces them
         started = time.monotonic()
         try:
             self.cluster = Cluster(initialize_head=True, head_node_args=self._node_args("head"))
@@ -425,6 +426,8 @@ class RayCluster:
                 self.cluster.shutdown()
             self.cluster = None
         self._constants.ENABLE_RAY_CLUSTER = self._saved_cluster_flag
+        for signum, handler in getattr(self, "_handlers", {}).items():
+            signal.signal(signum, handler)
         for k, v in self._saved.items():
             if v is None:
                 os.environ.pop(k, None)
