@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test test-slow demo lint bench clean
 
 install: $(BIN)/adareg
 
@@ -14,8 +14,11 @@ $(BIN)/adareg: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,dev]'
 	@touch $(BIN)/adareg
 
-test: install
-	$(BIN)/python -m pytest -q -x --timeout 600 tests
+test: install  # unit and integration tests (< 10 minutes on 2 cores)
+	$(BIN)/python -m pytest -q -x --timeout 600 -m "not slow" tests
+
+test-slow: install  # end to end: real orchestrators killed at random, mlflow server + PostgreSQL, Ray cluster, PID 1
+	$(BIN)/python -m pytest -q -x --timeout 900 -m slow tests
 
 demo: install
 	$(BIN)/adareg sweep run sweeps/demo.yaml --gpus none --max-parallel 2

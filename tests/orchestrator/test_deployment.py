@@ -14,8 +14,6 @@ import pytest
 from e2e import ADAREG, Store, epochs_done, run_bg, sweep_cmd, wait_until, write_sweep
 from servers import MlflowServer, pid1_unavailable, run_as_pid1
 
-pytestmark = pytest.mark.slow
-
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -39,6 +37,7 @@ def test_orchestrator_as_pid1_started_from_a_folder_that_shadows_adareg(tmp_path
         store.assert_once_per_epoch(run["run_id"], 4)
 
 
+@pytest.mark.slow
 def test_the_tracking_server_restarting_mid_sweep_loses_nothing(tmp_path):
     """``mlflow server`` killed for 60 s while runs train, then restarted on the same port: the same sweep
     invocation ends with exit 0, every run FINISHED, each metric once per epoch, none left RUNNING."""
@@ -68,6 +67,7 @@ def test_the_tracking_server_restarting_mid_sweep_loses_nothing(tmp_path):
         store.assert_once_per_epoch(run["run_id"], 8)
 
 
+@pytest.mark.slow
 def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_retried(tmp_path):
     sweep = write_sweep(tmp_path / "s.yaml", "wd-1e-4: {weight_decay: 0.0001}\n", epochs=5)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
