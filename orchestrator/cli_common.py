@@ -34,6 +34,27 @@ _SELECTION = (
 )
 
 
+runs_dir_option = click.option(
+    "--runs-dir", type=click.Path(file_okay=False), default=None, envvar="ADAREG_RUNS_DIR", show_envvar=True,
+    help="Where run folders (spec, lock, checkpoint, progress, result, log) live [default: ./adareg_runs].")
+
+_DEVICES = (
+    click.option("--gpus", default=None, metavar="LIST|all|none",
+                 help="GPUs to use: indices such as 0,1, all, or none for the CPU [default: all visible GPUs, "
+                      "else the CPU]."),
+    click.option("--jobs-per-gpu", type=int, default=1, show_default=True, metavar="K", help="Runs sharing one GPU."),
+    click.option("--max-parallel", type=int, default=None, metavar="N",
+                 help="At most N runs at once [default: GPUs x K; on the CPU half the cores]."),
+)
+
+
+def device_options(func: F) -> F:
+    """Add ``--gpus``, ``--jobs-per-gpu`` and ``--max-parallel`` (the scheduler's device slots) to a command."""
+    for option in reversed(_DEVICES):
+        func = option(func)
+    return func
+
+
 def selection_options(func: F) -> F:
     """Add ``--set``, ``--only``, ``--epochs-scale`` and ``--train-subset`` to a command."""
     for option in reversed(_SELECTION):

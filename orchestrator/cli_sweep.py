@@ -11,7 +11,9 @@ from pathlib import Path
 import click
 
 from orchestrator.cli_common import (
+    device_options,
     load_selection,
+    runs_dir_option,
     selection_options,
     sweep_file_argument,
     tracking_uri_option,
@@ -20,10 +22,6 @@ from orchestrator.errors import UserError
 from orchestrator.reconcile import inspect_sweep
 from orchestrator.tracking import absolute_tracking_uri, resolve_tracking_uri, ui_url
 from orchestrator.worker import default_runs_dir
-
-runs_dir_option = click.option(
-    "--runs-dir", type=click.Path(file_okay=False), default=None, envvar="ADAREG_RUNS_DIR", show_envvar=True,
-    help="Where run folders (spec, lock, checkpoint, progress, log) live [default: ./adareg_runs].")
 
 
 def _runs_dir(runs_dir: str | None) -> Path:
@@ -64,12 +62,7 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
 @sweep.command("run")
 @sweep_file_argument
 @selection_options
-@click.option("--gpus", default=None, metavar="LIST|all|none",
-              help="GPUs to use: indices such as 0,1, all, or none for the CPU [default: all visible GPUs, "
-                   "else the CPU].")
-@click.option("--jobs-per-gpu", type=int, default=1, show_default=True, metavar="K", help="Runs sharing one GPU.")
-@click.option("--max-parallel", type=int, default=None, metavar="N",
-              help="At most N runs at once [default: GPUs x K; on the CPU half the cores].")
+@device_options
 @click.option("--retries", type=int, default=2, show_default=True, metavar="N",
               help="Retry a failed run N times from its last checkpoint (a diverged run is never retried).")
 @click.option("--retry-failed", is_flag=True, help="Also retry runs that failed in earlier sweeps (not diverged).")

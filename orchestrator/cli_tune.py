@@ -9,7 +9,14 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli_common import load_selection, selection_options, sweep_file_argument, tracking_uri_option
+from orchestrator.cli_common import (
+    device_options,
+    load_selection,
+    runs_dir_option,
+    selection_options,
+    sweep_file_argument,
+    tracking_uri_option,
+)
 from orchestrator.tune import DEFAULT_TRIAL_LEASE_S
 
 storage_option = click.option("--storage", default=None, metavar="URI",
@@ -63,18 +70,12 @@ class TuneView:
 @tune.command("run")
 @sweep_file_argument
 @click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True, help="Trials to run now.")
-@click.option("--gpus", default=None, metavar="LIST|all|none",
-              help="GPUs to use: indices such as 0,1, all, or none for the CPU [default: all visible GPUs, "
-                   "else the CPU].")
-@click.option("--jobs-per-gpu", type=int, default=1, show_default=True, metavar="K", help="Runs sharing one GPU.")
-@click.option("--max-parallel", type=int, default=None, metavar="N",
-              help="At most N runs at once [default: GPUs x K; on the CPU half the cores].")
+@device_options
 @click.option("--trial-lease", type=float, default=DEFAULT_TRIAL_LEASE_S, show_default=True, metavar="SECONDS",
               help="A running trial whose tuner has not heartbeaten for this long is failed and enqueued again.")
 @storage_option
 @selection_options
-@click.option("--runs-dir", type=click.Path(file_okay=False), default=None, envvar="ADAREG_RUNS_DIR",
-              help="Where run folders live [default: ./adareg_runs].")
+@runs_dir_option
 @tracking_uri_option
 @click.pass_context
 def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial_lease, storage, set_, only,

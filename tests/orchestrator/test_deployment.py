@@ -14,7 +14,6 @@ import pytest
 from e2e import ADAREG, Store, epochs_done, run_bg, sweep_cmd, wait_until, write_sweep
 from servers import MlflowServer, pid1_unavailable, run_as_pid1
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(pid1_unavailable() is not None, reason=str(pid1_unavailable()))
