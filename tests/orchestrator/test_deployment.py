@@ -15,7 +15,6 @@ from e2e import ADAREG, Store, epochs_done, run_bg, sweep_cmd, wait_until, write
 from servers import MlflowServer, pid1_unavailable, run_as_pid1
 
 
-
 @pytest.mark.skipif(pid1_unavailable() is not None, reason=str(pid1_unavailable()))
 def test_orchestrator_as_pid1_started_from_a_folder_that_shadows_adareg(tmp_path):
     """The documented container runner (adareg is PID 1, no init) started from a user's project folder
