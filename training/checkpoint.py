@@ -2,8 +2,7 @@
 
 A checkpoint holds only tensors, numbers, strings and containers of them, so it loads with
 ``torch.load(..., weights_only=True)``. Its payload: ``version``, ``identity`` (the run's
-``RunConfig.identity_dict()``), ``epoch``, ``model``, ``optimizer``, ``masks``, ``history`` and ``meta``
-(a plain dict the caller of ``train`` owns, e.g. the id of the tracking run the history was logged to).
+``RunConfig.identity_dict()``), ``epoch``, ``model``, ``optimizer``, ``masks`` and ``history``.
 
 ``load_checkpoint`` returns None when there is no checkpoint and raises ``CheckpointError`` (naming the
 file and what is wrong) for one that cannot be used; ``set_aside`` moves such a file out of the way
@@ -61,17 +60,7 @@ def load_checkpoint(path: str | os.PathLike, identity: dict[str, Any] | None = N
                                     f"{CHECKPOINT_VERSION}")
     if identity is not None and payload.get("identity") != identity:
         raise CheckpointError(path, "belongs to another configuration")
-    payload.setdefault("meta", {})
     return payload
-
-
-def checkpoint_meta_of(path: str | os.PathLike) -> dict[str, Any]:
-    """The ``meta`` dict stored in the checkpoint at ``path`` ({} if there is no checkpoint or no meta).
-
-    Raises ``CheckpointError`` like ``load_checkpoint`` for a file that cannot be read.
-    """
-    payload = load_checkpoint(path)
-    return dict(payload["meta"]) if payload is not None else {}
 
 
 def set_aside(path: str | os.PathLike) -> Path:

@@ -112,24 +112,21 @@ def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int,
 
 
 def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str | torch.device = "cpu",
-          checkpoint_path: str | Path | None = None, threads: int | None = None,
-          checkpoint_meta: dict | None = None) -> TrainResult:
+          checkpoint_path: str | Path | None = None, threads: int | None = None) -> TrainResult:
     """Train one run. With ``checkpoint_path`` it resumes from and writes to that file every epoch.
 
     A checkpoint that cannot be resumed from (empty, truncated, another version, another
     configuration) raises ``CheckpointError`` naming the file; nothing is trained then.
-    ``checkpoint_meta`` is a dict the caller owns: a plain copy of it, taken at every save, is stored
-    under ``"meta"`` in the checkpoint (``training.checkpoint.checkpoint_meta_of`` reads it back).
     """
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
     with precision_mode(config.precision, device):
-        return _train(config, callbacks, device, checkpoint_path, checkpoint_meta)
+        return _train(config, callbacks, device, checkpoint_path)
 
 
-def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.device, checkpoint_path: str | Path | None,
-           checkpoint_meta: dict | None) -> TrainResult:
+def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.device,
+           checkpoint_path: str | Path | None) -> TrainResult:
     plan = plan_for(config)
 
     # With a validation split the evaluation split is the held-out part and the test split is never loaded.
@@ -217,7 +214,6 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
                 "optimizer": opt.state_dict(),
                 "masks": [m.cpu() for m in opt.masks] if opt.masks is not None else [],
                 "history": history,
-                "meta": dict(checkpoint_meta) if checkpoint_meta is not None else {},
             })
         for cb in callbacks:
             cb.on_epoch_end(epoch, metrics)

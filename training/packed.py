@@ -272,9 +272,9 @@ class _Member:
     """What the pack keeps per member, and its solo twin (model + SparseSGD) to write solo checkpoints."""
 
     def __init__(self, index: int, config: RunConfig, callbacks: Sequence[Callback], device: torch.device,
-                 checkpoint_path: str | Path | None, meta: dict | None, shared_images: torch.Tensor | None):
+                 checkpoint_path: str | Path | None, shared_images: torch.Tensor | None):
         self.index, self.config, self.callbacks = index, config, list(callbacks)
-        self.checkpoint_path, self.meta = checkpoint_path, meta
+        self.checkpoint_path = checkpoint_path
         self.plan = plan_for(config)
         train_split, test_split = load_splits(config, "cpu")
         if shared_images is not None and not config.train_subset:  # the same images: keep one copy on the device
@@ -430,16 +430,15 @@ def _evaluate(pack: _Pack, test: Batches, batch_size: int, precision: str) -> tu
 
 def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Callback]] | None = None, *,
                  device: str | torch.device = "cpu", checkpoint_paths: Sequence[str | Path | None] | None = None,
-                 threads: int | None = None, checkpoint_metas: Sequence[dict | None] | None = None,
-                 dtype: torch.dtype = torch.float32) -> PackResult:
+                 threads: int | None = None, dtype: torch.dtype = torch.float32) -> PackResult:
     """Train ``configs`` (one shape, see ``SHAPE_FIELDS``) as one fused model.
 
     ``callbacks[i]`` are member i's callbacks; they hear exactly what a solo run's callbacks hear
     (``on_start``, ``on_epoch_end``), plus ``on_diverged(epoch, message)`` (a no-op unless overridden).
     ``checkpoint_paths[i]`` is member i's solo-format checkpoint (resumed from if present, written every
-    epoch before the callbacks hear of it), with ``"meta": dict(checkpoint_metas[i])`` if given. All
-    members must resume from the same epoch (``group_by_epoch`` groups runs by it). Exceptions from
-    callbacks propagate, as in a solo run (every member's checkpoint of that epoch is already written).
+    epoch before the callbacks hear of it). All members must resume from the same epoch (``group_by_epoch``
+    groups runs by it). Exceptions from callbacks propagate, as in a solo run (every member's checkpoint
+    of that epoch is already written).
     ``dtype`` is the fused model's (float64 only to check exactness against a float64 reference: with
     BatchNorm, float32 rounding alone makes two correct implementations drift apart within a few
     steps); checkpoints and result models are float32 like a solo run's.
@@ -449,8 +448,7 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
     n = len(configs)
     callbacks = [list(c) for c in callbacks] if callbacks is not None else [[] for _ in configs]
     paths = list(checkpoint_paths) if checkpoint_paths is not None else [None] * n
-    metas = list(checkpoint_metas) if checkpoint_metas is not None else [None] * n
-    for name, value in (("callbacks", callbacks), ("checkpoint_paths", paths), ("checkpoint_metas", metas)):
+    for name, value in (("callbacks", callbacks), ("checkpoint_paths", paths)):
         if len(value) != n:
             raise ValueError(f"{name}: {len(value)} entries for {n} configs")
     device = torch.device(device)
@@ -458,15 +456,15 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
         torch.set_num_threads(threads)
     precision = configs[0].precision
     with precision_mode(precision, device):
-        return _train_packed(configs, callbacks, paths, metas, device, precision, dtype)
+        return _train_packed(configs, callbacks, paths, device, precision, dtype)
 
 
-def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], paths: list, metas: list,
-                  device: torch.device, precision: str, dtype: torch.dtype) -> PackResult:
+def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], paths: list, device: torch.device,
+                  precision: str, dtype: torch.dtype) -> PackResult:
     members: list[_Member] = []
-    for i, (c, cbs, p, meta) in enumerate(zip(configs, callbacks, paths, metas)):
+    for i, (c, cbs, p) in enumerate(zip(configs, callbacks, paths)):
         shared = members[0].train_batches.split.images if members and not c.train_subset else None
-        members.append(_Member(i, c, cbs, device, p, meta, shared))
+        members.append(_Member(i, c, cbs, device, p, shared))
     for m in members:
         m.restore()
     starts = {len(m.history) for m in members}
@@ -559,8 +557,6 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
                     "masks": [t.cpu() for t in m.masks] if m.masks is not None else [],
                     "history": m.history,
                 }
-                if m.meta is not None:
-                    payload["meta"] = dict(m.meta)
                 save_checkpoint(m.checkpoint_path, payload)
         if len(keep) < pack.n:
             for i, m in enumerate(pack.members):

@@ -1,4 +1,4 @@
-"""Checkpoints that cannot be resumed from raise CheckpointError naming the file; meta round-trips."""
+"""Checkpoints that cannot be resumed from raise CheckpointError naming the file."""
 
 import os
 
@@ -8,7 +8,6 @@ import torch
 from training import CheckpointError, RunConfig, train
 from training.checkpoint import (
     CHECKPOINT_VERSION,
-    checkpoint_meta_of,
     load_checkpoint,
     save_checkpoint,
     set_aside,
@@ -25,40 +24,20 @@ def small(**kw):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A real checkpoint (15 epochs) whose meta the caller changed during the run."""
+    """A real checkpoint (15 epochs)."""
     torch.set_num_threads(1)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    meta = {"mlflow_run_id": None}
-
-    class SetRunId:
-        def on_start(self, config, plan, history):
-            meta["mlflow_run_id"] = "abc123"  # the caller fills it in after train() started
-
-        def on_epoch_end(self, epoch, metrics):
-            meta["last_epoch_seen"] = epoch
-
-    train(small(), [SetRunId()], checkpoint_path=path, checkpoint_meta=meta)
-    meta["changed_after_the_run"] = True  # a copy is stored, not the caller's dict
+    train(small(), checkpoint_path=path)
     return path
 
 
 def test_absent_checkpoint_is_none(tmp_path):
     assert load_checkpoint(tmp_path / "absent.pt") is None
-    assert checkpoint_meta_of(tmp_path / "absent.pt") == {}
 
 
-def test_meta_round_trips(trained):
-    # The meta of epoch 15's save: copied at save time, before on_epoch_end(15) ran.
-    assert checkpoint_meta_of(trained) == {"mlflow_run_id": "abc123", "last_epoch_seen": 14}
+def test_a_good_checkpoint_loads_with_its_identity(trained):
     payload = load_checkpoint(trained, identity=small().identity_dict())
     assert payload["version"] == CHECKPOINT_VERSION == 1 and payload["epoch"] == 15
-    assert payload["meta"] == {"mlflow_run_id": "abc123", "last_epoch_seen": 14}
-
-
-def test_meta_defaults_to_empty(tmp_path):
-    path = tmp_path / "c.pt"
-    save_checkpoint(path, {"version": CHECKPOINT_VERSION, "identity": {}, "history": []})  # written before meta
-    assert checkpoint_meta_of(path) == {} and load_checkpoint(path)["meta"] == {}
 
 
 def assert_refused(path, what, **load_kwargs):
