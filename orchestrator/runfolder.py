@@ -29,11 +29,11 @@ from training.atomic import atomic_write
 SPEC, LOCK, CHECKPOINT, PROGRESS, RESULT, STOP, LOG = (
     "spec.json", "lock", "checkpoint.pt", "progress.json", "result.json", "stop", "worker.log")
 
-# How an attempt ended (result.json "status") and what the scheduler makes of it.
+# How an attempt ended (result.json "status") and what the scheduler makes of it: DONE; "diverged" and
+# "bad_input" are final (retrying repeats them); COUNTED ones are retried up to --retries from the last
+# checkpoint; "killed", "store_down", "busy", "stalled" and "stopped" leave the run resumable.
 DONE = ("finished", "already_finished")
-FINAL = ("diverged", "bad_input")  # retrying repeats them
-COUNTED = ("error", "crashed")  # retried up to --retries from the last checkpoint
-UNCOUNTED = ("killed", "store_down", "busy", "stalled", "stopped")  # resumable; not the run's fault
+COUNTED = ("error", "crashed")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -53,7 +53,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 class Result:
     """``result.json``: the latest attempt of a run."""
 
-    status: str = "started"  # started | one of DONE, FINAL, COUNTED, UNCOUNTED
+    status: str = "started"  # started, or how the attempt ended (see above)
     message: str = ""
     run_id: str | None = None
     epochs_done: int = 0
