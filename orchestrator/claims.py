@@ -152,7 +152,8 @@ def create_claimed(client, experiment_id: str, tags: dict[str, str], run_name: s
     rivals = [r for r in find_active() if r.info.run_id != run.info.run_id]
     if rivals:
         first = min([run, *rivals], key=lambda r: (r.info.start_time or 0, r.info.run_id))
-        if first.info.run_id != run.info.run_id:
+        if first.info.run_id != run.info.run_id:  # ended before it is deleted: no deleted run stays RUNNING
+            supersede(client, run, f"lost the creation race to run {first.info.run_id}", by=first.info.run_id)
             client.delete_run(run.info.run_id)
             winner = Owner.from_tag(first.data.tags.get(TAG_OWNER))
             if winner is not None and winner.id == me.id:  # our own earlier create, whose answer was lost
@@ -177,11 +178,11 @@ def release(client, run_id: str) -> None:
 def supersede(client, run, reason: str, by: str = "") -> None:
     """Hide ``run`` from plan, status and report (kept for inspection), ending it if it still runs."""
     run_id = run.info.run_id
+    if run.info.status == "RUNNING":  # first: killed in between, the run is still found and superseded again
+        client.set_terminated(run_id, status="KILLED")
     client.set_tag(run_id, TAG_SUPERSEDED, reason[:4000])
     if by:
         client.set_tag(run_id, TAG_SUPERSEDED_BY, by)
-    if run.info.status == "RUNNING":
-        client.set_terminated(run_id, status="KILLED")
     client.set_tag(run_id, TAG_OWNER, "")
 
 

@@ -533,7 +533,9 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
     if backend == "ray":
         check_shared(ray_address, uri, runs_dir, shared_runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    experiment_id = tracking.ensure_experiment(tracking.connect(uri), sweep.experiment, describe(sweep))  # once
+    client = tracking.connect(uri)
+    experiment_id = tracking.ensure_experiment(client, sweep.experiment, describe(sweep))  # once
+    tracking.end_strays(client, experiment_id, claim_lease)
 
     states = inspect_sweep(configs, sweep.experiment, uri, runs_dir, retries, claim_lease)
     tasks = [Task(s.run_key, s.config, runs_dir / s.run_key, s.total_epochs) for s in to_run(states, retry_failed)]

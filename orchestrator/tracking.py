@@ -293,26 +293,47 @@ def _active(run) -> bool:
 
 def find_runs(client, experiment_name: str, run_keys: Iterable[str] | None = None) -> dict[str, Any]:
     """``{run_key: Run}`` for the experiment's active runs (all keys, or those), in bulk. Superseded and
-    deleted runs are left out; should a key still have several (never made by adareg), the FINISHED one,
-    else the earliest, wins."""
+    deleted runs are left out; should a key still have several, the FINISHED one, else the earliest, wins."""
     exp = client.get_experiment_by_name(experiment_name)
     if exp is None:
         return {}
     wanted = set(run_keys) if run_keys is not None else None
-    found: dict[str, Any] = {}
+    return {key: runs[0] for key, runs in _active_by_key(client, exp.experiment_id).items()
+            if wanted is None or key in wanted}
+
+
+def _active_by_key(client, experiment_id: str) -> dict[str, list]:
+    """``{run_key: [active runs, best first]}`` for the whole experiment, read in pages of 1000."""
+    by_key: dict[str, list] = {}
     token = None
     while True:
-        page = client.search_runs([exp.experiment_id], filter_string="", max_results=1000, page_token=token)
+        page = client.search_runs([experiment_id], filter_string="", max_results=1000, page_token=token)
         for run in page:
             key = run.data.tags.get(TAG_RUN_KEY)
-            if key is None or (wanted is not None and key not in wanted) or not _active(run):
-                continue
-            old = found.get(key)
-            if old is None or _rank(run) < _rank(old):
-                found[key] = run
+            if key is not None and _active(run):
+                by_key.setdefault(key, []).append(run)
         token = page.token
         if not token:
-            return found
+            return {key: sorted(runs, key=_rank) for key, runs in by_key.items()}
+
+
+def end_strays(client, experiment_id: str, lease_s: float = claims.DEFAULT_LEASE_S) -> list[str]:
+    """Supersede the runs a creator left behind when it was killed while losing a creation race (between
+    creating its run and deleting it): a key's second active run, not FINISHED, that no live process
+    holds. Empty ones are deleted, as their creator would have done. Returns their run ids."""
+    ended = []
+    for runs in _active_by_key(client, experiment_id).values():
+        first = runs[0]
+        for run in runs[1:]:
+            h = claims.holder(run.data.tags, lease_s=lease_s)
+            if run.info.status == "FINISHED" or (h is not None and h.live):
+                continue
+            claims.supersede(client, run, f"a second run of its key, left by a process killed while it lost "
+                                          f"the creation race to run {first.info.run_id}", by=first.info.run_id)
+            if not run.data.metrics:
+                client.delete_run(run.info.run_id)
+            ended.append(run.info.run_id)
+    return ended
 
 
 def _rank(run) -> tuple[int, int, str]:

@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+from mlflow.entities import ViewType
 
 from orchestrator import claims, tracking
 from orchestrator.identity import TAG_RUN_KEY
@@ -100,6 +101,32 @@ def test_four_processes_creating_one_key_at_once_leave_exactly_one_run(store_uri
     client = tracking.connect(store_uri)
     exp = client.get_experiment_by_name("claims").experiment_id
     assert [r.info.run_id for r in tracking.active_runs(client, exp, "k1")] == won
+    everything = client.search_runs([exp], run_view_type=ViewType.ALL)
+    assert sorted((r.info.run_id == won[0], r.info.lifecycle_stage, r.info.status) for r in everything) == \
+        [(False, "deleted", "KILLED")] * 3 + [(True, "active", "RUNNING")]  # no deleted run left RUNNING
+
+
+def test_a_run_left_by_a_creator_killed_during_the_race_is_ended_unless_someone_holds_it(store_uri):
+    """The loser of a creation race was killed between creating its run and deleting it: the next sweep
+    supersedes that second run (and deletes it, being empty) but leaves a live creator's run alone."""
+    client = tracking.connect(store_uri)
+    exp = client.get_experiment_by_name("claims").experiment_id
+    now = time.time()
+    first = client.create_run(exp, tags={TAG_RUN_KEY: "k3"}, start_time=int(now * 1000) - 5000)
+    killed = client.create_run(exp, tags={TAG_RUN_KEY: "k3", **tags(owner(pid=subprocess_pid_that_exited()), now)},
+                               start_time=int(now * 1000) - 4000)
+    settling = client.create_run(exp, tags={TAG_RUN_KEY: "k3", **tags(owner(host="gpu-box-7"), now)},
+                                 start_time=int(now * 1000) - 3000)
+    ended_only = client.create_run(exp, tags={TAG_RUN_KEY: "k3"}, start_time=int(now * 1000) - 2000)
+    client.set_terminated(ended_only.info.run_id, status="KILLED")  # killed between ending and deleting it
+    assert tracking.end_strays(client, exp, lease_s=60) == [killed.info.run_id, ended_only.info.run_id]
+    for stray in (killed, ended_only):
+        gone = client.get_run(stray.info.run_id)
+        assert (gone.info.lifecycle_stage, gone.info.status) == ("deleted", "KILLED")
+        assert gone.data.tags[claims.TAG_SUPERSEDED_BY] == first.info.run_id
+    assert [r.info.run_id for r in tracking.active_runs(client, exp, "k3")] == [first.info.run_id,
+                                                                               settling.info.run_id]
+    assert tracking.end_strays(client, exp, lease_s=60) == []
 
 
 def test_four_processes_taking_over_one_stale_claim_leave_one_owner(store_uri):
