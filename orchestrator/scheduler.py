@@ -519,8 +519,7 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
             raise UserError(f"{option} {value:g}: must be > 0 seconds")
     if backend not in ("local", "ray"):
         raise UserError(f"--backend {backend!r}: expected local or ray")
-    pack = sweep.pack if pack is None else pack
-    pack_size(pack, [])  # checked before anything is touched
+    pack = checked_pack(sweep.pack if pack is None else pack)  # checked before anything is touched
     slots: list[Slot] = []
     if backend == "local":  # checked before anything is touched
         visible = [] if (gpus or "").strip().lower() == "none" else visible_gpus()
@@ -562,9 +561,9 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
 
     for task in tasks:
         task.run_dir.mkdir(parents=True, exist_ok=True)
-    size = pack_size(sweep.pack if pack is None else pack, slots)
-    jobs = form_packs(tasks, size, runs_dir / PACKS) if size > 1 else tasks
     view = view_factory(states, tasks) if view_factory else QuietView()
+    sizes = pack_sizes(pack, tasks, slots, runs_dir / PACKS, calibrate=backend == "local", note=view.note)
+    jobs = form_packs(tasks, sizes, runs_dir / PACKS) if max(sizes.values(), default=1) > 1 else tasks
     scheduler = Scheduler(chosen, slots, write_spec, retries, view, stall_timeout_s=stall_timeout,
                           store_probe=lambda: tracking.probe(uri), store_timeout_s=store_timeout)
     try:
@@ -588,29 +587,45 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
 
 
 PACKS = "packs"  # <runs dir>/packs/<pack id>/: a pack's spec and log (its members keep their own folders)
-AUTO_GPU_PACK = 10  # --pack auto on a GPU (not yet calibrated on a GPU: see benchmarks/sweep_throughput.py)
 
 
-def pack_size(pack: int | str, slots: Sequence[Slot]) -> int:
-    """Runs per worker process: ``off`` 1; N; ``auto`` AUTO_GPU_PACK on GPUs and 1 on the CPU, where packing
-    measured slower than separate processes (benchmarks/sweep_throughput.py)."""
+def checked_pack(pack: int | str) -> int | str:
+    """``--pack`` / ``pack:`` as a size N >= 1 or ``auto`` (``off`` is 1); UserError otherwise."""
     from orchestrator.sweepfile import parse_pack
 
     try:
         pack = parse_pack(pack)
     except ValueError:
         raise UserError(f"--pack {pack!r}: expected a pack size >= 1, auto or off") from None
-    if pack == "off":
-        return 1
-    if pack == "auto":
-        return AUTO_GPU_PACK if any(s.device == "cuda" for s in slots) else 1
-    return int(pack)
+    return 1 if pack == "off" else pack
 
 
-def form_packs(tasks: Sequence[Task], size: int, packs_dir: Path) -> list[Task]:
-    """Jobs for the scheduler: runs of one shape (``training.packed.shape_of``) in packs of up to ``size``,
-    in the order given (sorted within a shape by run key, so a re-run forms the same packs); a run with
-    no partner stays alone."""
+def pack_sizes(pack: int | str, tasks: Sequence[Task], slots: Sequence[Slot], packs_dir: Path, *,
+               calibrate: bool = True, note: Callable[[str], None] = lambda message: None) -> dict[tuple, int]:
+    """Runs per worker process for each pack shape (``training.packed.shape_of``) among ``tasks``: N as
+    given, or for ``auto`` 1 on the CPU and on GPUs what a short calibration chooses (``autopack``;
+    without ``calibrate``, e.g. on a Ray cluster, ``autopack.FALLBACK``)."""
+    from orchestrator import autopack
+    from training.packed import shape_of
+
+    by_shape: dict[tuple, list] = {}
+    for task in tasks:
+        by_shape.setdefault(shape_of(task.config), []).append(task.config)
+    if pack != "auto":
+        return {shape: int(pack) for shape in by_shape}
+    if not calibrate:
+        size = autopack.FALLBACK if any(s.device == "cuda" for s in slots) else 1
+        return {shape: size for shape in by_shape}
+    sizes, notes = autopack.auto_sizes(by_shape, slots, packs_dir)
+    for message in notes:
+        note(message)
+    return sizes
+
+
+def form_packs(tasks: Sequence[Task], sizes: dict[tuple, int], packs_dir: Path) -> list[Task]:
+    """Jobs for the scheduler: runs of one shape (``training.packed.shape_of``) in packs of up to
+    ``sizes[shape]``, in the order given (sorted within a shape by run key, so a re-run forms the same
+    packs); a run with no partner stays alone."""
     from training.packed import shape_of
 
     by_shape: dict[tuple, list[Task]] = {}
@@ -618,7 +633,7 @@ def form_packs(tasks: Sequence[Task], size: int, packs_dir: Path) -> list[Task]:
         by_shape.setdefault(shape_of(task.config), []).append(task)
     jobs: list[Task] = []
     for group in by_shape.values():
-        group = sorted(group, key=lambda t: t.key)
+        group, size = sorted(group, key=lambda t: t.key), sizes[shape_of(group[0].config)]
         for i in range(0, len(group), size):
             members = group[i:i + size]
             if len(members) == 1:

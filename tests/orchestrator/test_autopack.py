@@ -1,0 +1,101 @@
+"""``--pack auto`` (issue: packed training): the pack size chosen from a calibration's throughput and
+memory, the calibration itself (a real subprocess timing real packed training steps, here on the CPU),
+its cache, and packs formed per shape."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator import autopack
+from orchestrator.errors import UserError
+from orchestrator.scheduler import Slot, Task, checked_pack, device_slots, form_packs, pack_sizes
+from training.config import RunConfig
+from training.packed import shape_of
+
+GiB = 2**30
+
+
+def rates(*rows):
+    return [{"members": n, "images_per_second": ips, "peak_bytes": int(gib * GiB)} for n, ips, gib in rows]
+
+
+MEASURED = rates((1, 4000, 0.3), (2, 7500, 0.5), (5, 16000, 1.0), (10, 24000, 2.0), (25, 26000, 5.0),
+                 (50, 26500, 10.0))
+
+
+def test_choose_takes_the_smallest_pack_within_5_percent_of_the_best_that_fits():
+    assert autopack.choose(MEASURED, free_bytes=100 * GiB, jobs_per_gpu=1, cap=50) == 25  # 26000 >= 0.95 * 26500
+    assert autopack.choose(MEASURED, free_bytes=10 * GiB, jobs_per_gpu=1, cap=50) == 25  # 50's 10 GiB > 80 % of 10
+    assert autopack.choose(MEASURED, free_bytes=10 * GiB, jobs_per_gpu=2, cap=50) == 10  # 2 x 5 GiB > 8 GiB
+    assert autopack.choose(MEASURED, free_bytes=100 * GiB, jobs_per_gpu=1, cap=7) == 5  # not more than runs per slot
+    assert autopack.choose(MEASURED, free_bytes=None, jobs_per_gpu=1, cap=50) == 25  # memory unknown (the CPU)
+    assert autopack.choose(MEASURED, free_bytes=GiB // 10, jobs_per_gpu=1, cap=50) == 1  # nothing fits: alone
+
+
+def test_the_calibration_times_real_packed_steps_in_a_subprocess(tmp_path):
+    out = autopack.measure(("resnet14", 10, 50, "fp32"), [1, 2], "cpu", None, steps=1, warmup=0)
+    assert out["device"] == "cpu" and out["free_bytes"] is None and out["torch"].startswith("2.")
+    assert [m["members"] for m in out["results"]] == [1, 2]
+    assert all(m["images_per_second"] > 0 and m["peak_bytes"] == 0 for m in out["results"])
+    with pytest.raises(RuntimeError, match=r"calibration failed \(exit 1\): ValueError: .*'densenet'"):
+        autopack.measure(("densenet", 10, 50, "fp32"), [1], "cpu", None, steps=1, warmup=0)
+
+
+def configs(arch: str, n: int) -> list[RunConfig]:
+    return [RunConfig(arch=arch, seed=s, weight_decay=1e-4 * (1 + s)) for s in range(n)]
+
+
+def gpu_slots(gpus: int, jobs: int) -> list[Slot]:
+    return device_slots([str(g) for g in range(gpus)], jobs, None, cores=16)
+
+
+def test_auto_measures_each_shape_once_caches_it_and_falls_back_when_it_cannot(tmp_path):
+    calls = []
+
+    def measure(shape, sizes, device, gpu):
+        calls.append((shape, tuple(sizes), device, gpu))
+        if shape[0] == "resnet110":
+            raise RuntimeError("calibration failed (exit 1): CUDA error: out of memory")
+        return {"device": "NVIDIA H200", "free_bytes": 140 * GiB, "torch": "2.14.1", "results": MEASURED}
+
+    by_shape = {shape_of(c[0]): c for c in (configs("resnet14", 50), configs("resnet32", 8), configs("resnet110", 50))}
+    sizes, notes = autopack.auto_sizes(by_shape, gpu_slots(1, 2), tmp_path, measure_fn=measure)
+    r14, r32, r110 = by_shape
+    assert sizes == {r14: 25, r32: 2, r110: autopack.FALLBACK}  # resnet32: 8 runs on 2 slots, 4 each at most
+    assert calls == [(("resnet14", 10, 50, "fp32"), (1, 2, 5, 10, 25), "cuda", "0"),
+                     (("resnet32", 10, 50, "fp32"), (1, 2), "cuda", "0"),
+                     (("resnet110", 10, 50, "fp32"), (1, 2, 5, 10, 25), "cuda", "0")]
+    assert notes[0].startswith("--pack auto: resnet14 x 10 classes, fp32: packs of 25 (images/s by pack size on "
+                               "NVIDIA H200: 1: 4000, 2: 7500")
+    assert "out of memory; packs of 10" in notes[2]
+    cached = json.loads((tmp_path / autopack.CACHE).read_text())
+    assert len(cached) == 2 and all(e["results"] == MEASURED for e in cached.values())
+
+    calls.clear()  # the same sweep again: decided from the cache, only the failed shape is tried again
+    again, _ = autopack.auto_sizes(by_shape, gpu_slots(1, 2), tmp_path, measure_fn=measure)
+    assert again == sizes and [c[0][0] for c in calls] == ["resnet110"]
+    calls.clear()  # more runs per slot than were measured: measured again, up to 50
+    autopack.auto_sizes({r14: configs("resnet14", 50)}, gpu_slots(1, 1), tmp_path, measure_fn=measure)
+    assert calls == [(("resnet14", 10, 50, "fp32"), (1, 2, 5, 10, 25, 50), "cuda", "0")]
+
+
+def tasks(cfgs: list[RunConfig], root: Path) -> list[Task]:
+    return [Task(f"k{i:02d}", c, root / f"k{i:02d}") for i, c in enumerate(cfgs)]
+
+
+def test_pack_sizes_and_packs_per_shape(tmp_path):
+    todo = tasks(configs("resnet14", 7) + configs("resnet32", 3), tmp_path)
+    r14, r32 = shape_of(todo[0].config), shape_of(todo[-1].config)
+    cpu = device_slots([], 1, 2, cores=2)
+    assert pack_sizes("auto", todo, cpu, tmp_path) == {r14: 1, r32: 1}  # the CPU: one run per process
+    assert pack_sizes(5, todo, cpu, tmp_path) == {r14: 5, r32: 5}
+    assert pack_sizes("auto", todo, gpu_slots(1, 1), tmp_path, calibrate=False) == {r14: 10, r32: 10}
+    jobs = form_packs(todo, {r14: 3, r32: 5}, tmp_path / "packs")
+    assert [len(j.members) or 1 for j in jobs] == [3, 3, 1, 3]
+    assert {shape_of(m.config) for m in jobs[-1].members} == {r32}
+    assert checked_pack("off") == 1 and checked_pack("auto") == "auto" and checked_pack("4") == 4
+    with pytest.raises(UserError, match=r"--pack 0: expected a pack size >= 1, auto or off"):
+        checked_pack(0)
