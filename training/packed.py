@@ -307,15 +307,21 @@ class _Member:
 
 
 class _Pack:
-    """The fused model and optimizer of the members still training."""
+    """The fused model and optimizer of the members still training.
+
+    ``slots`` are the fused model's members: the members, or a lone member twice. A grouped convolution
+    over one group runs other kernels than over several, so a lone member (a pack split by a resume,
+    or shrunk by divergence) trains beside an identical copy of itself and gets, bit for bit, the
+    numbers it would get in any pack."""
 
     def __init__(self, members: list[_Member], device: torch.device, dtype: torch.dtype):
         self.members, self.device, self.dtype = members, device, dtype
-        n, first = len(members), members[0].config
+        self.slots = members if len(members) > 1 else members * 2
+        n, first = len(self.slots), members[0].config
         self.n = n
         self.model = PackedResNet(n, (int(first.arch.removeprefix("resnet")) - 2) // 6, first.num_classes)
         self.solo_shapes = {k: v.shape for k, v in members[0].solo.state_dict().items()}
-        self.model.load_state_dict(stack_states([m.solo.state_dict() for m in members], self.model))
+        self.model.load_state_dict(stack_states([m.solo.state_dict() for m in self.slots], self.model))
         self.model = self.model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
         self.names = [name for name, _ in self.model.named_parameters()]
         self.params = [p for _, p in self.model.named_parameters()]
@@ -325,7 +331,7 @@ class _Pack:
         self.opt = torch.optim.SGD(self.params, lr=0.1, momentum=first.momentum, weight_decay=0.0, foreach=True)
         if all(m.momentum is not None for m in members):
             for j, p in enumerate(self.params):
-                bufs = [m.momentum[j] for m in members]
+                bufs = [m.momentum[j] for m in self.slots]
                 if all(b is not None for b in bufs):
                     stacked = torch.stack([b.reshape(-1) for b in bufs]).view(p.shape).to(device, p.dtype)
                     self.opt.state[p]["momentum_buffer"] = stacked.contiguous(memory_format=_format(p))
@@ -335,15 +341,21 @@ class _Pack:
         self.any_decay = False
         self.fused_masks: list[torch.Tensor] | None = None
         self._build_masks()
-        self.batches = PackedBatches([m.train_batches for m in members])
+        self.batches = PackedBatches([m.train_batches for m in self.slots])
 
     def member_params(self, i: int) -> list[torch.Tensor]:
         return [member_view(p, self.n, i, s) for p, s in zip(self.params, self.shapes)]
 
+    def slots_of(self, i: int) -> list[int]:
+        """The fused model's members that are member i (two for a lone member)."""
+        return [j for j, m in enumerate(self.slots) if m is self.members[i]]
+
     def set_hyper(self, lr: float, weight_decays: Sequence[float]) -> None:
+        """The learning rate, and each member's weight decay (one per member)."""
         for group in self.opt.param_groups:
             group["lr"] = lr
-        per_member = torch.tensor(weight_decays, dtype=self.dtype, device=self.device)
+        by_member = dict(zip(map(id, self.members), weight_decays))
+        per_member = torch.tensor([by_member[id(m)] for m in self.slots], dtype=self.dtype, device=self.device)
         self.any_decay = any(wd != 0 for wd in weight_decays)
         for d, p in zip(self.decay, self.params):
             d.copy_(per_member.repeat_interleave(p.numel() // self.n).view(p.shape))
@@ -356,7 +368,8 @@ class _Pack:
                 for p, s, m in zip(self.params, self.shapes, masks):
                     buf = self.opt.state.get(p, {}).get("momentum_buffer")
                     if buf is not None:
-                        member_view(buf, self.n, i, s).mul_(m.to(buf.device, buf.dtype).view(s))
+                        for j in self.slots_of(i):
+                            member_view(buf, self.n, j, s).mul_(m.to(buf.device, buf.dtype).view(s))
         self._build_masks()
 
     def _build_masks(self) -> None:
@@ -366,7 +379,7 @@ class _Pack:
         self.fused_masks = []
         for j, (p, s) in enumerate(zip(self.params, self.shapes)):
             parts = [m.masks[j].to(self.device, p.dtype).reshape(-1) if m.masks is not None
-                     else torch.ones(s.numel(), dtype=p.dtype, device=self.device) for m in self.members]
+                     else torch.ones(s.numel(), dtype=p.dtype, device=self.device) for m in self.slots]
             self.fused_masks.append(torch.stack(parts).view(p.shape).contiguous(memory_format=_format(p)))
 
     @torch.no_grad()
@@ -499,7 +512,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
         k = pack.n
         loss_sum = torch.zeros(k, device=device)
         wrong = torch.zeros(k, device=device, dtype=torch.long)
-        generators = [torch.Generator().manual_seed(epoch_seed(m.config.seed, epoch)) for m in pack.members]
+        generators = [torch.Generator().manual_seed(epoch_seed(m.config.seed, epoch)) for m in pack.slots]
         for x, y in pack.batches.epoch(generators):
             x = x.to(dtype)
             with autocast(precision, device):
@@ -558,7 +571,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
                     "history": m.history,
                 }
                 save_checkpoint(m.checkpoint_path, payload)
-        if len(keep) < pack.n:
+        if len(keep) < len(pack.members):
             for i, m in enumerate(pack.members):
                 if i not in keep:
                     for cb in m.callbacks:
