@@ -132,6 +132,7 @@ class Task:
     stalled: str = ""
     notes_seen: int = 0
     members: list[Task] = field(default_factory=list)  # a pack: its runs (``run_dir`` is the pack's folder)
+    pack_size: int = 0  # a pack: its size as formed from the whole sweep (members: those still to train)
 
     @property
     def folder(self) -> RunFolder:
@@ -556,14 +557,16 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
                        tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
                        store_timeout=store_timeout, claim_lease=claim_lease).write(run.folder.spec)
         if task.members:
-            PackSpec(task.key, [str(r.folder.spec) for r in task.members]).write(task.folder.spec)
+            PackSpec(task.key, [str(r.folder.spec) for r in task.members], task.pack_size).write(task.folder.spec)
         return task.folder.spec
 
     for task in tasks:
         task.run_dir.mkdir(parents=True, exist_ok=True)
     view = view_factory(states, tasks) if view_factory else QuietView()
-    sizes = pack_sizes(pack, tasks, slots, runs_dir / PACKS, calibrate=backend == "local", note=view.note)
-    jobs = form_packs(tasks, sizes, runs_dir / PACKS) if max(sizes.values(), default=1) > 1 else tasks
+    everything = {s.run_key: s.config for s in states}
+    sizes = pack_sizes(pack, list(everything.values()), slots, runs_dir / PACKS, calibrate=backend == "local",
+                       note=view.note)
+    jobs = form_packs(tasks, sizes, runs_dir / PACKS, everything) if max(sizes.values(), default=1) > 1 else tasks
     scheduler = Scheduler(chosen, slots, write_spec, retries, view, stall_timeout_s=stall_timeout,
                           store_probe=lambda: tracking.probe(uri), store_timeout_s=store_timeout)
     try:
@@ -600,17 +603,17 @@ def checked_pack(pack: int | str) -> int | str:
     return 1 if pack == "off" else pack
 
 
-def pack_sizes(pack: int | str, tasks: Sequence[Task], slots: Sequence[Slot], packs_dir: Path, *,
+def pack_sizes(pack: int | str, configs: Sequence[RunConfig], slots: Sequence[Slot], packs_dir: Path, *,
                calibrate: bool = True, note: Callable[[str], None] = lambda message: None) -> dict[tuple, int]:
-    """Runs per worker process for each pack shape (``training.packed.shape_of``) among ``tasks``: N as
-    given, or for ``auto`` 1 on the CPU and on GPUs what a short calibration chooses (``autopack``;
-    without ``calibrate``, e.g. on a Ray cluster, ``autopack.FALLBACK``)."""
+    """Runs per worker process for each pack shape (``training.packed.shape_of``) among the sweep's
+    ``configs``: N as given, or for ``auto`` 1 on the CPU and on GPUs what a short calibration chooses
+    (``autopack``; without ``calibrate``, e.g. on a Ray cluster, ``autopack.FALLBACK``)."""
     from orchestrator import autopack
     from training.packed import shape_of
 
     by_shape: dict[tuple, list] = {}
-    for task in tasks:
-        by_shape.setdefault(shape_of(task.config), []).append(task.config)
+    for config in configs:
+        by_shape.setdefault(shape_of(config), []).append(config)
     if pack != "auto":
         return {shape: int(pack) for shape in by_shape}
     if not calibrate:
@@ -622,28 +625,37 @@ def pack_sizes(pack: int | str, tasks: Sequence[Task], slots: Sequence[Slot], pa
     return sizes
 
 
-def form_packs(tasks: Sequence[Task], sizes: dict[tuple, int], packs_dir: Path) -> list[Task]:
-    """Jobs for the scheduler: runs of one shape (``training.packed.shape_of``) in packs of up to
-    ``sizes[shape]``, in the order given (sorted within a shape by run key, so a re-run forms the same
-    packs); a run with no partner stays alone."""
+def form_packs(tasks: Sequence[Task], sizes: dict[tuple, int], packs_dir: Path,
+               everything: dict[str, RunConfig] | None = None) -> list[Task]:
+    """Jobs for the scheduler. The packs are laid out over ``everything`` (the whole sweep, ``{run key:
+    config}``; default: the tasks): runs of one shape (``training.packed.shape_of``), sorted by run key,
+    in packs of ``sizes[shape]``, so a re-run forms the same packs whatever has finished. Each pack's job
+    trains its members among ``tasks``, even a lone one (it trains as it does in its pack: see
+    ``training.packed``); a run laid out alone is a job of its own."""
     from training.packed import shape_of
 
-    by_shape: dict[tuple, list[Task]] = {}
-    for task in tasks:
-        by_shape.setdefault(shape_of(task.config), []).append(task)
+    todo = {t.key: t for t in tasks}
+    layout = everything if everything is not None else {t.key: t.config for t in tasks}
+    by_shape: dict[tuple, list[str]] = {}
+    for key, config in layout.items():
+        by_shape.setdefault(shape_of(config), []).append(key)
     jobs: list[Task] = []
-    for group in by_shape.values():
-        group, size = sorted(group, key=lambda t: t.key), sizes[shape_of(group[0].config)]
-        for i in range(0, len(group), size):
-            members = group[i:i + size]
-            if len(members) == 1:
+    for shape, keys in by_shape.items():
+        keys, size = sorted(keys), sizes.get(shape, 1)
+        for i in range(0, len(keys), size):
+            chunk = keys[i:i + size]
+            members = [todo[k] for k in chunk if k in todo]
+            if not members:
+                continue
+            if len(chunk) == 1:
                 jobs.extend(members)
                 continue
-            pack_id = "pack-" + hashlib.sha256(" ".join(t.key for t in members).encode()).hexdigest()[:10]
+            pack_id = "pack-" + hashlib.sha256(" ".join(chunk).encode()).hexdigest()[:10]
             label = members[0].config.replace(scheme=f"pack of {len(members)}")
             jobs.append(Task(pack_id, label, packs_dir / pack_id, max(t.total_epochs for t in members),
-                             members=members))
-    return jobs
+                             members=members, pack_size=len(chunk)))
+    order = {t.key: i for i, t in enumerate(tasks)}  # the tasks' order (resumable runs first)
+    return sorted(jobs, key=lambda job: min(order[r.key] for r in job.runs))
 
 
 def describe(sweep) -> str:

@@ -315,7 +315,8 @@ class PackSpec:
     """A pack: the spec files of its members (each in its own run folder), trained as one fused model."""
 
     pack_id: str
-    members: list[str]
+    members: list[str]  # the members still to train (a re-run leaves out those already finished)
+    size: int = 0  # the pack's size as the sweep formed it (0: len(members))
 
     def write(self, path: str | os.PathLike) -> None:
         data = json.dumps(dataclasses.asdict(self), indent=2).encode()
@@ -410,7 +411,7 @@ def _execute_pack(pack: PackSpec, members: list[Member]) -> None:
     try:
         store, experiment_id = _connect(lead, members[0].progress.note)
         for m in members:
-            _prepare(m, store, experiment_id, {TAG_PACK: f"{pack.pack_id}/{len(pack.members)}"})
+            _prepare(m, store, experiment_id, {TAG_PACK: f"{pack.pack_id}/{pack.size or len(pack.members)}"})
     except tracking.StoreDown as e:
         for m in members:
             m.outcome = m.outcome or Outcome("store_down", message=str(e), exit_code=EXIT_STORE)

@@ -6,8 +6,11 @@ so the tests see exactly what MLflow stored: every row of every metric, deleted 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import textwrap
@@ -135,3 +138,53 @@ class Store:
         assert not twice, f"run {run_id}: steps logged twice: {list(twice)[:5]}"
         assert sorted(rows) == sorted((m, e) for m in METRICS for e in range(1, epochs + 1)), (
             f"run {run_id}: epochs logged {sorted({s for _, s in rows})}, expected 1..{epochs}")
+
+
+def killed_at_random(tmp_path: Path, sweep: Path, uri: str, seed: int, names: str = "AB", extra: tuple = (),
+                     kills: int = 5) -> list:
+    """One ``adareg sweep run`` per name in ``names`` (two: several orchestrators on one store, each with
+    its own run folder), started 0-10 s apart, SIGKILLed (alone or with their workers) at random moments
+    ``kills`` times in all, restarted each time, then left to finish and run once more each (which must
+    find nothing left). Returns what happened, for failure messages."""
+    rng = random.Random(seed)
+    cmds = {name: sweep_cmd(sweep, uri, tmp_path / f"runs-{name}", *extra) for name in names}
+    procs: dict[str, subprocess.Popen] = {}
+    history: list = [("seed", seed)]
+
+    def start(name: str) -> None:
+        procs[name] = run_bg(cmds[name], tmp_path / f"orchestrator-{name}.log")
+
+    for i, name in enumerate(names):
+        if i:
+            time.sleep(rng.uniform(0.0, 10.0))
+        start(name)
+    for _ in range(kills):
+        time.sleep(rng.uniform(1.0, 8.0))
+        name = rng.choice([n for n, p in procs.items() if p.poll() is None] or [names[0]])
+        proc = procs[name]
+        alone = rng.random() < 0.5
+        with contextlib.suppress(ProcessLookupError):
+            (os.kill if alone else os.killpg)(proc.pid, signal.SIGKILL)
+        history.append((name, "SIGKILL alone" if alone else "SIGKILL group", proc.wait(timeout=30)))
+        time.sleep(rng.uniform(0.0, 2.0))
+        start(name)
+    for name, proc in procs.items():
+        history.append((name, "ended", proc.wait(timeout=600)))
+    for name, cmd in cmds.items():  # re-run until done: once more must find nothing left
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        history.append((name, "re-run", done.returncode))
+        assert done.returncode == 0, (history, done.stdout + done.stderr)
+    return history
+
+
+def assert_one_training_per_key(store: Store, reference: dict[str, dict], epochs: int) -> None:
+    """Exactly one active MLflow run per key, FINISHED, each metric once per epoch, equal to the reference
+    (``{run key: history}`` of an uninterrupted training); no run at all left RUNNING."""
+    active = store.active()
+    assert sorted(active) == sorted(reference)
+    for key, run in active.items():
+        assert run["status"] == "FINISHED", run
+        store.assert_once_per_epoch(run["run_id"], epochs)
+        assert store.history(run["run_id"]) == reference[key], f"run {key} is not one uninterrupted training"
+    for run in store.runs():
+        assert run["status"] != "RUNNING", run

@@ -86,16 +86,24 @@ def tasks(cfgs: list[RunConfig], root: Path) -> list[Task]:
     return [Task(f"k{i:02d}", c, root / f"k{i:02d}") for i, c in enumerate(cfgs)]
 
 
-def test_pack_sizes_and_packs_per_shape(tmp_path):
+def test_pack_sizes_and_packs_per_shape_the_same_whatever_has_finished(tmp_path):
     todo = tasks(configs("resnet14", 7) + configs("resnet32", 3), tmp_path)
+    everything = {t.key: t.config for t in todo}
     r14, r32 = shape_of(todo[0].config), shape_of(todo[-1].config)
     cpu = device_slots([], 1, 2, cores=2)
-    assert pack_sizes("auto", todo, cpu, tmp_path) == {r14: 1, r32: 1}  # the CPU: one run per process
-    assert pack_sizes(5, todo, cpu, tmp_path) == {r14: 5, r32: 5}
-    assert pack_sizes("auto", todo, gpu_slots(1, 1), tmp_path, calibrate=False) == {r14: 10, r32: 10}
+    assert pack_sizes("auto", list(everything.values()), cpu, tmp_path) == {r14: 1, r32: 1}  # the CPU: alone
+    assert pack_sizes(5, list(everything.values()), cpu, tmp_path) == {r14: 5, r32: 5}
+    assert pack_sizes("auto", list(everything.values()), gpu_slots(1, 1), tmp_path, calibrate=False) == \
+        {r14: 10, r32: 10}
     jobs = form_packs(todo, {r14: 3, r32: 5}, tmp_path / "packs")
-    assert [len(j.members) or 1 for j in jobs] == [3, 3, 1, 3]
-    assert {shape_of(m.config) for m in jobs[-1].members} == {r32}
+    assert [[r.key for r in j.runs] for j in jobs] == [["k00", "k01", "k02"], ["k03", "k04", "k05"], ["k06"],
+                                                       ["k07", "k08", "k09"]]
+    assert [j.pack_size for j in jobs] == [3, 3, 0, 3]
+    # a re-run after k00, k01, k03-k05 and k09 finished: the same packs, less what is done, resumable first
+    left = [todo[i] for i in (8, 2, 6, 7)]
+    again = form_packs(left, {r14: 3, r32: 5}, tmp_path / "packs", everything)
+    assert [(j.key, [r.key for r in j.runs], j.pack_size) for j in again] == \
+        [(jobs[3].key, ["k07", "k08"], 3), (jobs[0].key, ["k02"], 3), ("k06", ["k06"], 0)]
     assert checked_pack("off") == 1 and checked_pack("auto") == "auto" and checked_pack("4") == 4
     with pytest.raises(UserError, match=r"--pack 0: expected a pack size >= 1, auto or off"):
         checked_pack(0)

@@ -4,9 +4,7 @@ servers; every logged curve is compared with an uninterrupted reference training
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -14,7 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import Store, epochs_done, run_bg, sweep_cmd, wait_until, write_sweep
+from e2e import (
+    Store,
+    assert_one_training_per_key,
+    epochs_done,
+    killed_at_random,
+    run_bg,
+    sweep_cmd,
+    wait_until,
+    write_sweep,
+)
 from servers import MlflowServer, RayCluster
 
 pytestmark = pytest.mark.slow
@@ -40,67 +47,22 @@ def reference(tmp_path_factory) -> dict[str, dict]:
     return {key: store.history(run["run_id"]) for key, run in store.active().items()}
 
 
-def assert_one_training_per_key(store: Store, reference: dict[str, dict]) -> None:
-    """Exactly one active MLflow run per key, FINISHED, each metric once per epoch, equal to the reference."""
-    active = store.active()
-    assert sorted(active) == sorted(reference)
-    for key, run in active.items():
-        assert run["status"] == "FINISHED", run
-        store.assert_once_per_epoch(run["run_id"], EPOCHS)
-        assert store.history(run["run_id"]) == reference[key], f"run {key} is not one uninterrupted training"
-    for run in store.runs():
-        assert run["status"] != "RUNNING", run
-
-
-def two_orchestrators_killed_at_random(tmp_path: Path, uri: str, seed: int, kills: int = 5) -> list:
-    """Two ``adareg sweep run`` of one sweep on one store with different run folders, started 0-10 s apart,
-    SIGKILLed (alone or with their workers) at random moments ``kills`` times in all, restarted each time,
-    then left to finish and run once more each. Returns what happened, for failure messages."""
-    rng = random.Random(seed)
-    sweep = tiny_sweep(tmp_path / "s.yaml")
-    cmds = {name: sweep_cmd(sweep, uri, tmp_path / f"runs-{name}", "--claim-lease", "60") for name in "AB"}
-    procs: dict[str, subprocess.Popen] = {}
-    history: list = [("seed", seed)]
-
-    def start(name: str) -> None:
-        procs[name] = run_bg(cmds[name], tmp_path / f"orchestrator-{name}.log")
-
-    start("A")
-    time.sleep(rng.uniform(0.0, 10.0))
-    start("B")
-    for _ in range(kills):
-        time.sleep(rng.uniform(1.0, 8.0))
-        name = rng.choice([n for n, p in procs.items() if p.poll() is None] or ["A"])
-        proc = procs[name]
-        alone = rng.random() < 0.5
-        with contextlib.suppress(ProcessLookupError):
-            (os.kill if alone else os.killpg)(proc.pid, signal.SIGKILL)
-        history.append((name, "SIGKILL alone" if alone else "SIGKILL group", proc.wait(timeout=30)))
-        time.sleep(rng.uniform(0.0, 2.0))
-        start(name)
-    for name, proc in procs.items():
-        history.append((name, "ended", proc.wait(timeout=600)))
-    for name, cmd in cmds.items():  # re-run until done: once more must find nothing left
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        history.append((name, "re-run", done.returncode))
-        assert done.returncode == 0, (history, done.stdout + done.stderr)
-    return history
-
-
 def test_two_orchestrators_on_one_sqlite_store_killed_at_random(tmp_path, reference):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    history = two_orchestrators_killed_at_random(tmp_path, uri, seed=int(time.time()) % 10_000)
+    history = killed_at_random(tmp_path, tiny_sweep(tmp_path / "s.yaml"), uri, seed=int(time.time()) % 10_000,
+                               extra=("--claim-lease", "60"))
     try:
-        assert_one_training_per_key(Store(uri), reference)
+        assert_one_training_per_key(Store(uri), reference, EPOCHS)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{history}") from None
 
 
 def test_two_orchestrators_on_an_mlflow_server_on_postgresql_killed_at_random(tmp_path, postgres_uri, reference):
     with MlflowServer(postgres_uri, workdir=tmp_path / "server") as server:
-        history = two_orchestrators_killed_at_random(tmp_path, server.uri, seed=int(time.time()) % 10_000 + 1)
+        history = killed_at_random(tmp_path, tiny_sweep(tmp_path / "s.yaml"), server.uri,
+                                   seed=int(time.time()) % 10_000 + 1, extra=("--claim-lease", "60"))
     try:
-        assert_one_training_per_key(Store(postgres_uri), reference)
+        assert_one_training_per_key(Store(postgres_uri), reference, EPOCHS)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{history}") from None
 
