@@ -4,7 +4,8 @@
 # 1. nvidia-smi and what torch sees; 2. trainer_throughput.py on cuda (bare / textbook / trainer,
 # plus eager NCHW vs channels_last + bf16 vs torch.compile); 3. a 2-run sweep on digits over all GPUs,
 # 2 jobs per GPU, against a throw-away MLflow store; 4. sweep_throughput.py on cuda (one run per GPU vs
-# K processes vs packs of N, fp32/bf16: the numbers that should set --pack auto and --jobs-per-gpu).
+# K processes vs packs of N, fp32/bf16: the numbers that should set --pack auto and --jobs-per-gpu);
+# --pack auto's calibration for resnet14/32 and a 2-run sweep with --pack auto.
 # Results go to $OUT (default: a new temp dir).
 # Uses .venv (created by `make install` if missing).
 set -euo pipefail
@@ -34,6 +35,15 @@ $BIN/adareg sweep status "${SELECT[@]}"
 echo "== 2-run sweep packed (--pack 2)"
 timeout 120 $BIN/adareg sweep run "${SELECT[@]}" --set name=demo-packed --set experiment=adareg-demo-packed \
     --gpus all --pack 2
+
+echo "== --pack auto's calibration on cuda:0 (images/s and memory by pack size)"
+for arch in resnet14 resnet32; do
+  timeout 120 $BIN/python -P -m orchestrator.autopack "{\"arch\": \"$arch\", \"num_classes\": 100, \
+\"batch_size\": 50, \"precision\": \"fp32\", \"sizes\": [1, 2, 5, 10, 25, 50], \"device\": \"cuda\", \
+\"steps\": 10, \"warmup\": 3}" | tee "$OUT/calibration_$arch.json" || echo "calibration $arch failed"
+done
+timeout 300 $BIN/adareg sweep run "${SELECT[@]}" --set name=demo-auto --set experiment=adareg-demo-auto \
+    --gpus all --pack auto
 
 echo "== sweep throughput on cuda (packs vs processes)"
 timeout 300 $BIN/python benchmarks/sweep_throughput.py --device cuda --epochs 1 --runs 50 \
