@@ -7,8 +7,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from e2e import Store, assert_one_training_per_key, killed_at_random, sweep_cmd, write_sweep
+from e2e import ADAREG, Store, assert_one_training_per_key, killed_at_random, sweep_cmd, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,20 @@ def test_the_demo_packed_and_unpacked_gives_the_same_runs(tmp_path):
     tags = stores["5"].query("SELECT value FROM tags WHERE key = 'adareg.pack'")
     assert len(tags) == 5 and len({v for (v,) in tags}) == 1 and tags[0][0].endswith("/5")
     assert stores["off"].query("SELECT value FROM tags WHERE key = 'adareg.pack'") == []
+    # the report of a packed sweep is the unpacked one's in form: the same files, columns and rows
+    outs = {}
+    for pack in ("5", "off"):
+        outs[pack] = tmp_path / f"report-{pack}"
+        done = subprocess.run([ADAREG, "report", str(demo), *SMALL, "--tracking-uri",
+                               f"sqlite:///{tmp_path}/{pack}.db", "--out", str(outs[pack])], capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    files = sorted(p.name for p in outs["5"].iterdir())
+    assert files == sorted(p.name for p in outs["off"].iterdir()) and any(f.endswith(".png") for f in files)
+    for name in (f for f in files if f.endswith(".csv")):
+        a, b = (pd.read_csv(outs[pack] / name) for pack in ("5", "off"))
+        keys = [c for c in a.columns if a[c].dtype == object]
+        assert list(a.columns) == list(b.columns) and a[keys].equals(b[keys]), name
 
 
 def test_a_packed_sweep_killed_at_random_resumes_to_the_uninterrupted_packed_result(tmp_path):

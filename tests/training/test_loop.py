@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from stops import Stop, StopAfter
 
 from training import Callback, RunConfig, train
 from training.callbacks import METRICS, history_metrics, metric_names
@@ -17,19 +18,6 @@ def small(**kw):
                 grad_sparsity=SPARSE, weight_decay=[1e-4, 1e-4, 8e-4, 1.6e-3, 1.6e-3], label_noise=0.1)
     base.update(kw)
     return RunConfig(**base)
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAfter(Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, metrics):
-        if epoch == self.epoch:
-            raise Crash()
 
 
 def result_metrics(history):
@@ -62,8 +50,8 @@ def test_updated_fraction_follows_sparsity(uninterrupted):
 def test_resume_after_crash_is_bit_identical(uninterrupted, tmp_path):
     torch.set_num_threads(1)
     ckpt = tmp_path / "run" / "checkpoint.pt"
-    with pytest.raises(Crash):
-        train(small(), [CrashAfter(7)], device="cpu", checkpoint_path=ckpt)  # crashes inside the sparse phase
+    with pytest.raises(Stop):
+        train(small(), [StopAfter(7)], device="cpu", checkpoint_path=ckpt)  # crashes inside the sparse phase
     assert load_checkpoint(ckpt)["epoch"] == 7
     resumed = train(small(), device="cpu", checkpoint_path=ckpt)
     assert resumed.resumed_from == 7

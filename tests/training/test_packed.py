@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from stops import Stop, StopAfter
 
 from training import Callback, RunConfig, train
 from training.checkpoint import load_checkpoint
@@ -27,19 +28,6 @@ def trio():
     return [RunConfig(seed=1, weight_decay=1e-4, grad_sparsity=0.0, **BASE),
             RunConfig(seed=2, weight_decay=[5e-4, 1e-3, 2e-3], grad_sparsity=0.0, **BASE),
             RunConfig(seed=3, weight_decay=1e-4, grad_sparsity=[0.3, 0.5, 0.5], **BASE)]
-
-
-class Stop(Exception):
-    pass
-
-
-class StopAfter(Callback):
-    def __init__(self, epoch):
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, metrics):
-        if epoch == self.epoch:
-            raise Stop()
 
 
 class Record(Callback):
