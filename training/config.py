@@ -138,6 +138,10 @@ class RunConfig:
     Off by default: those files are unpickled, and a tampered one could run code."""
     eval_batch_size: int = field(default=1000, metadata={"identity": False})
     """Batch size for evaluation (does not change the result)."""
+    compile: bool = field(default=False, metadata={"identity": False})
+    """Speed option: run the model through ``torch.compile`` (a warm-up of a minute or so per process;
+    the same numbers up to float rounding, so not part of the run's identity). Models are always
+    channels_last."""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -196,7 +200,7 @@ class RunConfig:
         if isinstance(ln, bool) or not isinstance(ln, (int, float)) or not 0 <= ln <= 1:
             raise ConfigError("label_noise", f"must be in [0, 1], got {ln!r}")
         set_("label_noise", float(ln))
-        for name in ("augment", "allow_unofficial_data"):
+        for name in ("augment", "allow_unofficial_data", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         va = self.validation

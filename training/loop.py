@@ -141,6 +141,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
         torch.manual_seed(config.seed)
         model = build_model(config.arch, config.num_classes)
     model = model.to(device=device, memory_format=torch.channels_last)
+    run = torch.compile(model) if config.compile else model  # the same module and state dict, compiled calls
     params = [p for p in model.parameters()]
     opt = SparseSGD(params, momentum=config.momentum)
     total_weights = sum(p.numel() for p in params)
@@ -173,7 +174,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
         generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
         for x, y in train_batches.epoch(generator):
             with autocast(config.precision, device):
-                logits = model(x)
+                logits = run(x)
             loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad()
             loss.backward()
@@ -188,7 +189,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
         if not math.isfinite(train_loss):
             raise Diverged(epoch, train_loss, "train_loss")
         changed = int(sum((p.detach() != b).sum() for p, b in zip(params, before)))
-        eval_loss, eval_error = evaluate(model, eval_batches, config.eval_batch_size, config.precision)
+        eval_loss, eval_error = evaluate(run, eval_batches, config.eval_batch_size, config.precision)
         for name, value in ((eval_loss_name, eval_loss), (eval_error_name, eval_error)):
             if not math.isfinite(value):
                 raise Diverged(epoch, value, name)

@@ -323,6 +323,7 @@ class _Pack:
         self.solo_shapes = {k: v.shape for k, v in members[0].solo.state_dict().items()}
         self.model.load_state_dict(stack_states([m.solo.state_dict() for m in self.slots], self.model))
         self.model = self.model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        self.run = torch.compile(self.model) if first.compile else self.model  # compiled calls, same module
         self.names = [name for name, _ in self.model.named_parameters()]
         self.params = [p for _, p in self.model.named_parameters()]
         self.shapes = [self.solo_shapes[name] for name in self.names]
@@ -432,7 +433,7 @@ def _evaluate(pack: _Pack, test: Batches, batch_size: int, precision: str) -> tu
     wrong = torch.zeros(n, device=pack.device, dtype=torch.long)
     for x, y in test.ordered(batch_size):
         with autocast(precision, pack.device):
-            logits = pack.model(x.to(pack.dtype).repeat(1, n, 1, 1).contiguous(memory_format=torch.channels_last))
+            logits = pack.run(x.to(pack.dtype).repeat(1, n, 1, 1).contiguous(memory_format=torch.channels_last))
         logits = _full(logits)
         flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(n), reduction="none")
         loss_sum += flat.view(n, -1).sum(1)
@@ -516,7 +517,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
         for x, y in pack.batches.epoch(generators):
             x = x.to(dtype)
             with autocast(precision, device):
-                logits = pack.model(x)
+                logits = pack.run(x)
             logits = _full(logits)
             per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                          reduction="none").view(k, -1).mean(1)

@@ -33,7 +33,8 @@ CHANGES = {
     "variant": "study-a/trial-3",
     "precision": "bf16",
 }
-NOT_IDENTITY = {"scheme": "renamed", "data_dir": "/elsewhere", "eval_batch_size": 7, "allow_unofficial_data": True}
+NOT_IDENTITY = {"scheme": "renamed", "data_dir": "/elsewhere", "eval_batch_size": 7, "allow_unofficial_data": True,
+                "compile": True}
 
 
 def test_changes_cover_every_field():

@@ -49,6 +49,7 @@ def test_if_set_fields_are_the_new_ones():
     ("precision", "fp16", "precision: unknown precision 'fp16' (expected one of fp32, tf32, bf16)"),
     ("variant", 3, "variant: must be a string, got 3"),
     ("allow_unofficial_data", "yes", "allow_unofficial_data: must be true or false, got 'yes'"),
+    ("compile", 1, "compile: must be true or false, got 1"),
 ])
 def test_new_fields_are_validated(field, value, message):
     with pytest.raises(ConfigError) as info:
