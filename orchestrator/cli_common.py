@@ -38,6 +38,11 @@ runs_dir_option = click.option(
     "--runs-dir", type=click.Path(file_okay=False), default=None, envvar="ADAREG_RUNS_DIR", show_envvar=True,
     help="Where run folders (spec, lock, checkpoint, progress, result, log) live [default: ./adareg_runs].")
 
+pack_option = click.option(
+    "--pack", default=None, metavar="N|auto|off",
+    help="Train runs of one shape together as one fused model, N per process [default: the sweep file's "
+         "pack:, else auto: on GPUs the size a short calibration picks, on the CPU one run per process].")
+
 _DEVICES = (
     click.option("--gpus", default=None, metavar="LIST|all|none",
                  help="GPUs to use: indices such as 0,1, all, or none for the CPU [default: all visible GPUs, "

@@ -13,6 +13,7 @@ import click
 from orchestrator.cli_common import (
     device_options,
     load_selection,
+    pack_option,
     runs_dir_option,
     selection_options,
     sweep_file_argument,
@@ -79,9 +80,7 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
 @click.option("--store-timeout", type=float, default=900, show_default=True, metavar="SECONDS",
               help="How long the tracking store may be unreachable before runs end (resumable) and the sweep "
                    "stops with exit 75; meanwhile workers train on and no new run starts.")
-@click.option("--pack", default=None, metavar="N|auto|off",
-              help="Train runs of one shape together as one fused model, N per process: auto (the sweep "
-                   "file's pack:, default auto: packs of 10 on GPUs, off on the CPU, where it measured slower).")
+@pack_option
 @click.option("--claim-lease", type=float, default=300, show_default=True, metavar="SECONDS",
               help="A run claimed in the store by a process whose heartbeat is older than this may be taken over.")
 @runs_dir_option

@@ -12,6 +12,7 @@ import click
 from orchestrator.cli_common import (
     device_options,
     load_selection,
+    pack_option,
     runs_dir_option,
     selection_options,
     sweep_file_argument,
@@ -73,12 +74,13 @@ class TuneView:
 @device_options
 @click.option("--trial-lease", type=float, default=DEFAULT_TRIAL_LEASE_S, show_default=True, metavar="SECONDS",
               help="A running trial whose tuner has not heartbeaten for this long is failed and enqueued again.")
+@pack_option
 @storage_option
 @selection_options
 @runs_dir_option
 @tracking_uri_option
 @click.pass_context
-def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial_lease, storage, set_, only,
+def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial_lease, pack, storage, set_, only,
                 epochs_scale, train_subset, runs_dir, tracking_uri):
     """Run TRIALS more trials; each trains the sweep's first dataset and arch over ``tune.seeds`` seeds with a
     sampled taper, scored by the mean validation metric. Several of these commands (or machines) may share
@@ -89,7 +91,8 @@ def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     result = run_tune(sweep, trials, storage=storage, tracking_uri=tracking_uri,
                       runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), gpus=gpus,
-                      jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, lease_s=trial_lease, view=TuneView())
+                      jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, lease_s=trial_lease, pack=pack,
+                      view=TuneView())
     study = result.study
     states = Counter(t.state.name.lower() for t in study.trials)
     mine = Counter(result.told.values())

@@ -551,22 +551,19 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
         chosen = LocalBackend()
 
     def write_spec(task: Task, slot: Slot) -> Path:
-        for run in task.runs:
+        def spec_for(run: Task) -> WorkerSpec:
             config = run.config.replace(data_dir=os.path.abspath(run.config.data_dir))  # workers run elsewhere
-            WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run.run_dir),
-                       tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
-                       store_timeout=store_timeout, claim_lease=claim_lease).write(run.folder.spec)
-        if task.members:
-            PackSpec(task.key, [str(r.folder.spec) for r in task.members], task.pack_size).write(task.folder.spec)
-        return task.folder.spec
+            return WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run.run_dir),
+                              tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
+                              store_timeout=store_timeout, claim_lease=claim_lease)
+
+        return write_job_spec(task, spec_for)
 
     for task in tasks:
         task.run_dir.mkdir(parents=True, exist_ok=True)
     view = view_factory(states, tasks) if view_factory else QuietView()
-    everything = {s.run_key: s.config for s in states}
-    sizes = pack_sizes(pack, list(everything.values()), slots, runs_dir / PACKS, calibrate=backend == "local",
-                       note=view.note)
-    jobs = form_packs(tasks, sizes, runs_dir / PACKS, everything) if max(sizes.values(), default=1) > 1 else tasks
+    jobs = jobs_of(pack, slots, runs_dir / PACKS, calibrate=backend == "local", note=view.note)(
+        tasks, {s.run_key: s.config for s in states})
     scheduler = Scheduler(chosen, slots, write_spec, retries, view, stall_timeout_s=stall_timeout,
                           store_probe=lambda: tracking.probe(uri), store_timeout_s=store_timeout)
     try:
@@ -590,6 +587,32 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
 
 
 PACKS = "packs"  # <runs dir>/packs/<pack id>/: a pack's spec and log (its members keep their own folders)
+
+
+def write_job_spec(task: Task, spec_for: Callable[[Task], WorkerSpec]) -> Path:
+    """Write every run's worker spec (``spec_for(run)``) and a pack's own spec; the spec the worker gets."""
+    for run in task.runs:
+        spec_for(run).write(run.folder.spec)
+    if task.members:
+        PackSpec(task.key, [str(r.folder.spec) for r in task.members], task.pack_size).write(task.folder.spec)
+    return task.folder.spec
+
+
+def jobs_of(pack: int | str, slots: Sequence[Slot], packs_dir: Path, *, calibrate: bool = True,
+            note: Callable[[str], None] = lambda message: None) -> Callable[..., list[Task]]:
+    """``jobs(tasks, everything=None)``: the tasks as the scheduler's jobs, in packs per ``pack`` (sizes are
+    decided once per shape: ``pack_sizes``; layout: ``form_packs``)."""
+    from training.packed import shape_of
+
+    sizes: dict[tuple, int] = {}
+
+    def jobs(tasks: Sequence[Task], everything: dict[str, RunConfig] | None = None) -> list[Task]:
+        configs = list(everything.values()) if everything is not None else [t.config for t in tasks]
+        if not {shape_of(c) for c in configs} <= sizes.keys():
+            sizes.update(pack_sizes(pack, configs, slots, packs_dir, calibrate=calibrate, note=note))
+        return form_packs(tasks, sizes, packs_dir, everything) if max(sizes.values(), default=1) > 1 else list(tasks)
+
+    return jobs
 
 
 def checked_pack(pack: int | str) -> int | str:

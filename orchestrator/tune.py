@@ -249,8 +249,9 @@ class Tuner:
     workers' progress, tells Optuna how each trial ended. Also renews its trials' heartbeats."""
 
     def __init__(self, sweep: Sweep, study, client, trials: int, runs_dir: Path, *, parent_run_id: str | None = None,
-                 lease_s: float = DEFAULT_TRIAL_LEASE_S, note=None):
+                 lease_s: float = DEFAULT_TRIAL_LEASE_S, note=None, jobs=None):
         self.sweep, self.study, self.client, self.budget = sweep, study, client, trials
+        self.jobs = jobs or list  # a trial's runs -> the scheduler's jobs (its seeds packed, or one job each)
         self.space = space_of(sweep)
         self.runs_dir, self.parent_run_id, self.lease_s = runs_dir, parent_run_id, lease_s
         self.note = note or (lambda message: None)
@@ -363,7 +364,7 @@ class Tuner:
             self.by_key.update({k: runs for k in tasks})
         retried = f" (retry of trial {number})" if number != trial.number else ""
         self.note(f"trial {trial.number}{retried}: {', '.join(f'{k} {v:.3g}' for k, v in params.items())}")
-        return list(tasks.values())
+        return self.jobs(list(tasks.values()))
 
     def progress(self, task, progress: dict) -> None:
         with self.lock:
@@ -497,14 +498,17 @@ class TuneResult:
 
 def run_tune(sweep: Sweep, trials: int, *, storage: str | None, tracking_uri: str | None, runs_dir: Path,
              gpus: str | None = None, jobs_per_gpu: int = 1, max_parallel: int | None = None,
-             lease_s: float = DEFAULT_TRIAL_LEASE_S, view=None, poll_s: float | None = None) -> TuneResult:
+             lease_s: float = DEFAULT_TRIAL_LEASE_S, pack: int | str | None = None, view=None,
+             poll_s: float | None = None) -> TuneResult:
     """Run ``trials`` more trials of the sweep's study through the scheduler (every free slot gets the next
-    trial's runs); safe beside other tuners on the same study and store."""
+    trial's runs; with ``pack`` (default: the sweep file's) a trial's seeds train as one fused model);
+    safe beside other tuners on the same study and store."""
     from orchestrator import scheduler as sched
     from orchestrator.backends import LocalBackend
     from orchestrator.worker import EXIT_SIGINT, EXIT_SIGTERM, WorkerSpec
 
     space_of(sweep)
+    pack = sched.checked_pack(sweep.pack if pack is None else pack)
     if lease_s <= 0:
         raise UserError(f"--trial-lease {lease_s:g}: must be > 0 seconds")
     visible = [] if (gpus or "").strip().lower() == "none" else sched.visible_gpus()
@@ -517,15 +521,17 @@ def run_tune(sweep: Sweep, trials: int, *, storage: str | None, tracking_uri: st
     study = open_study(sweep, storage, lease_s=lease_s)
     parent = study_run(client, experiment_id, sweep.name)
     view = view or sched.QuietView()
-    tuner = Tuner(sweep, study, client, trials, runs_dir, parent_run_id=parent, lease_s=lease_s, note=view.note)
+    tuner = Tuner(sweep, study, client, trials, runs_dir, parent_run_id=parent, lease_s=lease_s, note=view.note,
+                  jobs=sched.jobs_of(pack, slots, runs_dir / sched.PACKS, note=view.note))
 
     def write_spec(task, slot) -> Path:
-        config = task.config.replace(data_dir=os.path.abspath(task.config.data_dir))
-        spec = WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(task.run_dir),
-                          tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
-                          tags=tuner.tags[task.key])
-        spec.write(task.folder.spec)
-        return task.folder.spec
+        def spec_for(run) -> WorkerSpec:
+            config = run.config.replace(data_dir=os.path.abspath(run.config.data_dir))
+            return WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run.run_dir),
+                              tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
+                              tags=tuner.tags[run.key])
+
+        return sched.write_job_spec(task, spec_for)
 
     backend = LocalBackend()
     extra = {"poll_s": poll_s} if poll_s else {}

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.callbacks import Callback
+from training.callbacks import VALIDATION_NAMES, Callback
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import ConfigError, RunConfig
 from training.data import PAD, Batches, Split, load_splits
@@ -60,7 +60,7 @@ from training.regularizers import SparseSGD, draw_masks, mask_seed
 from training.schedules import plan_for
 
 SHAPE_FIELDS = ("arch", "dataset", "lr", "epochs_per_step", "epochs_scale", "batch_size", "momentum", "augment",
-                "train_subset", "label_noise", "precision")
+                "train_subset", "label_noise", "validation", "precision")
 """Fields every member of a pack shares."""
 
 
@@ -495,6 +495,10 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
         for cb in m.callbacks:
             cb.on_start(m.config, m.plan, m.history)
 
+    # with a validation split the evaluated split is the held-out part (the test split is never loaded)
+    eval_loss_name, eval_error_name = (VALIDATION_NAMES.get(n, n) if configs[0].validation else n
+                                       for n in ("test_loss", "test_error"))
+    evaluated = "val" if configs[0].validation else "test"
     diverged: dict[int, str] = {}
     pack = _Pack(members, device, dtype)
     for step in plan[start:]:
@@ -541,7 +545,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
             n_train = len(m.train_batches.split.labels)
             train_loss = train_losses[i] / n_train
             if not math.isfinite(train_loss) or not math.isfinite(test_loss[i]):
-                what, value = ("train", train_loss) if not math.isfinite(train_loss) else ("test", test_loss[i])
+                what, value = ("train", train_loss) if not math.isfinite(train_loss) else (evaluated, test_loss[i])
                 diverged[m.index] = f"diverged at epoch {epoch}: {what} loss is {value}"
                 continue
             keep.append(i)
@@ -549,8 +553,8 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
             metrics = {
                 "train_loss": train_loss,
                 "train_error": train_wrong[i] / n_train,
-                "test_loss": test_loss[i],
-                "test_error": test_error[i],
+                eval_loss_name: test_loss[i],
+                eval_error_name: test_error[i],
                 "lr": steps[i].lr,
                 "weight_decay": steps[i].weight_decay,
                 "grad_sparsity": steps[i].grad_sparsity,

@@ -320,6 +320,30 @@ def test_a_killed_tuners_trial_is_retried_by_the_next_and_resumes_its_runs(tmp_p
     assert new.value == run["metrics"]["val_error"][15]
 
 
+@pytest.mark.slow
+def test_a_trials_seeds_train_as_one_pack(tmp_path):
+    """``tune run --pack 2`` with two tuning seeds: each trial's two runs train as one fused model in one
+    worker (tag ``adareg.pack`` ``<id>/2``), each its own MLflow run, and the trial is scored as unpacked."""
+    path = tune_file(tmp_path / "t.yaml", seeds=2)
+    done = subprocess.run(tune_cmd(path, str(tmp_path / "s.journal"), "--trials", "2", "--max-parallel", "1",
+                                   "--pack", "2"), capture_output=True, text=True, env=env_for(tmp_path),
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(list((tmp_path / "runs" / "packs").iterdir())) == 2  # one pack (one worker) per trial
+    study = load_study(str(tmp_path / "s.journal"))
+    runs = trial_runs(tmp_path)
+    assert len(runs) == 4 and {r["status"] for r in runs.values()} == {"FINISHED"}
+    by_trial: dict[str, list] = {}
+    for r in runs.values():
+        by_trial.setdefault(r["tags"]["adareg.trial"], []).append(r)
+    for t in study.trials:
+        seeds = by_trial[str(t.number)]
+        packs = {r["tags"]["adareg.pack"] for r in seeds}
+        assert len(seeds) == 2 and len(packs) == 1 and packs.pop().endswith("/2")
+        assert t.state.name == "COMPLETE"
+        assert t.value == pytest.approx(sum(r["metrics"]["val_error"][5] for r in seeds) / 2, abs=1e-12)
+
+
 def test_tune_run_refuses_bad_input_in_one_line(tmp_path):
     path = tune_file(tmp_path / "t.yaml", seeds=1)
     text = textwrap.dedent

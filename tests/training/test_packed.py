@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from stops import Stop, StopAfter
 
 from training import Callback, RunConfig, train
+from training.callbacks import metric_names
 from training.checkpoint import load_checkpoint
 from training.data import Batches, Split, load_splits
 from training.loop import epoch_seed
@@ -219,6 +220,22 @@ def test_a_lone_member_resumes_bit_identical_to_its_pack(runs, tmp_path):
     mine, theirs = load_checkpoint(paths[2]), load_checkpoint(runs["paths"][2])
     assert all(torch.equal(mine["model"][k], theirs["model"][k]) for k in theirs["model"])
     assert [torch.equal(a, b) for a, b in zip(mine["masks"], theirs["masks"])] == [True] * len(theirs["masks"])
+
+
+def test_a_pack_on_a_validation_split_reports_what_a_solo_run_does():
+    """With ``validation`` the members report val_loss / val_error (in metric_names' order), on the held-out
+    part, as a solo run does (within float32 rounding after an epoch)."""
+    torch.set_num_threads(1)
+    configs = [c.replace(validation=0.2) for c in trio()[:2]]
+    records = [Record() for _ in configs]
+    train_packed(configs, [[r] for r in records])
+    solo = train(configs[0])
+    for record, config in zip(records, configs):
+        assert [list(m) for _, m in record.epochs] == [list(metric_names(config))] * 3
+    (_, packed), first = records[0].epochs[0], solo.history[0]
+    assert math.isclose(packed["val_loss"], first["val_loss"], rel_tol=1e-3)
+    held_out = len(load_splits(configs[0], "cpu")[1].labels)
+    assert round(abs(packed["val_error"] - first["val_error"]) * held_out) <= 2  # at most two images apart
 
 
 def checkpoint_epoch_or_none(path):
