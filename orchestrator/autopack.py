@@ -68,7 +68,7 @@ def measure(shape: tuple[str, int, int, str], sizes: Sequence[int], device: str,
 def auto_sizes(configs_by_shape: dict[tuple, list], slots: Sequence, cache_dir: Path,
                measure_fn: Callable[..., dict] = measure) -> tuple[dict[tuple, int], list[str]]:
     """``({pack shape: size}, notes for the user)`` for ``--pack auto``: ``configs_by_shape`` maps each
-    pack shape (``training.packed.shape_of``) to its runs' configs; ``slots`` are the sweep's slots."""
+    pack shape (``training.config.shape_of``) to its runs' configs; ``slots`` are the sweep's slots."""
     gpu_slots = [s for s in slots if s.device == "cuda"]
     if not gpu_slots:
         return {shape: 1 for shape in configs_by_shape}, []

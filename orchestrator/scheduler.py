@@ -602,7 +602,7 @@ def jobs_of(pack: int | str, slots: Sequence[Slot], packs_dir: Path, *, calibrat
             note: Callable[[str], None] = lambda message: None) -> Callable[..., list[Task]]:
     """``jobs(tasks, everything=None)``: the tasks as the scheduler's jobs, in packs per ``pack`` (sizes are
     decided once per shape: ``pack_sizes``; layout: ``form_packs``)."""
-    from training.packed import shape_of
+    from training.config import shape_of
 
     sizes: dict[tuple, int] = {}
 
@@ -628,11 +628,11 @@ def checked_pack(pack: int | str) -> int | str:
 
 def pack_sizes(pack: int | str, configs: Sequence[RunConfig], slots: Sequence[Slot], packs_dir: Path, *,
                calibrate: bool = True, note: Callable[[str], None] = lambda message: None) -> dict[tuple, int]:
-    """Runs per worker process for each pack shape (``training.packed.shape_of``) among the sweep's
+    """Runs per worker process for each pack shape (``training.config.shape_of``) among the sweep's
     ``configs``: N as given, or for ``auto`` 1 on the CPU and on GPUs what a short calibration chooses
     (``autopack``; without ``calibrate``, e.g. on a Ray cluster, ``autopack.FALLBACK``)."""
     from orchestrator import autopack
-    from training.packed import shape_of
+    from training.config import shape_of
 
     by_shape: dict[tuple, list] = {}
     for config in configs:
@@ -651,11 +651,11 @@ def pack_sizes(pack: int | str, configs: Sequence[RunConfig], slots: Sequence[Sl
 def form_packs(tasks: Sequence[Task], sizes: dict[tuple, int], packs_dir: Path,
                everything: dict[str, RunConfig] | None = None) -> list[Task]:
     """Jobs for the scheduler. The packs are laid out over ``everything`` (the whole sweep, ``{run key:
-    config}``; default: the tasks): runs of one shape (``training.packed.shape_of``), sorted by run key,
+    config}``; default: the tasks): runs of one shape (``training.config.shape_of``), sorted by run key,
     in packs of ``sizes[shape]``, so a re-run forms the same packs whatever has finished. Each pack's job
     trains its members among ``tasks``, even a lone one (it trains as it does in its pack: see
     ``training.packed``); a run laid out alone is a job of its own."""
-    from training.packed import shape_of
+    from training.config import shape_of
 
     todo = {t.key: t for t in tasks}
     layout = everything if everything is not None else {t.key: t.config for t in tasks}

@@ -252,3 +252,13 @@ def json_ready(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_ready(v) for v in obj]
     return obj
+
+
+SHAPE_FIELDS = ("arch", "dataset", "lr", "epochs_per_step", "epochs_scale", "batch_size", "momentum", "augment",
+                "train_subset", "label_noise", "validation", "precision")
+"""Fields every member of a pack shares."""
+
+
+def shape_of(config: RunConfig) -> tuple:
+    """What must be equal for two runs to share a pack (``training.packed``): all but seed and tapers."""
+    return tuple(getattr(config, name) for name in SHAPE_FIELDS)

@@ -44,7 +44,7 @@ from torch import nn
 
 from training.callbacks import VALIDATION_NAMES, Callback
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.config import ConfigError, RunConfig
+from training.config import SHAPE_FIELDS, ConfigError, RunConfig
 from training.data import PAD, Batches, Split, load_splits
 from training.loop import (
     CHECKPOINT_VERSION,
@@ -58,15 +58,6 @@ from training.loop import (
 from training.models import STAGE_CHANNELS, build_model
 from training.regularizers import SparseSGD, draw_masks, mask_seed
 from training.schedules import plan_for
-
-SHAPE_FIELDS = ("arch", "dataset", "lr", "epochs_per_step", "epochs_scale", "batch_size", "momentum", "augment",
-                "train_subset", "label_noise", "validation", "precision")
-"""Fields every member of a pack shares."""
-
-
-def shape_of(config: RunConfig) -> tuple:
-    """What must be equal for two runs to share a pack."""
-    return tuple(getattr(config, name) for name in SHAPE_FIELDS)
 
 
 def check_shape(configs: Sequence[RunConfig]) -> None:

@@ -12,8 +12,7 @@ import pytest
 from orchestrator import autopack
 from orchestrator.errors import UserError
 from orchestrator.scheduler import Slot, Task, checked_pack, device_slots, form_packs, pack_sizes
-from training.config import RunConfig
-from training.packed import shape_of
+from training.config import RunConfig, shape_of
 
 GiB = 2**30
 
