@@ -168,6 +168,44 @@ class Member:
     def result(self) -> Outcome:
         return self.outcome or Outcome("error", message="ended without an outcome", exit_code=EXIT_FAILED)
 
+    def end(self, status: str, message: str = "", code: int = EXIT_OK) -> None:
+        self.outcome = Outcome(status, self.logger.run_id, message, code, self.progress.epoch)
+
+
+def _ended_early(member: Member, e: BaseException) -> bool:
+    """The outcome of a run (alone or in a pack) whose training ``e`` ended early for a reason of its own:
+    found finished, its claim lost, the store down past its budget, a stop request. False otherwise."""
+    logger = member.logger
+    if isinstance(e, tracking.AlreadyFinished):
+        member.outcome = Outcome("already_finished", e.run_id, str(e))
+    elif isinstance(e, claims.Busy):
+        logger.abandon()  # not ours (or no longer): leave it to its owner
+        member.end("busy", str(e), EXIT_BUSY)
+    elif isinstance(e, tracking.StoreDown):
+        logger.finish("KILLED", "store_down", str(e), blocking=False)
+        member.end("store_down", str(e), EXIT_STORE)
+    elif isinstance(e, StopRun):
+        logger.finish("KILLED", e.kind, str(e))
+        member.folder.clear_stop()
+        member.end("stopped", str(e))
+    else:
+        return False
+    return True
+
+
+def _interrupted(member: Member, e: BaseException) -> None:
+    """A signal ended the run: KILLED in MLflow (without waiting for the store), resumable."""
+    member.logger.finish("KILLED", "killed", "interrupted", blocking=False)
+    member.end("killed", "interrupted; resumable", EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT)
+
+
+def _finished(member: Member) -> None:
+    try:
+        member.logger.finish("FINISHED")
+    except tracking.StoreDown as e:
+        return member.end("store_down", str(e), EXIT_STORE)
+    member.end("finished")
+
 
 def _lock(spec: WorkerSpec) -> Member:
     config = RunConfig.from_dict(spec.config)
@@ -264,44 +302,24 @@ def _execute(member: Member, callbacks: Sequence[Callback]) -> None:
     logger = member.logger
     from training.loop import Diverged, train  # torch loads here, not when the CLI starts
 
-    def end(status: str, message: str = "", code: int = EXIT_OK) -> None:
-        member.outcome = Outcome(status, logger.run_id, message, code, progress.epoch)
-
     try:
         train(config, [*member.callbacks(), *callbacks, StopWhenAsked(folder)], device=spec.device,
               checkpoint_path=folder.checkpoint, threads=spec.threads)
-    except tracking.AlreadyFinished as e:
-        member.outcome = Outcome("already_finished", e.run_id, str(e))
-        return
-    except claims.Busy as e:
-        logger.abandon()  # not ours (or no longer): leave it to its owner
-        return end("busy", str(e), EXIT_BUSY)
-    except tracking.StoreDown as e:
-        logger.finish("KILLED", "store_down", str(e), blocking=False)
-        return end("store_down", str(e), EXIT_STORE)
     except Diverged as e:
         logger.finish("FAILED", "diverged", str(e))
-        return end("diverged", str(e), EXIT_DIVERGED)
-    except StopRun as e:
-        logger.finish("KILLED", e.kind, str(e))
-        folder.clear_stop()
-        return end("stopped", str(e))
+        return member.end("diverged", str(e), EXIT_DIVERGED)
     except (KeyboardInterrupt, Terminated) as e:
         _ignore_signals()  # a second signal must not cut the marking short (the run would stay RUNNING)
-        logger.finish("KILLED", "killed", "interrupted", blocking=False)
-        end("killed", "interrupted; resumable", EXIT_SIGTERM if isinstance(e, Terminated) else EXIT_SIGINT)
-        return
+        return _interrupted(member, e)
     except (ConfigError, DataError, UserError):
         logger.finish("FAILED", "error", traceback.format_exc(limit=1), blocking=False)
         raise
     except Exception as e:
+        if _ended_early(member, e):
+            return
         logger.finish("FAILED", "error", f"{type(e).__name__}: {e}", blocking=False)
         raise
-    try:
-        logger.finish("FINISHED")
-    except tracking.StoreDown as e:
-        return end("store_down", str(e), EXIT_STORE)
-    end("finished")
+    _finished(member)
 
 
 # ------------------------------------------------------------------------------------------------ packs
@@ -339,25 +357,13 @@ class _Guard(Callback):
         m = self.member
         if m.outcome is not None:
             return
-        logger, epoch = m.logger, m.progress.epoch
         try:
             fn()
-        except StopRun as e:
-            logger.finish("KILLED", e.kind, str(e))
-            m.folder.clear_stop()
-            m.outcome = Outcome("stopped", logger.run_id, str(e), EXIT_OK, epoch)
-        except claims.Busy as e:
-            logger.abandon()
-            m.outcome = Outcome("busy", logger.run_id, str(e), EXIT_BUSY, epoch)
-        except tracking.AlreadyFinished as e:
-            m.outcome = Outcome("already_finished", e.run_id, str(e))
-        except tracking.StoreDown as e:
-            logger.finish("KILLED", "store_down", str(e), blocking=False)
-            m.outcome = Outcome("store_down", logger.run_id, str(e), EXIT_STORE, epoch)
         except Exception as e:  # noqa: BLE001 - this member's trouble, not the pack's
-            with contextlib.suppress(Exception):
-                logger.finish("FAILED", "error", f"{type(e).__name__}: {e}", blocking=False)
-            m.outcome = Outcome("error", logger.run_id, f"{type(e).__name__}: {e}"[:2000], EXIT_FAILED, epoch)
+            if not _ended_early(m, e):
+                with contextlib.suppress(Exception):
+                    m.logger.finish("FAILED", "error", f"{type(e).__name__}: {e}", blocking=False)
+                m.end("error", f"{type(e).__name__}: {e}"[:2000], EXIT_FAILED)
         if all(x.outcome is not None for x in self.group):
             raise _PackDone()
 
@@ -379,7 +385,7 @@ class _Guard(Callback):
         m = self.member
         if m.outcome is None:
             m.logger.finish("FAILED", "diverged", message)
-            m.outcome = Outcome("diverged", m.logger.run_id, message, EXIT_DIVERGED, m.progress.epoch)
+            m.end("diverged", message, EXIT_DIVERGED)
 
 
 def execute_pack(pack: PackSpec) -> list[Outcome]:
@@ -421,12 +427,8 @@ def _execute_pack(pack: PackSpec, members: list[Member]) -> None:
             payload = load_checkpoint(m.folder.checkpoint)
             try:
                 m.logger.attach(m.config, plan_for(m.config), list(payload["history"]) if payload else [])
-            except tracking.AlreadyFinished as e:
-                m.outcome = Outcome("already_finished", e.run_id, str(e))
-            except claims.Busy as e:
-                m.outcome = Outcome("busy", message=str(e), exit_code=EXIT_BUSY)
-            except tracking.StoreDown as e:
-                m.outcome = Outcome("store_down", message=str(e), exit_code=EXIT_STORE)
+            except (tracking.AlreadyFinished, claims.Busy, tracking.StoreDown) as e:
+                _ended_early(m, e)
     todo = [m for m in members if m.outcome is None]
     for indices in group_by_epoch([m.folder.checkpoint for m in todo]).values():
         _train_group([todo[i] for i in indices], lead)
@@ -440,29 +442,22 @@ def _train_group(group: list[Member], lead: WorkerSpec) -> None:
                      checkpoint_paths=[m.folder.checkpoint for m in group], threads=lead.threads)
     except _PackDone:
         return
-    except (KeyboardInterrupt, Terminated):
+    except (KeyboardInterrupt, Terminated) as e:
         _ignore_signals()
         for m in group:
             if m.outcome is None:
-                m.logger.finish("KILLED", "killed", "interrupted", blocking=False)
-                m.outcome = Outcome("killed", m.logger.run_id, "interrupted; resumable", EXIT_SIGTERM,
-                                    m.progress.epoch)
+                _interrupted(m, e)
         raise
     except Exception as e:  # noqa: BLE001 - the pack itself failed: every member still in it
         for m in group:
             if m.outcome is None:
                 with contextlib.suppress(Exception):
                     m.logger.finish("FAILED", "error", f"{type(e).__name__}: {e}", blocking=False)
-                m.outcome = Outcome("error", m.logger.run_id, f"{type(e).__name__}: {e}"[:2000], EXIT_FAILED,
-                                    m.progress.epoch)
+                m.end("error", f"{type(e).__name__}: {e}"[:2000], EXIT_FAILED)
         return
     for m in group:
         if m.outcome is None:
-            try:
-                m.logger.finish("FINISHED")
-                m.outcome = Outcome("finished", m.logger.run_id, epochs_done=m.progress.epoch)
-            except tracking.StoreDown as e:
-                m.outcome = Outcome("store_down", m.logger.run_id, str(e), EXIT_STORE, m.progress.epoch)
+            _finished(m)
 
 
 def _check_checkpoint(folder: RunFolder, config: RunConfig, note) -> None:
