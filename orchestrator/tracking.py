@@ -212,6 +212,8 @@ def connect(uri: str | None = None, create: bool = True, transient_errors: bool 
 
     A new sqlite store migrates its schema on first use and concurrent first uses crash, so the first use
     happens under an OS file lock beside the store: any number of processes may open a fresh store at once.
+    A new store is built under another name and linked into place complete (``_create_sqlite``): a process
+    killed while migrating leaves no half-migrated store behind.
     """
     from mlflow import MlflowClient
 
@@ -226,11 +228,35 @@ def connect(uri: str | None = None, create: bool = True, transient_errors: bool 
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        client = MlflowClient(tracking_uri=uri)  # the store's first use creates and migrates its schema
+        if not path.exists():
+            _create_sqlite(uri, path)
+        client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
         return client
     finally:
         os.close(fd)
+
+
+def _create_sqlite(uri: str, path: Path) -> None:
+    """A new sqlite store at ``path``, all or nothing: MLflow creates and migrates its schema (dozens of
+    migrations, seconds, not one transaction) in ``<name>.adareg-new``, which is then linked to ``path``.
+    The caller holds the store's init lock, so a leftover ``.adareg-new`` is a killed creator's: rebuilt."""
+    from mlflow import MlflowClient
+    from sqlalchemy.engine import make_url
+
+    new = path.absolute().with_name(path.name + ".adareg-new")
+    for leftover in (new, new.with_name(new.name + "-journal")):
+        leftover.unlink(missing_ok=True)
+    new_uri = make_url(uri).set(database=str(new)).render_as_string(hide_password=False)
+    MlflowClient(tracking_uri=new_uri).search_experiments(max_results=1)
+    try:
+        os.link(new, path)  # never replaces a store that another program created meanwhile
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links
+        if not path.exists():
+            os.rename(new, path)
+    new.unlink(missing_ok=True)
 
 
 def ui_url(base: str, experiment_id: str | None = None) -> str:
