@@ -1,7 +1,7 @@
 """Smoke tests of the real scale-out components in ``tests/servers.py`` that the end-to-end tests do not
-already cover (those run sweeps against ``mlflow server`` on sqlite and PostgreSQL with restarts, a Ray
-cluster losing a node, and the orchestrator as PID 1: tests/orchestrator/test_deployment.py and
-test_ownership.py)."""
+already cover (those run sweeps against ``mlflow server`` on sqlite and PostgreSQL, restart the server and
+the database under them, take a node from a Ray cluster and run the orchestrator as PID 1:
+tests/orchestrator/test_deployment.py and test_ownership.py)."""
 
 import sys
 
