@@ -4,6 +4,7 @@ neither tolerate two processes at once nor a kill half-way (a half-migrated stor
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -17,6 +18,15 @@ ROOT = Path(__file__).resolve().parents[2]
 def opener(uri: str) -> subprocess.Popen:
     code = f"from orchestrator import tracking; tracking.connect({uri!r}).search_experiments()"
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+
+
+def migrating(folder: Path) -> bool:
+    """Whether a database file in ``folder`` has content (sqlite's journal comes and goes meanwhile)."""
+    for path in folder.iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            if "lock" not in path.name and path.stat().st_size:
+                return True
+    return False
 
 
 def assert_usable(uri: str) -> None:
@@ -37,7 +47,7 @@ def test_processes_killed_while_creating_a_new_store_leave_no_half_store(tmp_pat
         uri = f"sqlite:///{folder}/mlflow.db?timeout=30"
         proc = opener(uri)
         deadline = time.time() + 60
-        while not any(p.stat().st_size for p in folder.iterdir() if "lock" not in p.name):  # migrating now
+        while not migrating(folder):
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
             time.sleep(0.005)
         time.sleep(delay)
