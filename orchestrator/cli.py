@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, one_line
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # the last line of defence: still one line, the traceback on request
         if os.environ.get("ADAREG_DEBUG"):
             raise
-        click.echo(f"error: unexpected {type(e).__name__}: {e} (set ADAREG_DEBUG=1 for the traceback)", err=True)
+        click.echo(f"error: unexpected {type(e).__name__}: {one_line(e)} (set ADAREG_DEBUG=1 for the traceback)",
+                   err=True)
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

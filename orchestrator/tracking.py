@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from orchestrator import claims
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, one_line
 from orchestrator.identity import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SWEEP, group_key, run_key
 from training.callbacks import Callback, history_metrics
 from training.config import RunConfig
@@ -131,11 +131,6 @@ def is_transient(e: BaseException) -> bool:
     return cause is not None and cause is not e and is_transient(cause)
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
-
-
 class Store:
     """An MlflowClient whose calls retry transient errors with backoff, for up to ``budget_s`` seconds of
     outage (counted from the first failure of a call) before raising ``StoreDown``."""
@@ -168,9 +163,9 @@ class Store:
                 first = first if first is not None else now
                 if now - first >= budget:
                     raise StoreDown(f"tracking store {self.uri} unreachable for {now - first:.0f}s: "
-                                    f"{_one_line(e)}") from None
+                                    f"{one_line(e)}") from None
                 if self.on_wait:
-                    self.on_wait(f"tracking store unreachable ({_one_line(e)}); retrying in {delay:.0f}s"
+                    self.on_wait(f"tracking store unreachable ({one_line(e)}); retrying in {delay:.0f}s"
                                  + (f" [{what}]" if what else ""))
                 time.sleep(min(delay, max(0.0, budget - (now - first))))
                 delay = min(delay * 2, self.max_delay_s)
@@ -210,10 +205,11 @@ def connect(uri: str | None = None, create: bool = True, transient_errors: bool 
     with ``transient_errors`` a ConnectionError that ``Store`` retries). With ``create=False`` a missing
     sqlite store is an error instead of a new empty file (for readers).
 
-    A new sqlite store migrates its schema on first use and concurrent first uses crash, so the first use
-    happens under an OS file lock beside the store: any number of processes may open a fresh store at once.
-    A new store is built under another name and linked into place complete (``_create_sqlite``): a process
-    killed while migrating leaves no half-migrated store behind.
+    A new store migrates its schema on first use and concurrent first uses crash, so the first use happens
+    under a lock: an OS file lock beside a sqlite store, a PostgreSQL advisory lock in a PostgreSQL one (an
+    ``mlflow server`` initialises its own). Any number of processes may open a fresh store at once. A new
+    sqlite store is built under another name and linked into place complete (``_create_sqlite``): a process
+    killed while migrating leaves no half-migrated store behind (PostgreSQL's DDL is transactional).
     """
     from mlflow import MlflowClient
 
@@ -222,19 +218,47 @@ def connect(uri: str | None = None, create: bool = True, transient_errors: bool 
     uri = resolve_tracking_uri(uri)
     _check_reachable(uri, create, transient_errors)
     path = sqlite_path(uri)
-    if path is None:
+    if path is None and not uri.startswith("postgresql"):
         return MlflowClient(tracking_uri=uri)
-    lock = path.absolute().with_name(path.name + ".adareg-init.lock")
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        if not path.exists():
-            _create_sqlite(uri, path)
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)
-        return client
+        with _first_use_lock(uri, path):
+            if path is not None and not path.exists():
+                _create_sqlite(uri, path)
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+            return client
+    except Exception as e:
+        if path is not None or not is_transient(e):
+            raise
+        from sqlalchemy.engine import make_url
+
+        why = f"tracking store {make_url(uri).render_as_string(hide_password=True)} is unreachable: {one_line(e)}"
+        raise (ConnectionError if transient_errors else StoreUnreachable)(why) from None
+
+
+INIT_LOCK_KEY = 0x6164617265670001  # PostgreSQL advisory lock of a store's first use ("adareg" + 1)
+
+
+@contextlib.contextmanager
+def _first_use_lock(uri: str, path: Path | None):
+    if path is not None:
+        fd = os.open(path.absolute().with_name(path.name + ".adareg-init.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+        return
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    engine = sa.create_engine(uri, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:  # the lock ends with the session
+            conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": INIT_LOCK_KEY})
+            yield
     finally:
-        os.close(fd)
+        engine.dispose()
 
 
 def _create_sqlite(uri: str, path: Path) -> None:
@@ -305,7 +329,7 @@ def ensure_experiment(client, name: str, description: str | None = None) -> str:
     except MlflowException as e:
         if is_transient(e):
             raise
-        raise UserError(f"tracking store {client.tracking_uri}: {_one_line(e)}") from None
+        raise UserError(f"tracking store {client.tracking_uri}: {one_line(e)}") from None
 
 
 # ------------------------------------------------------------------------------------------- finding
@@ -552,7 +576,7 @@ class RunLogger(Callback):
                 self._stale_have = True  # the failed call may have been stored: look before logging again
                 if self._down_since is None:
                     self._down_since = now
-                    self.note(f"tracking store unreachable ({_one_line(e)}); training goes on, epochs are buffered")
+                    self.note(f"tracking store unreachable ({one_line(e)}); training goes on, epochs are buffered")
                 self._next_try, self._delay = now + self._delay, min(self._delay * 2, 30.0)
                 continue
             if self._down_since is not None:

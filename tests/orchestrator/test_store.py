@@ -1,14 +1,17 @@
-"""Opening a new MLflow sqlite store: MLflow creates its schema in dozens of migrations on first use, which
-neither tolerate two processes at once nor a kill half-way (a half-migrated store fails every later open with
-``table _alembic_tmp_experiments already exists``)."""
+"""Opening a new MLflow store (sqlite, or PostgreSQL without a server in front): MLflow creates its schema in
+dozens of migrations on first use, which neither tolerate two processes at once nor (on sqlite) a kill half-way:
+a half-migrated store fails every later open with ``table _alembic_tmp_experiments already exists``."""
 
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from orchestrator import tracking
 
@@ -66,3 +69,25 @@ def test_processes_opening_a_new_store_at_once_all_get_one_store(tmp_path):
     assert [(p.wait(timeout=120), p.stderr.read()) for p in procs] == [(0, "")] * 3
     assert_usable(uri)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.adareg-init.lock"]
+
+
+def test_processes_opening_a_new_postgresql_store_at_once_all_get_it(postgres_uri):
+    """Without the advisory lock all but one fail: ``duplicate key value violates unique constraint
+    "pg_type_typname_nsp_index"`` while creating ``alembic_version``."""
+    procs = [opener(postgres_uri) for _ in range(3)]
+    assert [(p.wait(timeout=120), p.stderr.read()[-500:]) for p in procs] == [(0, "")] * 3
+    assert_usable(postgres_uri)
+
+
+def test_an_unreachable_postgresql_store_is_one_line_without_its_password():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    with pytest.raises(tracking.StoreUnreachable) as e:
+        tracking.connect(f"postgresql://adareg:s3cret@127.0.0.1:{port}/runs")
+    assert e.value.exit_code == 75
+    message = str(e.value)
+    assert message.startswith(f"tracking store postgresql://adareg:***@127.0.0.1:{port}/runs is unreachable: ")
+    assert "\n" not in message and "s3cret" not in message
+    with pytest.raises(ConnectionError):  # what Store retries
+        tracking.connect(f"postgresql://adareg:s3cret@127.0.0.1:{port}/runs", transient_errors=True)
