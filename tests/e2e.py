@@ -68,6 +68,27 @@ def epochs_done(runs_dir: Path) -> int:
     return total
 
 
+def pause_at_epoch(runs_dir: Path, runs: int, epoch: int, timeout: float = 300) -> list[Path]:
+    """Wait until ``runs`` run folders report ``epoch`` or more, SIGSTOPping each one's worker as it gets there,
+    so that no run finishes while another catches up (tiny runs take a few seconds; their workers start
+    seconds apart): a kill that follows lands mid-run in every one. Returns the run folders, sorted."""
+    paused: dict[Path, int] = {}
+    deadline = time.monotonic() + timeout
+    while len(paused) < runs:
+        for progress in runs_dir.glob("*/progress.json"):
+            if progress.parent in paused:
+                continue
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                state = json.loads(progress.read_text())
+                if state["epoch"] >= epoch:
+                    os.kill(state["pid"], signal.SIGSTOP)
+                    paused[progress.parent] = state["pid"]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {runs} runs at epoch {epoch}")
+        time.sleep(0.02)
+    return sorted(paused)
+
+
 def leftover_processes(marker: Path) -> list[int]:
     """Live processes whose command line mentions ``marker`` (workers, orchestrators)."""
     found = []

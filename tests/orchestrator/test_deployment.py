@@ -8,10 +8,9 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-from e2e import ADAREG, Store, epochs_done, run_bg, sweep_cmd, wait_until, write_sweep
+from e2e import ADAREG, Store, epochs_done, pause_at_epoch, run_bg, sweep_cmd, wait_until, write_sweep
 from servers import MlflowServer, pid1_unavailable, run_as_pid1
 
 
@@ -79,10 +78,7 @@ def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_retried(tmp_path
     sweep = write_sweep(tmp_path / "s.yaml", "wd-1e-4: {weight_decay: 0.0001}\n", epochs=5)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = run_bg(sweep_cmd(sweep, uri, tmp_path / "runs", "--stall-timeout", "20"), tmp_path / "sweep.log")
-    (run_dir,) = [p for p in wait_for_run_dirs(tmp_path / "runs", 1)]
-    wait_until(lambda: epochs_done(tmp_path / "runs") >= 2, 120, "two epochs")
-    pid = int((run_dir / "lock").read_text())
-    os.kill(pid, signal.SIGSTOP)
+    (run_dir,) = pause_at_epoch(tmp_path / "runs", 1, 2)  # SIGSTOP, as a wedged GPU or an NFS stall would
     stopped_at = time.monotonic()
     code = proc.wait(timeout=300)
     out = (tmp_path / "sweep.log").read_text()
@@ -97,11 +93,6 @@ def test_a_stopped_worker_is_killed_after_the_stall_timeout_and_retried(tmp_path
     store.assert_once_per_epoch(run["run_id"], 10)
 
 
-def wait_for_run_dirs(runs: Path, n: int) -> list[Path]:
-    wait_until(lambda: len(list(runs.glob("*/spec.json"))) >= n, 60, f"{n} run folders")
-    return sorted(p.parent for p in runs.glob("*/spec.json"))
-
-
 def test_broken_checkpoints_restart_cleanly_and_uri_query_arguments_change_nothing(tmp_path, capsys):
     """A truncated and a zero-byte checkpoint (say, a full disk) under runs that MLflow already holds epochs
     of: each run finishes as one training, its log names the file and what was wrong, the bad file is kept.
@@ -110,8 +101,7 @@ def test_broken_checkpoints_restart_cleanly_and_uri_query_arguments_change_nothi
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     runs = tmp_path / "runs"
     proc = run_bg(sweep_cmd(sweep, uri, runs), tmp_path / "sweep.log")
-    dirs = wait_for_run_dirs(runs, 2)
-    wait_until(lambda: all(progress_epoch(d) >= 3 for d in dirs), 120, "three epochs in each run")
+    dirs = pause_at_epoch(runs, 2, 3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     store = Store(uri)
@@ -155,10 +145,3 @@ def test_broken_checkpoints_restart_cleanly_and_uri_query_arguments_change_nothi
     plain, with_query = views.values()
     assert plain == with_query
     assert {r["state"] for r in plain[0]} == {"done"}
-
-
-def progress_epoch(run_dir: Path) -> int:
-    try:
-        return int(json.loads((run_dir / "progress.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError):
-        return 0

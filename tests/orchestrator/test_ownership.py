@@ -17,6 +17,7 @@ from e2e import (
     assert_one_training_per_key,
     epochs_done,
     killed_at_random,
+    pause_at_epoch,
     run_bg,
     sweep_cmd,
     wait_until,
@@ -74,7 +75,7 @@ def test_a_lost_run_folder_restarts_in_a_fresh_run_and_supersedes_the_old(tmp_pa
     sweep = tiny_sweep(tmp_path / "s.yaml")
     runs = tmp_path / "runs"
     proc = run_bg(sweep_cmd(sweep, uri, runs, "--only", "seed=0"), tmp_path / "sweep.log")
-    wait_until(lambda: epochs_done(runs) >= 6, 300, "three epochs in each of two runs")
+    pause_at_epoch(runs, 2, 3)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     store = Store(uri)
