@@ -18,6 +18,13 @@ METRICS = (
 VALIDATION_NAMES = {"test_loss": "val_loss", "test_error": "val_error"}
 
 
+def eval_names(config: RunConfig) -> tuple[str, str]:
+    """The names of the evaluated loss and error: ``test_loss`` / ``test_error``, or with a validation split
+    (which is then what is evaluated; the test split is never loaded) ``val_loss`` / ``val_error``."""
+    names = ("test_loss", "test_error")
+    return (VALIDATION_NAMES[names[0]], VALIDATION_NAMES[names[1]]) if config.validation else names
+
+
 def metric_names(config: RunConfig) -> tuple[str, ...]:
     """The per-epoch metrics ``config``'s run reports, in order: ``METRICS``, or with a validation split
     the same with ``val_loss`` / ``val_error`` in place of ``test_loss`` / ``test_error``."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.callbacks import VALIDATION_NAMES, Callback
+from training.callbacks import Callback, eval_names
 from training.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RunConfig
 from training.data import Batches, load_splits
@@ -133,9 +133,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
     train_split, eval_split = load_splits(config, device)
     train_batches = Batches(train_split, config.dataset, config.batch_size, augment=config.augment)
     eval_batches = Batches(eval_split, config.dataset, config.eval_batch_size, augment=False)
-    eval_loss_name, eval_error_name = "test_loss", "test_error"
-    if config.validation:
-        eval_loss_name, eval_error_name = VALIDATION_NAMES[eval_loss_name], VALIDATION_NAMES[eval_error_name]
+    eval_loss_name, eval_error_name = eval_names(config)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)

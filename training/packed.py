@@ -42,13 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.callbacks import VALIDATION_NAMES, Callback
+from training.callbacks import Callback, eval_names
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import SHAPE_FIELDS, ConfigError, RunConfig
 from training.data import PAD, Batches, Split, load_splits
 from training.loop import (
     CHECKPOINT_VERSION,
     CheckpointMismatch,
+    Diverged,
     TrainResult,
     autocast,
     epoch_seed,
@@ -486,10 +487,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
         for cb in m.callbacks:
             cb.on_start(m.config, m.plan, m.history)
 
-    # with a validation split the evaluated split is the held-out part (the test split is never loaded)
-    eval_loss_name, eval_error_name = (VALIDATION_NAMES.get(n, n) if configs[0].validation else n
-                                       for n in ("test_loss", "test_error"))
-    evaluated = "val" if configs[0].validation else "test"
+    eval_loss_name, eval_error_name = eval_names(configs[0])
     diverged: dict[int, str] = {}
     pack = _Pack(members, device, dtype)
     for step in plan[start:]:
@@ -536,8 +534,9 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
             n_train = len(m.train_batches.split.labels)
             train_loss = train_losses[i] / n_train
             if not math.isfinite(train_loss) or not math.isfinite(test_loss[i]):
-                what, value = ("train", train_loss) if not math.isfinite(train_loss) else (evaluated, test_loss[i])
-                diverged[m.index] = f"diverged at epoch {epoch}: {what} loss is {value}"
+                name, value = ("train_loss", train_loss) if not math.isfinite(train_loss) else (eval_loss_name,
+                                                                                                 test_loss[i])
+                diverged[m.index] = str(Diverged(epoch, value, name))
                 continue
             keep.append(i)
             total_weights = sum(s.numel() for s in pack.shapes)
