@@ -72,7 +72,7 @@ def pause_at_epoch(runs_dir: Path, runs: int, epoch: int, timeout: float = 300) 
     """Wait until ``runs`` run folders report ``epoch`` or more, SIGSTOPping each one's worker as it gets there,
     so that no run finishes while another catches up (tiny runs take a few seconds; their workers start
     seconds apart): a kill that follows lands mid-run in every one. Returns the run folders, sorted."""
-    paused: dict[Path, int] = {}
+    paused: set[Path] = set()
     deadline = time.monotonic() + timeout
     while len(paused) < runs:
         for progress in runs_dir.glob("*/progress.json"):
@@ -82,7 +82,7 @@ def pause_at_epoch(runs_dir: Path, runs: int, epoch: int, timeout: float = 300) 
                 state = json.loads(progress.read_text())
                 if state["epoch"] >= epoch:
                     os.kill(state["pid"], signal.SIGSTOP)
-                    paused[progress.parent] = state["pid"]
+                    paused.add(progress.parent)
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {runs} runs at epoch {epoch}")
         time.sleep(0.02)
