@@ -25,12 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.backends import LocalBackend, Slot  # noqa: E402
+from orchestrator.dispatch.backends import LocalBackend, Slot  # noqa: E402
 from orchestrator.identity import run_key  # noqa: E402
-from orchestrator.scheduler import QuietView, Scheduler, Task  # noqa: E402
-from orchestrator.sweepfile import expand, load_sweep  # noqa: E402
-from orchestrator.tracking import connect, ensure_experiment  # noqa: E402
-from orchestrator.worker import WorkerSpec  # noqa: E402
+from orchestrator.dispatch.scheduler import QuietView, Scheduler, Task  # noqa: E402
+from orchestrator.sweep.file import expand, load_sweep  # noqa: E402
+from orchestrator.store.tracking import connect, ensure_experiment  # noqa: E402
+from orchestrator.run.worker import WorkerSpec  # noqa: E402
 
 
 class Stopwatch(QuietView):
@@ -99,7 +99,7 @@ def main() -> None:
         return time.perf_counter() - t
 
     python_start = bare("pass")
-    worker_imports = bare("import orchestrator.worker, training.loop, mlflow.store.tracking.sqlalchemy_store")
+    worker_imports = bare("import orchestrator.run.worker, training.loop, mlflow.store.tracking.sqlalchemy_store")
     print(f"dispatch overhead, spawn -> first training step, {len(overhead)} runs one at a time "
           f"(digits, resnet8, {args.threads} threads):")
     print(f"  median {statistics.median(overhead):.2f} s, min {min(overhead):.2f} s, max {max(overhead):.2f} s "

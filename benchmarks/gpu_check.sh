@@ -38,7 +38,7 @@ timeout 120 $BIN/adareg sweep run "${SELECT[@]}" --set name=demo-packed --set ex
 
 echo "== --pack auto's calibration on cuda:0 (images/s and memory by pack size)"
 for arch in resnet14 resnet32; do
-  timeout 120 $BIN/python -P -m orchestrator.autopack "{\"arch\": \"$arch\", \"num_classes\": 100, \
+  timeout 120 $BIN/python -P -m orchestrator.dispatch.autopack "{\"arch\": \"$arch\", \"num_classes\": 100, \
 \"batch_size\": 50, \"precision\": \"fp32\", \"sizes\": [1, 2, 5, 10, 25, 50], \"device\": \"cuda\", \
 \"steps\": 10, \"warmup\": 3}" | tee "$OUT/calibration_$arch.json" || echo "calibration $arch failed"
 done

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from orchestrator.tracking import MAX_METRICS_PER_BATCH as BATCH
+from orchestrator.store.tracking import MAX_METRICS_PER_BATCH as BATCH
 from training.callbacks import METRICS as ALL_METRICS
 from training.config import RunConfig
 from training.schedules import plan_for
@@ -63,7 +63,7 @@ def log_run(client, experiment_id: str, cfg: RunConfig, sweep: str, epochs: int 
     from mlflow.entities import Metric, Param
 
     from orchestrator.identity import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SWEEP, group_key, run_key
-    from orchestrator.tracking import TAG_TOTAL_EPOCHS, config_params
+    from orchestrator.store.tracking import TAG_TOTAL_EPOCHS, config_params
 
     tags = {TAG_RUN_KEY: run_key(cfg), TAG_GROUP_KEY: group_key(cfg), TAG_SWEEP: sweep,
             TAG_TOTAL_EPOCHS: str(len(plan_for(cfg)))}

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import autopack
+from orchestrator.dispatch import autopack
 from orchestrator.errors import UserError
-from orchestrator.scheduler import Slot, Task, checked_pack, device_slots, form_packs, pack_sizes
+from orchestrator.dispatch.scheduler import Slot, Task, checked_pack, device_slots, form_packs, pack_sizes
 from training.config import RunConfig, shape_of
 
 GiB = 2**30

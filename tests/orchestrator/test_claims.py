@@ -10,7 +10,7 @@ import time
 import pytest
 from mlflow.entities import ViewType
 
-from orchestrator import claims, tracking
+from orchestrator.store import claims, tracking
 from orchestrator.identity import TAG_RUN_KEY
 from training.callbacks import METRICS
 from training.config import RunConfig

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator import claims
+from orchestrator.store import claims
 from orchestrator.identity import run_key
-from orchestrator.reconcile import RunDir, classify, counts, reconcile
-from orchestrator.runfolder import Result, RunFolder
-from orchestrator.tracking import absolute_tracking_uri, sqlite_path
+from orchestrator.sweep.reconcile import RunDir, classify, counts, reconcile
+from orchestrator.run.folder import Result, RunFolder
+from orchestrator.store.tracking import absolute_tracking_uri, sqlite_path
 from training.config import RunConfig
 
 ELSEWHERE = claims.Owner("abc", "gpu-box-7", 4242, "/scratch/runs/k", 1_700_000_000.0)

@@ -20,15 +20,15 @@ import pytest
 from PIL import Image
 
 import orchestrator.report.collect as collect_mod
-from orchestrator.claims import TAG_SUPERSEDED
+from orchestrator.store.claims import TAG_SUPERSEDED
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
 from orchestrator.report import figures
 from orchestrator.report.collect import FRAME_COLUMNS, REPORT_METRICS, collect, read_histories, read_sql
 from orchestrator.report.stats import holm, method_line
 from orchestrator.report.synthetic import log_run
-from orchestrator.sweepfile import expand, load_sweep
-from orchestrator.tracking import find_runs
+from orchestrator.sweep.file import expand, load_sweep
+from orchestrator.store.tracking import find_runs
 from training.schedules import phase_bounds, plan_for
 
 SWEEP = """

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.backends import Slot, check_shared, is_local_address, slot_env
+from orchestrator.dispatch.backends import Slot, check_shared, is_local_address, slot_env
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
-from orchestrator.reconcile import RunState
-from orchestrator.runfolder import Result, RunFolder
-from orchestrator.scheduler import Scheduler, Task, device_slots, log_tail, parse_gpus, ray_slots, to_run
+from orchestrator.sweep.reconcile import RunState
+from orchestrator.run.folder import Result, RunFolder
+from orchestrator.dispatch.scheduler import Scheduler, Task, device_slots, log_tail, parse_gpus, ray_slots, to_run
 from training.config import RunConfig
 
 # ------------------------------------------------------------------------------------------ slots

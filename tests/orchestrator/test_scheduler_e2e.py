@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def store_template(tmp_path_factory) -> Path:
     """An empty, migrated MLflow sqlite store: a new store takes seconds to create, a copy none."""
-    from orchestrator import tracking
+    from orchestrator.store import tracking
 
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
     tracking.connect(f"sqlite:///{path}").search_experiments()
@@ -183,13 +183,13 @@ def test_sigkill_at_random_moments_then_ctrl_c_then_rerun(tmp_path, store, capsy
 def test_eight_processes_log_to_one_sqlite_store_at_once(tmp_path, store):
     """The store and experiment made once; then 8 processes log 15 epochs each through the worker's
     RunLogger at the same moment (forked from one parent that imported everything): no lock error."""
-    from orchestrator import tracking
+    from orchestrator.store import tracking
 
     uri = store
     tracking.ensure_experiment(tracking.connect(uri), "concurrent")
     writers = textwrap.dedent(f"""
         import os, sys, time, traceback
-        from orchestrator import claims, tracking
+        from orchestrator.store import claims, tracking
         from training.config import RunConfig
         from training.callbacks import METRICS
         from training.schedules import plan_for

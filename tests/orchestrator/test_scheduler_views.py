@@ -6,11 +6,11 @@ import re
 
 from rich.console import Console
 
-from orchestrator.backends import Slot
+from orchestrator.dispatch.backends import Slot
 from orchestrator.identity import run_key
-from orchestrator.progress import LiveView, PlainView, make_view, status_view, summary_table
-from orchestrator.reconcile import RunState
-from orchestrator.scheduler import SweepResult, Task
+from orchestrator.dispatch.progress import LiveView, PlainView, make_view, status_view, summary_table
+from orchestrator.sweep.reconcile import RunState
+from orchestrator.dispatch.scheduler import SweepResult, Task
 from training.config import RunConfig
 
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import tracking
+from orchestrator.store import tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def opener(uri: str) -> subprocess.Popen:
-    code = f"from orchestrator import tracking; tracking.connect({uri!r}).search_experiments()"
+    code = f"from orchestrator.store import tracking; tracking.connect({uri!r}).search_experiments()"
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
 
 

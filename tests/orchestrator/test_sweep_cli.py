@@ -114,7 +114,7 @@ def test_ui_on_a_tracking_server_points_at_it(isolated, capsys, monkeypatch):
 
 
 def test_status_watch_redraws_until_ctrl_c(isolated, capsys, monkeypatch):
-    import orchestrator.cli_sweep as cli_sweep
+    import orchestrator.cli.sweep as cli_sweep
 
     naps = []
 

@@ -8,14 +8,14 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import main
-from orchestrator.cli_common import (
+from orchestrator.cli.common import (
     load_selection,
     selection_options,
     sweep_file_argument,
     tracking_uri_option,
 )
 from orchestrator.errors import UserError
-from orchestrator.sweepfile import MAX_ERRORS, Scheme, Sweep, TrainSettings, expand, load_sweep, parse_only
+from orchestrator.sweep.file import MAX_ERRORS, Scheme, Sweep, TrainSettings, expand, load_sweep, parse_only
 from training.config import RunConfig
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"

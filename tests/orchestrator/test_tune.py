@@ -18,9 +18,9 @@ import yaml
 from servers import postgres, postgres_uri  # noqa: F401, F811 (fixtures)
 
 from orchestrator.errors import UserError
-from orchestrator.scheduler import Task
-from orchestrator.sweepfile import load_sweep
-from orchestrator.tune import (
+from orchestrator.dispatch.scheduler import Task
+from orchestrator.sweep.file import load_sweep
+from orchestrator.tune.tuner import (
     TrialRuns,
     Tuner,
     best_sweep,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from orchestrator.runfolder import RunFolder
-from orchestrator.scheduler import Task
+from orchestrator.run.folder import RunFolder
+from orchestrator.dispatch.scheduler import Task
 from training.config import RunConfig
 
 _spec = importlib.util.spec_from_file_location("scheduler_fakes", Path(__file__).with_name("test_scheduler.py"))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sweepfile import load_sweep
+from orchestrator.sweep.file import load_sweep
 from training.schedules import phase_bounds, plan_for, scaled_epochs
 
 TABLE1_YAML = Path(__file__).resolve().parents[2] / "sweeps" / "table1.yaml"

@@ -1,6 +1,6 @@
 """Where worker processes run: here (``LocalBackend``) or in Ray tasks (``RayBackend``).
 
-Both start the same command, ``python -P -m orchestrator.worker RUN_DIR/spec.json``, one process per
+Both start the same command, ``python -P -m orchestrator.run.worker RUN_DIR/spec.json``, one process per
 run, in its run folder (nothing in the caller's folder can shadow adareg or its dependencies: ``-P`` and
 ``PYTHONSAFEPATH`` keep the working directory off ``sys.path``), its stdout and stderr appended to
 ``RUN_DIR/worker.log``, and hand back a job shaped like a ``concurrent.futures.Future``: ``done()``,
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from orchestrator.errors import UserError
-from orchestrator.worker import EXIT_FAILED, EXIT_SIGTERM, PARENT_PID_ENV
+from orchestrator.run.worker import EXIT_FAILED, EXIT_SIGTERM, PARENT_PID_ENV
 
 SHARED_STORES = ("http://", "https://", "postgresql", "mysql", "mssql", "databricks")
 
@@ -59,7 +59,7 @@ class Backend(Protocol):
 
 
 def worker_command(spec_path: str | os.PathLike) -> list[str]:
-    return [sys.executable, "-P", "-m", "orchestrator.worker", str(spec_path)]
+    return [sys.executable, "-P", "-m", "orchestrator.run.worker", str(spec_path)]
 
 
 def slot_env(slot: Slot) -> dict[str, str]:

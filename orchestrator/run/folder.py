@@ -2,7 +2,7 @@
 
     spec.json       what to run (``WorkerSpec``), written atomically by whoever starts the worker
     lock            an exclusive ``flock`` held by the live worker (its pid inside): the local fast path of
-                    ownership; the claim in the tracking store (``orchestrator.claims``) is what decides
+                    ownership; the claim in the tracking store (``orchestrator.store.claims``) is what decides
     checkpoint.pt   the last finished epoch (``training.checkpoint``); one that cannot be resumed is moved
                     aside to ``checkpoint.pt.broken`` (``.broken.1``, ...) and kept
     progress.json   the worker's heartbeat: epoch, total, last metrics, pid, time, and notes for the user

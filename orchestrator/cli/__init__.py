@@ -18,9 +18,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from orchestrator import cli_report, cli_sweep, cli_train, cli_tune
+    from orchestrator.cli import report, sweep, train, tune
 
-    for module in (cli_train, cli_sweep, cli_report, cli_tune):
+    for module in (train, sweep, report, tune):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -1,6 +1,6 @@
 """MLflow: the source of truth for what is done. The one module of the run's life that talks to it.
 
-A run is found by its tag ``adareg.run_key`` (superseded runs excluded, see ``orchestrator.claims``); it
+A run is found by its tag ``adareg.run_key`` (superseded runs excluded, see ``orchestrator.store.claims``); it
 carries ``adareg.group_key`` and ``adareg.sweep``, a param for every config field, and per-epoch metrics
 (step = epoch, from 1) written with ``log_batch``. ``RunLogger`` creates or claims the MLflow run only once
 training really starts (data loaded, checkpoint restored), so bad input never leaves a run behind.
@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from orchestrator import claims
+from orchestrator.store import claims
 from orchestrator.errors import UserError, one_line
 from orchestrator.identity import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SWEEP, group_key, run_key
 from training.callbacks import Callback, history_metrics

@@ -1,6 +1,6 @@
 """Ownership of a run in the tracking store: whoever trains a run claims it there.
 
-The run folder's lock (``orchestrator.runfolder``) only keeps two processes sharing a folder apart; two
+The run folder's lock (``orchestrator.run.folder``) only keeps two processes sharing a folder apart; two
 orchestrators on different machines, or a tuner beside a sweep, share nothing but the store. So the
 MLflow run of a key carries its owner:
 

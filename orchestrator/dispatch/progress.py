@@ -15,9 +15,9 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
-from orchestrator.backends import Slot
-from orchestrator.reconcile import STATES, RunState, counts
-from orchestrator.scheduler import SweepResult, Task
+from orchestrator.dispatch.backends import Slot
+from orchestrator.sweep.reconcile import STATES, RunState, counts
+from orchestrator.dispatch.scheduler import SweepResult, Task
 
 HEARTBEAT_S = 60.0
 

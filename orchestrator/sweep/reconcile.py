@@ -5,7 +5,7 @@ query, one look into each run folder). Superseded MLflow runs are not seen at al
 
 - done: the MLflow run is FINISHED.
 - running: a live process holds the run: its folder's lock here, or a live claim in the store (another
-  orchestrator, machine or tuner; see ``orchestrator.claims``). Never start it a second time.
+  orchestrator, machine or tuner; see ``orchestrator.store.claims``). Never start it a second time.
 - failed: FAILED because it diverged (retrying repeats the divergence), or after ``1 + retries`` failed
   attempts (counted in MLflow and in the run folder, so attempts that fail before the first epoch count).
 - resumable: an MLflow run exists (RUNNING with a stale claim, KILLED, or FAILED with attempts left) or a
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import claims
+from orchestrator.store import claims
 from orchestrator.identity import group_key, run_key
-from orchestrator.runfolder import Result, RunFolder
-from orchestrator.tracking import (
+from orchestrator.run.folder import Result, RunFolder
+from orchestrator.store.tracking import (
     TAG_ATTEMPTS,
     TAG_FAILURE,
     TAG_FAILURE_REASON,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli_common import (
+from orchestrator.cli.common import (
     device_options,
     load_selection,
     pack_option,
@@ -18,7 +18,7 @@ from orchestrator.cli_common import (
     sweep_file_argument,
     tracking_uri_option,
 )
-from orchestrator.tune import DEFAULT_TRIAL_LEASE_S
+from orchestrator.tune.tuner import DEFAULT_TRIAL_LEASE_S
 
 storage_option = click.option("--storage", default=None, metavar="URI",
                               help="Optuna storage: a journal file path or an RDB URL "
@@ -85,8 +85,8 @@ def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial
     """Run TRIALS more trials; each trains the sweep's first dataset and arch over ``tune.seeds`` seeds with a
     sampled taper, scored by the mean validation metric. Several of these commands (or machines) may share
     one study: each proposes its own tapers, and the trials of a tuner that died are run again."""
-    from orchestrator.tune import best_sweep, run_tune
-    from orchestrator.worker import default_runs_dir
+    from orchestrator.tune.tuner import best_sweep, run_tune
+    from orchestrator.run.worker import default_runs_dir
 
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     result = run_tune(sweep, trials, storage=storage, tracking_uri=tracking_uri,
@@ -122,7 +122,7 @@ def _counts(counter: Counter) -> str:
 @selection_options
 def best_command(sweep_file, storage, export_path, set_, only, epochs_scale, train_subset):
     """The best trial so far: its value (mean validation metric), parameters and taper."""
-    from orchestrator.tune import best_sweep, export_sweep, open_study
+    from orchestrator.tune.tuner import best_sweep, export_sweep, open_study
 
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     summary, doc = best_sweep(sweep, open_study(sweep, storage, create=False))
@@ -142,7 +142,7 @@ def best_command(sweep_file, storage, export_path, set_, only, epochs_scale, tra
 @selection_options
 def dashboard_command(sweep_file, storage, port, set_, only, epochs_scale, train_subset):
     """optuna-dashboard on the study's storage, at http://127.0.0.1:PORT (this machine only)."""
-    from orchestrator.tune import dashboard
+    from orchestrator.tune.tuner import dashboard
 
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     click.echo(f"optuna-dashboard for study {sweep.name}: http://127.0.0.1:{port} (Ctrl-C to stop)")

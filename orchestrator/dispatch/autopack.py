@@ -55,7 +55,7 @@ def measure(shape: tuple[str, int, int, str], sizes: Sequence[int], device: str,
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     try:
-        done = subprocess.run([sys.executable, "-P", "-m", "orchestrator.autopack", args], capture_output=True,
+        done = subprocess.run([sys.executable, "-P", "-m", "orchestrator.dispatch.autopack", args], capture_output=True,
                               text=True, env=env, timeout=CALIBRATION_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"calibration took over {CALIBRATION_TIMEOUT_S}s") from None
@@ -120,7 +120,7 @@ def _write(path: Path, data: dict) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``python -P -m orchestrator.autopack '<json>'``: calibrate, print one JSON line (see ``measure``)."""
+    """``python -P -m orchestrator.dispatch.autopack '<json>'``: calibrate, print one JSON line (see ``measure``)."""
     import torch
 
     from training.packed import calibrate

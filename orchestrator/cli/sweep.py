@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli_common import (
+from orchestrator.cli.common import (
     device_options,
     load_selection,
     pack_option,
@@ -20,9 +20,9 @@ from orchestrator.cli_common import (
     tracking_uri_option,
 )
 from orchestrator.errors import UserError
-from orchestrator.reconcile import inspect_sweep
-from orchestrator.tracking import absolute_tracking_uri, resolve_tracking_uri, ui_url
-from orchestrator.worker import default_runs_dir
+from orchestrator.sweep.reconcile import inspect_sweep
+from orchestrator.store.tracking import absolute_tracking_uri, resolve_tracking_uri, ui_url
+from orchestrator.run.worker import default_runs_dir
 
 
 def _runs_dir(runs_dir: str | None) -> Path:
@@ -55,7 +55,7 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
     if fmt == "json":
         click.echo(json.dumps([s.as_json() for s in states], indent=1))
         return
-    from orchestrator.progress import plan_table, wide_console
+    from orchestrator.dispatch.progress import plan_table, wide_console
 
     wide_console().print(plan_table(states, f"sweep {sweep_.name} (experiment {sweep_.experiment})"))
 
@@ -96,8 +96,8 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
     claimed in the store by whoever trains it. Exit codes: 0 all done, 1 some run failed, 75 the tracking
     store stayed unreachable (everything resumable: run the command again), 130/143 interrupted.
     """
-    from orchestrator.progress import make_view, summary_table, wide_console
-    from orchestrator.scheduler import run_sweep
+    from orchestrator.dispatch.progress import make_view, summary_table, wide_console
+    from orchestrator.dispatch.scheduler import run_sweep
 
     sweep_, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     console = wide_console()
@@ -139,7 +139,7 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
 @tracking_uri_option
 def status_command(sweep_file, set_, only, epochs_scale, train_subset, watch, runs_dir, tracking_uri):
     """Progress of a sweep from MLflow (and the run folders), e.g. from another terminal while it runs."""
-    from orchestrator.progress import status_view, wide_console
+    from orchestrator.dispatch.progress import status_view, wide_console
 
     args = (sweep_file, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri)
     sweep_, states = _states(*args)

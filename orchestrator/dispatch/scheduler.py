@@ -7,7 +7,7 @@ a ``Scheduler``, which keeps every slot busy through a backend (local subprocess
 - a slot is a GPU share (CUDA_VISIBLE_DEVICES of its own) or a set of CPU threads;
 - a run whose folder lock a live process holds waits until it is free; a run that a live process elsewhere
   has claimed in the store is looked at again every ``busy_wait_s`` until it is done or its claim is stale;
-- how an attempt ended is read from the worker's ``result.json`` (``orchestrator.runfolder``): finished;
+- how an attempt ended is read from the worker's ``result.json`` (``orchestrator.run.folder``): finished;
   diverged and bad input are final; an error or a crash (no result written) is retried up to ``retries``
   times from the last checkpoint; busy, store-down and stalled attempts are retried without counting
   against the run (a stalled one counts: it may stall again);
@@ -34,12 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from orchestrator import claims, tracking
-from orchestrator.backends import Backend, Job, LocalBackend, RayBackend, Slot, check_shared
+from orchestrator.store import claims, tracking
+from orchestrator.dispatch.backends import Backend, Job, LocalBackend, RayBackend, Slot, check_shared
 from orchestrator.errors import UserError
-from orchestrator.reconcile import DEFAULT_RETRIES, TODO, RunState, inspect_sweep
-from orchestrator.runfolder import COUNTED, DONE, Result, RunFolder
-from orchestrator.worker import EXIT_BUSY, EXIT_SIGINT, EXIT_SIGTERM, PackSpec, WorkerSpec
+from orchestrator.sweep.reconcile import DEFAULT_RETRIES, TODO, RunState, inspect_sweep
+from orchestrator.run.folder import COUNTED, DONE, Result, RunFolder
+from orchestrator.run.worker import EXIT_BUSY, EXIT_SIGINT, EXIT_SIGTERM, PackSpec, WorkerSpec
 from training.config import RunConfig
 
 POLL_S = 0.2
@@ -145,7 +145,7 @@ class Task:
 
 
 class View(Protocol):
-    """What the scheduler tells the user (see orchestrator.progress)."""
+    """What the scheduler tells the user (see orchestrator.dispatch.progress)."""
 
     def started(self, task: Task, slot: Slot) -> None: ...
     def ended(self, task: Task, slot: Slot, status: str) -> None: ...
@@ -617,7 +617,7 @@ def jobs_of(pack: int | str, slots: Sequence[Slot], packs_dir: Path, *, calibrat
 
 def checked_pack(pack: int | str) -> int | str:
     """``--pack`` / ``pack:`` as a size N >= 1 or ``auto`` (``off`` is 1); UserError otherwise."""
-    from orchestrator.sweepfile import parse_pack
+    from orchestrator.sweep.file import parse_pack
 
     try:
         pack = parse_pack(pack)
@@ -631,7 +631,7 @@ def pack_sizes(pack: int | str, configs: Sequence[RunConfig], slots: Sequence[Sl
     """Runs per worker process for each pack shape (``training.config.shape_of``) among the sweep's
     ``configs``: N as given, or for ``auto`` 1 on the CPU and on GPUs what a short calibration chooses
     (``autopack``; without ``calibrate``, e.g. on a Ray cluster, ``autopack.FALLBACK``)."""
-    from orchestrator import autopack
+    from orchestrator.dispatch import autopack
     from training.config import shape_of
 
     by_shape: dict[tuple, list] = {}

@@ -39,10 +39,10 @@ from typing import Any
 
 import yaml
 
-from orchestrator import tracking
+from orchestrator.store import tracking
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
-from orchestrator.sweepfile import Range, Sweep, TuneSpace
+from orchestrator.sweep.file import Range, Sweep, TuneSpace
 from training.atomic import atomic_write
 
 TAG_STUDY = "adareg.study"
@@ -336,7 +336,7 @@ class Tuner:
     def more(self) -> list:
         if not self.running():
             return []
-        from orchestrator.scheduler import Task
+        from orchestrator.dispatch.scheduler import Task
 
         self.recover()
         trial = self.study.ask()
@@ -503,9 +503,9 @@ def run_tune(sweep: Sweep, trials: int, *, storage: str | None, tracking_uri: st
     """Run ``trials`` more trials of the sweep's study through the scheduler (every free slot gets the next
     trial's runs; with ``pack`` (default: the sweep file's) a trial's seeds train as one fused model);
     safe beside other tuners on the same study and store."""
-    from orchestrator import scheduler as sched
-    from orchestrator.backends import LocalBackend
-    from orchestrator.worker import EXIT_SIGINT, EXIT_SIGTERM, WorkerSpec
+    from orchestrator.dispatch import scheduler as sched
+    from orchestrator.dispatch.backends import LocalBackend
+    from orchestrator.run.worker import EXIT_SIGINT, EXIT_SIGTERM, WorkerSpec
 
     space_of(sweep)
     pack = sched.checked_pack(sweep.pack if pack is None else pack)

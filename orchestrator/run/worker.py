@@ -1,11 +1,11 @@
 """One run, start to end: the body of ``adareg train``, of every sweep worker process and of every trial.
 
-    python -P -m orchestrator.worker RUN_DIR/spec.json
+    python -P -m orchestrator.run.worker RUN_DIR/spec.json
 
 The spec is plain JSON (``WorkerSpec``, written atomically by whoever starts the worker). The worker
 holds its run folder's lock for its whole life (the local fast path), claims the run in the tracking
-store (``orchestrator.claims``: what decides between processes that share only the store), trains, and
-writes how the attempt ended to ``RUN_DIR/result.json`` (``orchestrator.runfolder``): that file, not an
+store (``orchestrator.store.claims``: what decides between processes that share only the store), trains, and
+writes how the attempt ended to ``RUN_DIR/result.json`` (``orchestrator.run.folder``): that file, not an
 exit code or a log line, is what the orchestrator reads. A checkpoint that cannot be read is moved aside
 (kept) and the run restarts from epoch 1 in a fresh MLflow run if the old one holds epochs.
 """
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import claims, tracking
+from orchestrator.store import claims, tracking
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
-from orchestrator.runfolder import Result, RunFolder
+from orchestrator.run.folder import Result, RunFolder
 from training.atomic import atomic_write
 from training.callbacks import Callback
 from training.config import ConfigError, DataError, RunConfig
@@ -71,7 +71,7 @@ class WorkerSpec:
 
 @dataclass
 class Outcome:
-    """How one attempt ended; ``status`` is result.json's (see ``orchestrator.runfolder``)."""
+    """How one attempt ended; ``status`` is result.json's (see ``orchestrator.run.folder``)."""
 
     status: str  # finished | already_finished | diverged | bad_input | error | killed | store_down | busy | stopped
     run_id: str | None = None
@@ -498,7 +498,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m orchestrator.worker RUN_DIR/spec.json", file=sys.stderr)
+        print("usage: python -m orchestrator.run.worker RUN_DIR/spec.json", file=sys.stderr)
         return EXIT_USER
 
     def on_term(signum, frame):

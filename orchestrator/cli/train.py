@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli_common import tracking_uri_option
+from orchestrator.cli.common import tracking_uri_option
 from orchestrator.errors import UserError
-from orchestrator.tracking import StoreUnreachable, connect
+from orchestrator.store.tracking import StoreUnreachable, connect
 from training.callbacks import Callback
 
 TABLE1 = "sweeps/table1.yaml"
@@ -20,7 +20,7 @@ def default_sweep_file() -> str:
     """``sweeps/table1.yaml`` of the working directory, else the one shipped beside the package."""
     if Path(TABLE1).exists():
         return TABLE1
-    shipped = Path(__file__).resolve().parent.parent / TABLE1
+    shipped = Path(__file__).resolve().parents[2] / TABLE1
     return str(shipped) if shipped.exists() else TABLE1
 
 
@@ -59,8 +59,8 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
                   device, threads, runs_dir, tracking_uri):
     """Train one run, logged to MLflow. Re-running the same command resumes it, or says it is finished."""
     from orchestrator.identity import run_key
-    from orchestrator.sweepfile import load_sweep
-    from orchestrator.worker import Outcome, WorkerSpec, default_runs_dir, execute
+    from orchestrator.sweep.file import load_sweep
+    from orchestrator.run.worker import Outcome, WorkerSpec, default_runs_dir, execute
 
     sweep = load_sweep(sweep_file or default_sweep_file(), epochs_scale=epochs_scale, train_subset=train_subset)
     config = sweep.run_config(scheme, arch, dataset, seed)
@@ -105,7 +105,7 @@ class EpochEcho(Callback):
 @click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
 def schedule_command(scheme, sweep_file, epochs_scale, fmt):
     """Every epoch's phase, learning rate, weight decay and gradient sparsity for SCHEME."""
-    from orchestrator.sweepfile import load_sweep
+    from orchestrator.sweep.file import load_sweep
     from training.schedules import plan_for
 
     sweep = load_sweep(sweep_file or default_sweep_file(), epochs_scale=epochs_scale)

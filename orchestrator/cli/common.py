@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import click
 
-from orchestrator.sweepfile import Sweep, expand, load_sweep
+from orchestrator.sweep.file import Sweep, expand, load_sweep
 from training.config import RunConfig
 
 F = TypeVar("F", bound=Callable)

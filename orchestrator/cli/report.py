@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from orchestrator.cli_common import (
+from orchestrator.cli.common import (
     load_selection,
     selection_options,
     sweep_file_argument,
@@ -36,7 +36,7 @@ def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out
     Holm-adjusted p), for the runs of sweep FILE. Deleted and superseded runs are left out."""
     from orchestrator.report.collect import REPORT_METRICS, collect
     from orchestrator.report.render import check_baselines, log_report, write_report
-    from orchestrator.tracking import connect, resolve_tracking_uri
+    from orchestrator.store.tracking import connect, resolve_tracking_uri
 
     sweep, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     check_baselines(baselines or None, sweep.name, list(sweep.schemes))
