@@ -25,12 +25,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.dispatch.backends import LocalBackend, Slot  # noqa: E402
-from orchestrator.identity import run_key  # noqa: E402
+from orchestrator.dispatch.backends import LocalBackend  # noqa: E402
 from orchestrator.dispatch.scheduler import QuietView, Scheduler, Task  # noqa: E402
+from orchestrator.dispatch.slots import Slot  # noqa: E402
+from orchestrator.identity import run_key  # noqa: E402
+from orchestrator.run.ending import State  # noqa: E402
+from orchestrator.run.spec import WorkerSpec  # noqa: E402
+from orchestrator.store.client import connect  # noqa: E402
+from orchestrator.store.runs import ensure_experiment  # noqa: E402
 from orchestrator.sweep.file import expand, load_sweep  # noqa: E402
-from orchestrator.store.tracking import connect, ensure_experiment  # noqa: E402
-from orchestrator.run.worker import WorkerSpec  # noqa: E402
 
 
 class Stopwatch(QuietView):
@@ -49,10 +52,10 @@ class Stopwatch(QuietView):
             if task.key not in self.first_step and path.exists():
                 self.first_step[task.key] = path.stat().st_mtime_ns / 1e9
 
-    def ended(self, task, slot, status):
+    def ended(self, task, slot):
         self.update([(task, slot)])  # a run shorter than one poll
-        if task.result != "finished":
-            raise SystemExit(f"run {task.key} ended {status}: see {task.folder.log}")
+        if task.state is not State.DONE:
+            raise SystemExit(f"run {task.key} ended {task.end}: see {task.folder.log}")
 
 
 def main() -> None:

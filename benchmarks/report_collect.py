@@ -26,8 +26,9 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.report.collect import REPORT_METRICS, collect, read_client, read_histories, series  # noqa: E402
 from orchestrator.report.render import write_report  # noqa: E402
 from orchestrator.report.synthetic import ALL_METRICS, log_run  # noqa: E402
+from orchestrator.store.client import connect  # noqa: E402
+from orchestrator.store.runs import ensure_experiment, find_runs  # noqa: E402
 from orchestrator.sweep.file import expand, load_sweep  # noqa: E402
-from orchestrator.store.tracking import connect, ensure_experiment, find_runs  # noqa: E402
 
 SWEEP = ROOT / "sweeps" / "table1.yaml"
 

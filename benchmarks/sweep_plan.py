@@ -22,10 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator.sweep.reconcile import inspect_sweep  # noqa: E402
 from orchestrator.report.synthetic import log_run  # noqa: E402
+from orchestrator.store.client import connect  # noqa: E402
+from orchestrator.store.runs import ensure_experiment  # noqa: E402
 from orchestrator.sweep.file import expand, load_sweep  # noqa: E402
-from orchestrator.store.tracking import connect, ensure_experiment  # noqa: E402
+from orchestrator.sweep.reconcile import inspect_sweep  # noqa: E402
 
 SWEEP = ROOT / "sweeps" / "table1.yaml"
 

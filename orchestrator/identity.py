@@ -13,10 +13,6 @@ from typing import Any
 
 from training.config import RunConfig
 
-TAG_RUN_KEY = "adareg.run_key"
-TAG_GROUP_KEY = "adareg.group_key"
-TAG_SWEEP = "adareg.sweep"
-
 KEY_LENGTH = 12
 
 

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from orchestrator.errors import UserError, one_line
+from orchestrator.errors import BadValue, UserError, one_line
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -25,6 +25,11 @@ def _register() -> None:
             cli.add_command(command)
 
 
+def flag(argument: str) -> str:
+    """The command line's name of a library argument: ``jobs_per_gpu`` is ``--jobs-per-gpu``."""
+    return "--" + argument.replace("_", "-")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: known errors become one ``error: ...`` line, never a traceback."""
     from training.config import ConfigError, DataError
@@ -37,6 +42,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except BadValue as e:  # the library names the argument; here it is a flag
+        click.echo(f"error: {e.spelled(flag)}", err=True)
         sys.exit(e.exit_code)
     except (UserError, ConfigError, DataError) as e:
         click.echo(f"error: {e}", err=True)

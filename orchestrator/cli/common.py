@@ -53,6 +53,26 @@ _DEVICES = (
 )
 
 
+_WATCH = (
+    click.option("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                 help="Kill and retry a worker that finishes no epoch for this long "
+                      "[default: max(20 min, 5 x its slowest epoch)]."),
+    click.option("--store-timeout", type=float, default=900, show_default=True, metavar="SECONDS",
+                 help="How long the tracking store may be unreachable before runs end (resumable) and the "
+                      "command stops with exit 75; meanwhile workers train on and no new run starts."),
+    click.option("--claim-lease", type=float, default=300, show_default=True, metavar="SECONDS",
+                 help="A run claimed in the store by a process whose heartbeat is older than this may be taken "
+                      "over."),
+)
+
+
+def watch_options(func: F) -> F:
+    """Add ``--stall-timeout``, ``--store-timeout`` and ``--claim-lease`` (how workers are watched)."""
+    for option in reversed(_WATCH):
+        func = option(func)
+    return func
+
+
 def device_options(func: F) -> F:
     """Add ``--gpus``, ``--jobs-per-gpu`` and ``--max-parallel`` (the scheduler's device slots) to a command."""
     for option in reversed(_DEVICES):

@@ -10,6 +10,8 @@ from orchestrator.cli.common import (
     sweep_file_argument,
     tracking_uri_option,
 )
+from orchestrator.store.client import connect
+from orchestrator.store.uri import resolve_tracking_uri
 
 
 @click.command("report")
@@ -36,7 +38,6 @@ def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out
     Holm-adjusted p), for the runs of sweep FILE. Deleted and superseded runs are left out."""
     from orchestrator.report.collect import REPORT_METRICS, collect
     from orchestrator.report.render import check_baselines, log_report, write_report
-    from orchestrator.store.tracking import connect, resolve_tracking_uri
 
     sweep, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     check_baselines(baselines or None, sweep.name, list(sweep.schemes))

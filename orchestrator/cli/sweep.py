@@ -18,11 +18,13 @@ from orchestrator.cli.common import (
     selection_options,
     sweep_file_argument,
     tracking_uri_option,
+    watch_options,
 )
 from orchestrator.errors import UserError
+from orchestrator.run.ending import State
+from orchestrator.run.spec import default_runs_dir
+from orchestrator.store.uri import absolute_tracking_uri, resolve_tracking_uri, ui_url
 from orchestrator.sweep.reconcile import inspect_sweep
-from orchestrator.store.tracking import absolute_tracking_uri, resolve_tracking_uri, ui_url
-from orchestrator.run.worker import default_runs_dir
 
 
 def _runs_dir(runs_dir: str | None) -> Path:
@@ -74,20 +76,13 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
                    "http(s)/postgresql tracking URI and --shared-runs-dir.")
 @click.option("--shared-runs-dir", is_flag=True,
               help="Vouch that --runs-dir is on storage every Ray node mounts at the same path.")
-@click.option("--stall-timeout", type=float, default=None, metavar="SECONDS",
-              help="Kill and retry a worker that finishes no epoch for this long "
-                   "[default: max(20 min, 5 x its slowest epoch)].")
-@click.option("--store-timeout", type=float, default=900, show_default=True, metavar="SECONDS",
-              help="How long the tracking store may be unreachable before runs end (resumable) and the sweep "
-                   "stops with exit 75; meanwhile workers train on and no new run starts.")
+@watch_options
 @pack_option
-@click.option("--claim-lease", type=float, default=300, show_default=True, metavar="SECONDS",
-              help="A run claimed in the store by a process whose heartbeat is older than this may be taken over.")
 @runs_dir_option
 @tracking_uri_option
 @click.pass_context
 def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, jobs_per_gpu, max_parallel, retries,
-                retry_failed, backend, ray_address, shared_runs_dir, stall_timeout, store_timeout, pack, claim_lease,
+                retry_failed, backend, ray_address, shared_runs_dir, stall_timeout, store_timeout, claim_lease, pack,
                 runs_dir, tracking_uri):
     """Run every run of the sweep that is not finished: resume interrupted ones, retry failures.
 
@@ -96,24 +91,25 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
     claimed in the store by whoever trains it. Exit codes: 0 all done, 1 some run failed, 75 the tracking
     store stayed unreachable (everything resumable: run the command again), 130/143 interrupted.
     """
+    from orchestrator.dispatch.launch import LaunchOptions, run_sweep
     from orchestrator.dispatch.progress import make_view, summary_table, wide_console
-    from orchestrator.dispatch.scheduler import run_sweep
 
+    options = LaunchOptions(gpus=gpus, jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, retries=retries,
+                            backend=backend, ray_address=ray_address, shared_runs_dir=shared_runs_dir,
+                            stall_timeout=stall_timeout, store_timeout=store_timeout, claim_lease=claim_lease,
+                            pack=pack)
     sweep_, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     console = wide_console()
-    result = run_sweep(
-        sweep_, configs, tracking_uri=tracking_uri, runs_dir=_runs_dir(runs_dir), backend=backend, gpus=gpus,
-        jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, retries=retries, retry_failed=retry_failed,
-        ray_address=ray_address, shared_runs_dir=shared_runs_dir, stall_timeout=stall_timeout,
-        store_timeout=store_timeout, claim_lease=claim_lease, pack=pack,
-        view_factory=lambda states, tasks: make_view(states, tasks, sweep_.name, console))
+    result = run_sweep(sweep_, configs, options, tracking_uri=tracking_uri, runs_dir=_runs_dir(runs_dir),
+                       retry_failed=retry_failed,
+                       view_factory=lambda states, tasks: make_view(states, tasks, sweep_.name, console))
     if result.aborted:
         click.echo("error: stopped at once; interrupted runs stay resumable", err=True)
         ctx.exit(result.exit_code)
     if not result.tasks:
         console.print(f"sweep {sweep_.name}: nothing to run", highlight=False)
     console.print(summary_table(result, f"sweep {sweep_.name}", short_ids=console.width < 130))
-    failed = sum(result.outcome(s)[0] == "failed" for s in result.states)
+    failed = sum(result.final(s)[0] is State.FAILED for s in result.states)
     if result.stopped_by is not None:
         click.echo("interrupted: run the same command again to resume", err=True)
     elif result.store_down and not failed:

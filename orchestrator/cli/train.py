@@ -10,7 +10,7 @@ import click
 
 from orchestrator.cli.common import tracking_uri_option
 from orchestrator.errors import UserError
-from orchestrator.store.tracking import StoreUnreachable, connect
+from orchestrator.store.client import StoreUnreachable, connect
 from training.callbacks import Callback
 
 TABLE1 = "sweeps/table1.yaml"
@@ -59,8 +59,10 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
                   device, threads, runs_dir, tracking_uri):
     """Train one run, logged to MLflow. Re-running the same command resumes it, or says it is finished."""
     from orchestrator.identity import run_key
+    from orchestrator.run.ending import End
+    from orchestrator.run.spec import WorkerSpec, default_runs_dir
+    from orchestrator.run.worker import execute
     from orchestrator.sweep.file import load_sweep
-    from orchestrator.run.worker import Outcome, WorkerSpec, default_runs_dir, execute
 
     sweep = load_sweep(sweep_file or default_sweep_file(), epochs_scale=epochs_scale, train_subset=train_subset)
     config = sweep.run_config(scheme, arch, dataset, seed)
@@ -74,14 +76,14 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
     spec = WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run_dir / key),
                       tracking_uri=tracking_uri, sweep=sweep.name, device=resolve_device(device), threads=threads)
     click.echo(f"run {key}: {config.scheme} {config.arch} {config.dataset} seed {config.seed} on {spec.device}")
-    outcome: Outcome = execute(spec, callbacks=[EpochEcho()])
-    if outcome.status == "busy":
-        raise UserError(outcome.message)
-    if outcome.status == "store_down":
-        raise StoreUnreachable(f"{outcome.message}; the run is resumable: run the same command again")
-    click.echo(f"{outcome.status}: MLflow run {outcome.run_id}" + (f" ({outcome.message})" if outcome.message else ""))
-    if outcome.exit_code:
-        sys.exit(outcome.exit_code)
+    attempt, code = execute(spec, callbacks=[EpochEcho()])
+    if attempt.status is End.BUSY:
+        raise UserError(attempt.message)
+    if attempt.status is End.STORE_DOWN:
+        raise StoreUnreachable(f"{attempt.message}; the run is resumable: run the same command again")
+    click.echo(f"{attempt.status}: MLflow run {attempt.run_id}" + (f" ({attempt.message})" if attempt.message else ""))
+    if code:
+        sys.exit(code)
 
 
 class EpochEcho(Callback):

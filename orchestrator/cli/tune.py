@@ -17,6 +17,7 @@ from orchestrator.cli.common import (
     selection_options,
     sweep_file_argument,
     tracking_uri_option,
+    watch_options,
 )
 from orchestrator.tune.tuner import DEFAULT_TRIAL_LEASE_S
 
@@ -57,9 +58,9 @@ class TuneView:
     def started(self, task, slot) -> None:
         self._say(f"start {task.config.scheme} seed {task.config.seed} ({task.key}) on {slot.name}")
 
-    def ended(self, task, slot, status) -> None:
-        self._say(f"end   {task.config.scheme} seed {task.config.seed} ({task.key}): {status}"
-                  + (f" ({task.message})" if task.message and status not in ("finished", "stopped") else ""))
+    def ended(self, task, slot) -> None:
+        self._say(f"end   {task.config.scheme} seed {task.config.seed} ({task.key}): {task.end}"
+                  + (f" ({task.message})" if task.message and task.end not in ("finished", "stopped") else ""))
 
     def note(self, message: str) -> None:
         self._say(message)
@@ -74,19 +75,20 @@ class TuneView:
 @device_options
 @click.option("--trial-lease", type=float, default=DEFAULT_TRIAL_LEASE_S, show_default=True, metavar="SECONDS",
               help="A running trial whose tuner has not heartbeaten for this long is failed and enqueued again.")
+@watch_options
 @pack_option
 @storage_option
 @selection_options
 @runs_dir_option
 @tracking_uri_option
 @click.pass_context
-def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial_lease, pack, storage, set_, only,
-                epochs_scale, train_subset, runs_dir, tracking_uri):
+def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial_lease, stall_timeout, store_timeout,
+                claim_lease, pack, storage, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri):
     """Run TRIALS more trials; each trains the sweep's first dataset and arch over ``tune.seeds`` seeds with a
     sampled taper, scored by the mean validation metric. Several of these commands (or machines) may share
     one study: each proposes its own tapers, and the trials of a tuner that died are run again."""
+    from orchestrator.run.spec import default_runs_dir
     from orchestrator.tune.tuner import best_sweep, run_tune
-    from orchestrator.run.worker import default_runs_dir
 
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     result = run_tune(sweep, trials, storage=storage, tracking_uri=tracking_uri,

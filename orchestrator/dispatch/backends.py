@@ -4,7 +4,7 @@ Both start the same command, ``python -P -m orchestrator.run.worker RUN_DIR/spec
 run, in its run folder (nothing in the caller's folder can shadow adareg or its dependencies: ``-P`` and
 ``PYTHONSAFEPATH`` keep the working directory off ``sys.path``), its stdout and stderr appended to
 ``RUN_DIR/worker.log``, and hand back a job shaped like a ``concurrent.futures.Future``: ``done()``,
-``result()`` (the worker's exit code; how the run ended is in its ``result.json``), ``exception()``, plus
+``result()`` (the worker's exit code; how the run ended is in its ``result.json``), plus
 ``terminate()`` (SIGTERM: the worker marks its run KILLED) and ``kill()`` (SIGKILL).
 
 Processes are spawned (never forked) from the thread that runs the scheduler, which lives as long as
@@ -24,31 +24,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from orchestrator.errors import UserError
-from orchestrator.run.worker import EXIT_FAILED, EXIT_SIGTERM, PARENT_PID_ENV
+from orchestrator.dispatch.slots import Slot
+from orchestrator.errors import BadValue
+from orchestrator.run.ending import EXIT_FAILED, EXIT_SIGTERM
+from orchestrator.run.spec import PARENT_PID_ENV
 
 SHARED_STORES = ("http://", "https://", "postgresql", "mysql", "mssql", "databricks")
-
-
-@dataclass(frozen=True)
-class Slot:
-    """A place for one run at a time: a share of a GPU, or CPU threads."""
-
-    name: str
-    device: str = "cpu"  # the worker's torch device: cpu | cuda
-    gpu: str | None = None  # CUDA_VISIBLE_DEVICES for the worker (None: the backend decides)
-    threads: int = 1  # torch / OpenMP threads
-    gpu_fraction: float = 0.0  # Ray: num_gpus of the task (1 / jobs per GPU)
 
 
 class Job(Protocol):
     def done(self) -> bool: ...
     def result(self, timeout: float | None = None) -> int: ...
-    def exception(self) -> BaseException | None: ...
     def terminate(self) -> None: ...
     def kill(self) -> None: ...
 
@@ -99,9 +88,6 @@ class LocalJob:
     def result(self, timeout: float | None = None) -> int:
         return self.proc.wait(timeout)
 
-    def exception(self) -> BaseException | None:
-        return None
-
     def _signal(self, signum: int) -> None:
         if self.proc.poll() is None:
             try:
@@ -150,7 +136,6 @@ class RayJob:
 
     def __init__(self, ray, ref):
         self.ray, self.ref = ray, ref
-        self._error: BaseException | None = None
 
     def done(self) -> bool:
         ready, _ = self.ray.wait([self.ref], timeout=0)
@@ -159,17 +144,12 @@ class RayJob:
     def result(self, timeout: float | None = None) -> int:
         try:
             return int(self.ray.get(self.ref, timeout=timeout))
-        except self.ray.exceptions.TaskCancelledError as e:
-            self._error = e
+        except self.ray.exceptions.TaskCancelledError:
             return EXIT_SIGTERM
         except self.ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"task {self.ref} still running") from None
-        except self.ray.exceptions.RayError as e:  # a node or a Ray worker died: retryable
-            self._error = e
+        except self.ray.exceptions.RayError:  # a node or a Ray worker died: retryable
             return EXIT_FAILED
-
-    def exception(self) -> BaseException | None:
-        return self._error
 
     def terminate(self) -> None:
         self.ray.cancel(self.ref)
@@ -196,12 +176,12 @@ def check_shared(address: str | None, tracking_uri: str, runs_dir: Path, shared_
     if is_local_address(address):
         return
     if not tracking_uri.startswith(SHARED_STORES):
-        raise UserError(f"--ray-address {address} is a remote cluster, but tracking URI {tracking_uri} is local to "
+        raise BadValue(f"{{ray_address}} {address} is a remote cluster, but tracking URI {tracking_uri} is local to "
                         "this machine: use an http(s):// MLflow server or a postgresql:// store")
     if not shared_runs_dir:
-        raise UserError(f"--ray-address {address} is a remote cluster, but run folder {runs_dir} may be local to "
-                        "this machine: put --runs-dir on storage every node mounts at the same path and pass "
-                        "--shared-runs-dir")
+        raise BadValue(f"{{ray_address}} {address} is a remote cluster, but run folder {runs_dir} may be local to "
+                       "this machine: put {runs_dir} on storage every node mounts at the same path and pass "
+                       "{shared_runs_dir}")
 
 
 def _signal_handlers() -> dict[int, object]:
@@ -229,7 +209,7 @@ class RayBackend:
         try:
             import ray
         except ImportError:
-            raise UserError("--backend ray needs Ray: pip install 'adareg[ray]'") from None
+            raise BadValue("{backend} ray needs Ray: pip install 'adareg[ray]'") from None
         self.ray = ray
         self._own_temp = None
         kwargs: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -243,7 +223,7 @@ class RayBackend:
         try:
             ray.init(**kwargs)
         except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...: one line naming the address
-            raise UserError(f"--ray-address {address or 'local'}: cannot start or join Ray: "
+            raise BadValue(f"{{ray_address}} {address or 'local'}: cannot start or join Ray: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         self._task = ray.remote(max_retries=0)(run_worker_task)
 

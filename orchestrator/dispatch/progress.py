@@ -15,9 +15,11 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
 
-from orchestrator.dispatch.backends import Slot
-from orchestrator.sweep.reconcile import STATES, RunState, counts
-from orchestrator.dispatch.scheduler import SweepResult, Task
+from orchestrator.dispatch.launch import SweepResult
+from orchestrator.dispatch.scheduler import Task
+from orchestrator.dispatch.slots import Slot
+from orchestrator.run.ending import STATES, End, State
+from orchestrator.sweep.reconcile import RunState, counts
 
 HEARTBEAT_S = 60.0
 
@@ -39,11 +41,11 @@ class _Tally:
 
     def __init__(self, states: Sequence[RunState], tasks: Sequence[Task]):
         self.total_runs = len(states)
-        self.done = sum(s.state == "done" for s in states)
-        self.failed = sum(s.state == "failed" for s in states)
+        self.done = sum(s.state is State.DONE for s in states)
+        self.failed = sum(s.state is State.FAILED for s in states)
         owed = {t.key for t in tasks}
-        self.failed -= sum(s.state == "failed" and s.run_key in owed for s in states)  # retried now
-        self.epochs = {s.run_key: s.total_epochs if s.state == "done" else s.epoch for s in states}
+        self.failed -= sum(s.state is State.FAILED and s.run_key in owed for s in states)  # retried now
+        self.epochs = {s.run_key: s.total_epochs if s.state is State.DONE else s.epoch for s in states}
         self.total_epochs = sum(s.total_epochs for s in states)
         self.running = 0
 
@@ -61,10 +63,10 @@ class _Tally:
 
     def ended(self, task: Task) -> None:
         self.running -= 1
-        if task.result == "finished":
+        if task.state is State.DONE:
             self.done += 1
             self.epochs[task.key] = task.total_epochs
-        elif task.result in ("failed", "diverged"):
+        elif task.state is State.FAILED:
             self.failed += 1
 
     def line(self) -> str:
@@ -72,16 +74,26 @@ class _Tally:
                 f"epochs {sum(self.epochs.values())}/{self.total_epochs}")
 
 
-def _end_line(task: Task, status: str) -> str:
+def ended_word(task: Task) -> str:
+    """How a task that ended for good is told: finished, failed, diverged, or the end that kept it resumable."""
+    if task.state is State.DONE:
+        return "finished"
+    if task.state is State.FAILED:
+        return "diverged" if task.end is End.DIVERGED else "failed"
+    return {End.STOPPED: "stopped", End.STORE_DOWN: "interrupted"}.get(task.end, "killed")
+
+
+def _end_line(task: Task) -> str:
     took = time.monotonic() - task.started_at if task.started_at else 0.0
-    if task.result == "skipped" and status == "busy":
+    if task.state is None and task.end is End.BUSY:
         what = f"{task.message}; will look again"
-    elif task.result == "skipped" and status == "store_down":
+    elif task.state is None and task.end is End.STORE_DOWN:
         what = "tracking store unreachable; will resume when it answers"
-    elif task.result == "skipped":
-        what = f"attempt ended ({status}); will retry"
+    elif task.state is None:
+        what = f"attempt ended ({task.end}); will retry"
     else:
-        what = task.result + (f": {task.message}" if task.message and task.result != "finished" else "")
+        word = ended_word(task)
+        what = word + (f": {task.message}" if task.message and word != "finished" else "")
     return f"end   {task.key} {_label(task.config)} after {took:.1f}s: {what}"
 
 
@@ -102,9 +114,9 @@ class PlainView:
         again = f" (attempt {task.starts})" if task.starts > 1 else ""
         self._say(f"start {task.key} {_label(task.config)} on {slot.name}{again}")
 
-    def ended(self, task: Task, slot: Slot, status: str) -> None:
+    def ended(self, task: Task, slot: Slot) -> None:
         self.tally.ended(task)
-        self._say(_end_line(task, status))
+        self._say(_end_line(task))
 
     def note(self, message: str) -> None:
         self._say(message)
@@ -153,10 +165,9 @@ class LiveView:
         again = f" (attempt {task.starts})" if task.starts > 1 else ""
         self.console.print(f"start {task.key} {_label(task.config)} on {slot.name}{again}", markup=False)
 
-    def ended(self, task: Task, slot: Slot, status: str) -> None:
+    def ended(self, task: Task, slot: Slot) -> None:
         self.tally.ended(task)
-        self.console.print(_end_line(task, status), markup=False,
-                           style="red" if task.result in ("failed", "diverged") else None)
+        self.console.print(_end_line(task), markup=False, style="red" if task.state is State.FAILED else None)
 
     def note(self, message: str) -> None:
         self.console.print(message, markup=False, style="yellow")
@@ -210,7 +221,7 @@ def status_view(states: Sequence[RunState], title: str):
     from rich.progress import ProgressBar
 
     n = counts(states)
-    done_epochs = sum(s.total_epochs if s.state == "done" else s.epoch for s in states)
+    done_epochs = sum(s.total_epochs if s.state is State.DONE else s.epoch for s in states)
     total_epochs = sum(s.total_epochs for s in states) or 1
     head = Table.grid(padding=(0, 1))
     head.add_row(f"{title}: {n['done']}/{len(states)} done · {n['running']} running · {n['failed']} failed · "
@@ -218,7 +229,7 @@ def status_view(states: Sequence[RunState], title: str):
                  ProgressBar(total=total_epochs, completed=done_epochs, width=30),
                  f"{done_epochs}/{total_epochs} epochs")
     parts: list = [head]
-    busy = [s for s in states if s.state in ("running", "failed")]
+    busy = [s for s in states if s.state in (State.RUNNING, State.FAILED)]
     if busy:
         table = Table("run", "scheme", "arch", "dataset", "seed", "state", "epoch", "test error", "img/s", "note",
                       box=None, header_style="bold")
@@ -226,7 +237,7 @@ def status_view(states: Sequence[RunState], title: str):
             c = s.config
             table.add_row(s.run_key, c.scheme, c.arch, c.dataset, str(c.seed), s.state,
                           f"{s.epoch}/{s.total_epochs}", _err(s.test_error), _ips(s.images_per_second),
-                          s.reason if s.state in ("failed", "running") else "")
+                          s.reason if s.state in (State.FAILED, State.RUNNING) else "")
         parts.append(table)
     return Group(*parts)
 
@@ -234,7 +245,7 @@ def status_view(states: Sequence[RunState], title: str):
 def summary_table(result: SweepResult, title: str, short_ids: bool = False) -> Table:
     """The end of ``sweep run``: one row per run (a reason column when some run failed). ``short_ids``:
     MLflow run ids cut to 8 characters, for narrow terminals (``sweep plan --format json`` has them whole)."""
-    rows = [(s, *result.outcome(s)) for s in result.states]
+    rows = [(s, *result.final(s)) for s in result.states]
     with_reason = any(reason for _, _, reason in rows)
     n = {state: 0 for state in STATES}
     for _, state, _ in rows:
@@ -247,7 +258,7 @@ def summary_table(result: SweepResult, title: str, short_ids: bool = False) -> T
         table.add_row(s.run_key, c.scheme, c.arch, c.dataset, str(c.seed), state, f"{s.epoch}/{s.total_epochs}",
                       _err(s.test_error), (s.run_id or "-")[:8 if short_ids else None],
                       *([reason] if with_reason else []),
-                      style={"failed": "red", "done": "green"}.get(state))
+                      style={State.FAILED: "red", State.DONE: "green"}.get(state))
     return table
 
 

@@ -1,29 +1,26 @@
-"""Run what a sweep has left to do: device slots, one worker process per run, retries, signals.
+"""The scheduler: keeps every device slot busy with a queue of runs, one worker process each (or each pack).
 
-``run_sweep`` is what ``adareg sweep run`` calls: it initialises the MLflow store and experiment
-once, reconciles the sweep with MLflow and the run folders, and hands the runs that are not done to
-a ``Scheduler``, which keeps every slot busy through a backend (local subprocesses or Ray tasks):
-
-- a slot is a GPU share (CUDA_VISIBLE_DEVICES of its own) or a set of CPU threads;
 - a run whose folder lock a live process holds waits until it is free; a run that a live process elsewhere
   has claimed in the store is looked at again every ``busy_wait_s`` until it is done or its claim is stale;
-- how an attempt ended is read from the worker's ``result.json`` (``orchestrator.run.folder``): finished;
-  diverged and bad input are final; an error or a crash (no result written) is retried up to ``retries``
-  times from the last checkpoint; busy, store-down and stalled attempts are retried without counting
-  against the run (a stalled one counts: it may stall again);
+- how an attempt ended is the worker's ``result.json`` (an ``End``), or what the scheduler alone sees (a
+  crash without one, a stall, a locked folder); what follows is the end's policy (``End.then``,
+  ``orchestrator.run.ending``): done, failed for good, retried (counted, up to ``retries`` times from the
+  last checkpoint), waited for (uncounted) or kept resumable. A task that has ended for good in this
+  scheduler carries the ``State`` it leaves its run in;
 - a worker whose progress file shows no new epoch for the stall timeout is SIGKILLed and retried, and its
   log says why;
 - while the tracking store is unreachable no new run is started (running ones keep training and buffer
-  their metrics); after ``store_timeout`` of outage the sweep ends, its runs resumable;
+  their metrics); after ``store_timeout`` of outage the scheduler ends, its runs resumable;
 - the first SIGINT/SIGTERM stops dispatching, gives workers that got the signal too (Ctrl-C reaches
   the whole process group) a moment, then sends SIGTERM to the rest and waits: their runs end KILLED
   and stay resumable. A second signal SIGKILLs the workers and returns at once.
+
+``orchestrator.dispatch.launch`` is what starts one (for a sweep, a tuning study or ``adareg train``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import signal
 import threading
@@ -34,14 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from orchestrator.store import claims, tracking
-from orchestrator.dispatch.backends import Backend, Job, LocalBackend, RayBackend, Slot, check_shared
+from orchestrator.dispatch.backends import Backend, Job
+from orchestrator.dispatch.slots import Slot
 from orchestrator.errors import UserError
-from orchestrator.sweep.reconcile import DEFAULT_RETRIES, TODO, RunState, inspect_sweep
-from orchestrator.run.folder import COUNTED, DONE, Result, RunFolder
-from orchestrator.run.worker import EXIT_BUSY, EXIT_SIGINT, EXIT_SIGTERM, PackSpec, WorkerSpec
+from orchestrator.run.ending import EXIT_BUSY, End, State, Then, leaves
+from orchestrator.run.folder import Attempt, RunFolder
+from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S
 from training.config import RunConfig
 
+DEFAULT_RETRIES = 2
 POLL_S = 0.2
 LOCK_WAIT_S = 1.0  # a run locked here is looked at again after this
 BUSY_WAIT_S = 15.0  # a run claimed elsewhere is looked at again after this
@@ -51,62 +49,6 @@ STOP_TIMEOUT_S = 120.0  # after the first signal, before stragglers are SIGKILLe
 MIN_STALL_S = 1200.0  # the default stall timeout: max(20 min, STALL_EPOCHS x the slowest epoch seen)
 STALL_EPOCHS = 5
 PROBE_EVERY_S = 5.0
-EXIT_STORE_DOWN = 75  # the sweep ended because the tracking store stayed down: everything is resumable
-
-
-# ------------------------------------------------------------------------------------------- slots
-
-
-def visible_gpus() -> list[str]:
-    """CUDA_VISIBLE_DEVICES values of the GPUs this process sees (its own mask applied), in order."""
-    import torch  # device_count asks NVML and does not initialise CUDA here
-
-    count = torch.cuda.device_count()
-    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if mask is not None:
-        return [d.strip() for d in mask.split(",") if d.strip()][:count]
-    return [str(i) for i in range(count)]
-
-
-def parse_gpus(gpus: str | None, visible: Sequence[str]) -> list[str]:
-    """``--gpus``: 'all' (or None), 'none', or indices '0,1' into the visible GPUs -> their ids."""
-    if gpus is None or gpus.strip().lower() == "all":
-        return list(visible)
-    if gpus.strip().lower() == "none":
-        return []
-    chosen = []
-    for part in gpus.split(","):
-        part = part.strip()
-        if not part.isdigit():
-            raise UserError(f"--gpus {gpus!r}: expected all, none or GPU indices such as 0,1")
-        if int(part) >= len(visible):
-            seen = f"{len(visible)} GPU{'s' if len(visible) != 1 else ''}" + (
-                f" (0-{len(visible) - 1})" if visible else "")
-            raise UserError(f"--gpus {gpus!r}: GPU {part} is not visible; this machine has {seen}")
-        if visible[int(part)] not in chosen:
-            chosen.append(visible[int(part)])
-    return chosen
-
-
-def device_slots(gpus: Sequence[str], jobs_per_gpu: int = 1, max_parallel: int | None = None,
-                 cores: int | None = None) -> list[Slot]:
-    """K slots per GPU (spread over the GPUs first), capped by ``max_parallel``; without GPUs,
-    ``max_parallel`` CPU slots (default: half the cores). Threads: the cores shared out."""
-    cores = cores or os.cpu_count() or 1
-    if jobs_per_gpu < 1:
-        raise UserError(f"--jobs-per-gpu {jobs_per_gpu}: must be at least 1")
-    if max_parallel is not None and max_parallel < 1:
-        raise UserError(f"--max-parallel {max_parallel}: must be at least 1")
-    if gpus:
-        places = [(g, j) for j in range(jobs_per_gpu) for g in gpus][:max_parallel]
-        threads = max(1, cores // len(places))
-        return [Slot(f"gpu{g}.{j}", "cuda", g, threads, 1.0 / jobs_per_gpu) for g, j in places]
-    n = max_parallel or max(1, cores // 2)
-    threads = max(1, cores // n)
-    return [Slot(f"cpu{i}", "cpu", None, threads) for i in range(n)]
-
-
-# -------------------------------------------------------------------------------------- scheduling
 
 
 @dataclass
@@ -117,10 +59,11 @@ class Task:
     config: RunConfig
     run_dir: Path
     total_epochs: int = 0
-    failures: int = 0  # failed attempts in this sweep run
+    failures: int = 0  # attempts in this scheduler that counted against the run
     starts: int = 0
     not_before: float = 0.0
-    result: str = "skipped"  # finished | failed | diverged | killed | stopped | interrupted | skipped
+    end: End | None = None  # how its last attempt ended
+    state: State | None = None  # where it leaves its run once it ended for good here; None: not yet
     message: str = ""
     started_at: float = 0.0
     dispatched_at: float = 0.0  # wall clock: a result.json older than this is an earlier attempt's
@@ -144,13 +87,15 @@ class Task:
         return self.members or [self]
 
 
+
 class View(Protocol):
     """What the scheduler tells the user (see orchestrator.dispatch.progress)."""
 
     def started(self, task: Task, slot: Slot) -> None: ...
-    def ended(self, task: Task, slot: Slot, status: str) -> None: ...
+    def ended(self, task: Task, slot: Slot) -> None: ...
     def note(self, message: str) -> None: ...
     def update(self, active: Sequence[tuple[Task, Slot]]) -> None: ...
+
 
 
 class TaskSource(Protocol):
@@ -169,19 +114,23 @@ class TaskSource(Protocol):
         ...
 
     def ended(self, task: Task) -> None:
-        """A task ended for good in this scheduler (``task.result`` says how); not called for requeued ones."""
+        """A task ended for good in this scheduler (``task.state`` and ``task.end`` say how); not called for
+        requeued ones."""
         ...
+
 
 
 class QuietView:
     def started(self, task, slot): pass
-    def ended(self, task, slot, status): pass
+    def ended(self, task, slot): pass
     def note(self, message): pass
     def update(self, active): pass
 
 
+
 class _Abort(Exception):
     """A second signal: stop at once."""
+
 
 
 class StoreWatch:
@@ -190,7 +139,6 @@ class StoreWatch:
     def __init__(self, probe: Callable[[], bool] | None, every_s: float = PROBE_EVERY_S):
         self.probe, self.every_s = probe, every_s
         self.down_since: float | None = None  # monotonic
-        self.down_wall = 0.0
         self._thread: threading.Thread | None = None
         self._last = 0.0
         self._ok = False
@@ -199,7 +147,7 @@ class StoreWatch:
         """Note an outage; True if it is news."""
         if self.down_since is not None:
             return False
-        self.down_since, self.down_wall = time.monotonic(), time.time()
+        self.down_since = time.monotonic()
         return True
 
     def poll(self) -> bool | None:
@@ -224,6 +172,7 @@ class StoreWatch:
         return None
 
 
+
 class Scheduler:
     """Keeps every slot busy with the queue's runs; ``run`` returns the stopping signal or None."""
 
@@ -232,7 +181,7 @@ class Scheduler:
                  grace_s: float = GRACE_S, lock_wait_s: float = LOCK_WAIT_S, retry_delay_s: float = RETRY_DELAY_S,
                  busy_wait_s: float = BUSY_WAIT_S, stall_timeout_s: float | None = None,
                  store_probe: Callable[[], bool] | None = None,
-                 store_timeout_s: float = tracking.DEFAULT_STORE_TIMEOUT_S, source: TaskSource | None = None):
+                 store_timeout_s: float = DEFAULT_STORE_TIMEOUT_S, source: TaskSource | None = None):
         if not slots:
             raise UserError("no device slot to run on")
         self.backend, self.slots, self.write_spec = backend, list(slots), write_spec
@@ -287,7 +236,7 @@ class Scheduler:
         except _Abort:
             for task, _, job in self.active.values():
                 job.kill()
-                task.result, task.message = "killed", "SIGKILLed by a second signal"
+                task.end, task.state, task.message = End.KILLED, State.RESUMABLE, "SIGKILLed by a second signal"
             for _, _, job in self.active.values():
                 with contextlib.suppress(Exception):  # SIGKILLed: gone either way
                     job.result(timeout=5)
@@ -297,7 +246,8 @@ class Scheduler:
                 signal.signal(s, handler)
         if self.store_gave_up:
             for task in self.queue:
-                task.result, task.message = "interrupted", "tracking store unreachable; resumable"
+                task.end, task.state = End.STORE_DOWN, State.RESUMABLE
+                task.message = "tracking store unreachable; resumable"
         return self.stop_signal
 
     def _watch_store(self, now: float) -> None:
@@ -329,7 +279,7 @@ class Scheduler:
                 task.dispatched_at = time.time()
                 job = self.backend.submit(spec_path, task.folder.log, slot)
             except OSError as e:
-                task.result, task.message = "failed", f"cannot start: {e}"
+                task.end, task.state, task.message = End.ERROR, State.FAILED, f"cannot start: {e}"
                 self.view.note(f"{task.key}: {task.message}")
                 continue
             for run in {id(t): t for t in (task, *task.runs)}.values():
@@ -397,58 +347,58 @@ class Scheduler:
                     run.stalled = run.stalled or task.stalled
                     self._settle(run, slot, code)
 
-    def _outcome(self, task: Task, code: int) -> Result:
-        """The attempt's result.json, or a crash if the worker wrote none for this attempt."""
-        result = task.folder.read_result()
-        fresh = result is not None and result.status != "started" and result.time >= task.dispatched_at - 1.0
+    def _attempt(self, task: Task, code: int) -> Attempt:
+        """The attempt's result.json, or what the scheduler saw if the worker wrote none for this attempt."""
+        attempt = task.folder.read_attempt()
+        fresh = (attempt is not None and attempt.status is not End.STARTED
+                 and attempt.time >= task.dispatched_at - 1.0)
         if not fresh and code == EXIT_BUSY:  # it found the folder locked: it writes nothing into a folder it lacks
-            return Result("busy", "held by a live worker here (its run folder is locked)")
+            return Attempt(End.BUSY, "held by a live worker here (its run folder is locked)")
         if not fresh:
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             tail = log_tail(task.folder.log)
-            result = Result("crashed", f"worker died without a result ({how})" + (f": {tail}" if tail else ""))
+            attempt = Attempt(End.CRASHED, f"worker died without a result ({how})" + (f": {tail}" if tail else ""))
         if task.stalled:
-            result = Result("stalled", task.stalled)
-        return result
+            attempt = Attempt(End.STALLED, task.stalled)
+        return attempt
 
     def _settle(self, task: Task, slot: Slot, code: int) -> None:
+        """What follows an attempt: the end's policy (``End.then``), applied."""
         now = time.monotonic()
-        result = self._outcome(task, code)
-        status, task.message = result.status, result.message
-        if status in DONE:
-            task.result, task.message = "finished", ""
-        elif status == "diverged":
-            task.result = "diverged"
-        elif status == "bad_input":
-            task.result = "failed"
-        elif status == "stopped":
-            task.result = "stopped"
-        elif self.stop_signal is not None:
-            task.result, task.message = "killed", "interrupted; resumable"
-        elif status == "busy":  # held by a live process elsewhere: look again later, without counting
-            task.result = "skipped"
-            task.not_before = now + (self.lock_wait_s if " here" in task.message else self.busy_wait_s)
-            if task.busy != task.message:
-                self.view.note(f"{task.key}: {task.message}; will look again")
-            task.busy = task.message
-            self.queue.append(task)
-        elif status == "store_down":
-            task.result, task.not_before = "skipped", now + self.retry_delay_s
-            self._store_down(task.message)
-            self.queue.appendleft(task)
-        else:  # error, crashed, stalled, killed from outside: retried from the last checkpoint
+        attempt = self._attempt(task, code)
+        end = task.end = attempt.status
+        task.message = attempt.message
+        then = end.then_while(stopping=self.stop_signal is not None)
+        if then is Then.DONE:
+            task.message = ""
+        elif then is Then.KEEP and end.then is not Then.KEEP:  # stopping: whatever it was, it stays resumable
+            task.message = "interrupted; resumable"
+        if then is Then.WAIT:
+            if end is End.STORE_DOWN:
+                task.not_before = now + self.retry_delay_s
+                self._store_down(task.message)
+                self.queue.appendleft(task)
+            else:  # held by a live process here or elsewhere: look again later
+                task.not_before = now + (self.lock_wait_s if " here" in task.message else self.busy_wait_s)
+                if task.busy != task.message:
+                    self.view.note(f"{task.key}: {task.message}; will look again")
+                task.busy = task.message
+                self.queue.append(task)
+        elif then is Then.RETRY:
             task.failures += 1
-            if status not in COUNTED and status != "stalled":
-                task.message = f"{status}: {task.message}"
+            if end not in (End.ERROR, End.CRASHED, End.STALLED):
+                task.message = f"{end}: {task.message}"
             if task.failures <= self.retries:
-                task.result, task.not_before = "skipped", now + self.retry_delay_s
+                task.not_before = now + self.retry_delay_s
                 self.view.note(f"{task.key}: attempt failed ({task.message}); retry {task.failures} of "
                                f"{self.retries} from its last checkpoint")
                 self.queue.append(task)
             else:
-                task.result = "failed"
-        self.view.ended(task, slot, status)
-        if self.source is not None and task not in self.queue:
+                task.state = State.FAILED
+        else:
+            task.state = leaves(then)
+        self.view.ended(task, slot)
+        if self.source is not None and task.state is not None:
             self.source.ended(task)
 
     def _stop_workers(self, now: float) -> None:
@@ -460,6 +410,7 @@ class Scheduler:
         if waited >= STOP_TIMEOUT_S:
             for _, _, job in self.active.values():
                 job.kill()
+
 
 
 def log_tail(path: Path, limit: int = 8192) -> str:
@@ -476,251 +427,3 @@ def log_tail(path: Path, limit: int = 8192) -> str:
             return line[:500]
     return ""
 
-
-# ------------------------------------------------------------------------------------------ sweeps
-
-
-@dataclass
-class SweepResult:
-    """How ``run_sweep`` ended: every run's final state, the tasks it ran, the exit code."""
-
-    states: list[RunState]
-    tasks: dict[str, Task] = field(default_factory=dict)
-    stopped_by: int | None = None
-    aborted: bool = False
-    exit_code: int = 0
-
-    store_down: bool = False  # ended because the tracking store stayed unreachable
-    experiment_id: str | None = None
-
-    def outcome(self, state: RunState) -> tuple[str, str]:
-        """(state, reason) for the summary: MLflow's word, or the scheduler's when MLflow has none."""
-        task = self.tasks.get(state.run_key)
-        if task is not None and task.result in ("failed", "diverged") and state.state != "failed":
-            return "failed", task.message
-        if task is not None and task.result == "interrupted" and state.state != "done":
-            return "resumable", task.message
-        return state.state, state.reason if state.state in ("failed", "running") else ""
-
-
-def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, runs_dir: Path,
-              backend: str = "local", gpus: str | None = None, jobs_per_gpu: int = 1,
-              max_parallel: int | None = None, retries: int = DEFAULT_RETRIES, retry_failed: bool = False,
-              ray_address: str | None = None, shared_runs_dir: bool = False,
-              stall_timeout: float | None = None, store_timeout: float = tracking.DEFAULT_STORE_TIMEOUT_S,
-              claim_lease: float = claims.DEFAULT_LEASE_S, pack: int | str | None = None,
-              view_factory: Callable[[list[RunState], list[Task]], View] | None = None) -> SweepResult:
-    """Run every run of ``configs`` that is not done yet; safe to run again at any time, and from several
-    orchestrators (or machines) sharing the tracking store at once."""
-    if retries < 0:
-        raise UserError(f"--retries {retries}: must be >= 0")
-    for option, value in (("--stall-timeout", stall_timeout), ("--store-timeout", store_timeout),
-                          ("--claim-lease", claim_lease)):
-        if value is not None and value <= 0:
-            raise UserError(f"{option} {value:g}: must be > 0 seconds")
-    if backend not in ("local", "ray"):
-        raise UserError(f"--backend {backend!r}: expected local or ray")
-    pack = checked_pack(sweep.pack if pack is None else pack)  # checked before anything is touched
-    slots: list[Slot] = []
-    if backend == "local":  # checked before anything is touched
-        visible = [] if (gpus or "").strip().lower() == "none" else visible_gpus()
-        slots = device_slots(parse_gpus(gpus, visible), jobs_per_gpu, max_parallel)
-    else:
-        _check_ray_gpus(gpus)
-        device_slots([], jobs_per_gpu, max_parallel)  # validates the counts
-    uri = tracking.absolute_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
-    runs_dir = Path(runs_dir).resolve()
-    if backend == "ray":
-        check_shared(ray_address, uri, runs_dir, shared_runs_dir)
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    client = tracking.connect(uri)
-    experiment_id = tracking.ensure_experiment(client, sweep.experiment, describe(sweep))  # once
-    tracking.end_strays(client, experiment_id, claim_lease)
-
-    states = inspect_sweep(configs, sweep.experiment, uri, runs_dir, retries, claim_lease)
-    tasks = [Task(s.run_key, s.config, runs_dir / s.run_key, s.total_epochs) for s in to_run(states, retry_failed)]
-    if not tasks:
-        return _finish(states, {}, None, experiment_id=experiment_id)
-
-    chosen: Backend
-    if backend == "ray":
-        no_gpus = (gpus or "").strip().lower() == "none"
-        chosen = RayBackend(ray_address, num_gpus=0 if no_gpus else None)
-        slots = ray_slots(chosen.resources(), no_gpus, jobs_per_gpu, max_parallel)
-    else:
-        chosen = LocalBackend()
-
-    def write_spec(task: Task, slot: Slot) -> Path:
-        def spec_for(run: Task) -> WorkerSpec:
-            config = run.config.replace(data_dir=os.path.abspath(run.config.data_dir))  # workers run elsewhere
-            return WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run.run_dir),
-                              tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
-                              store_timeout=store_timeout, claim_lease=claim_lease)
-
-        return write_job_spec(task, spec_for)
-
-    for task in tasks:
-        task.run_dir.mkdir(parents=True, exist_ok=True)
-    view = view_factory(states, tasks) if view_factory else QuietView()
-    jobs = jobs_of(pack, slots, runs_dir / PACKS, calibrate=backend == "local", note=view.note)(
-        tasks, {s.run_key: s.config for s in states})
-    scheduler = Scheduler(chosen, slots, write_spec, retries, view, stall_timeout_s=stall_timeout,
-                          store_probe=lambda: tracking.probe(uri), store_timeout_s=store_timeout)
-    try:
-        stopped_by = scheduler.run(jobs)
-    finally:
-        close = getattr(view, "close", None)
-        if close:
-            close()
-        chosen.close()
-    by_key = {t.key: t for t in tasks}
-    if scheduler.aborted:  # stop at once: no final look at MLflow
-        return _finish(states, by_key, stopped_by, aborted=True, experiment_id=experiment_id)
-    try:
-        final = inspect_sweep(configs, sweep.experiment, uri, runs_dir, retries, claim_lease)
-    except Exception as e:  # noqa: BLE001 - the store went down again: report what the scheduler saw
-        if not (scheduler.store_gave_up or tracking.is_transient(e)):
-            raise
-        final = states
-        scheduler.store_gave_up = True
-    return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up, experiment_id=experiment_id)
-
-
-PACKS = "packs"  # <runs dir>/packs/<pack id>/: a pack's spec and log (its members keep their own folders)
-
-
-def write_job_spec(task: Task, spec_for: Callable[[Task], WorkerSpec]) -> Path:
-    """Write every run's worker spec (``spec_for(run)``) and a pack's own spec; the spec the worker gets."""
-    for run in task.runs:
-        spec_for(run).write(run.folder.spec)
-    if task.members:
-        PackSpec(task.key, [str(r.folder.spec) for r in task.members], task.pack_size).write(task.folder.spec)
-    return task.folder.spec
-
-
-def jobs_of(pack: int | str, slots: Sequence[Slot], packs_dir: Path, *, calibrate: bool = True,
-            note: Callable[[str], None] = lambda message: None) -> Callable[..., list[Task]]:
-    """``jobs(tasks, everything=None)``: the tasks as the scheduler's jobs, in packs per ``pack`` (sizes are
-    decided once per shape: ``pack_sizes``; layout: ``form_packs``)."""
-    from training.config import shape_of
-
-    sizes: dict[tuple, int] = {}
-
-    def jobs(tasks: Sequence[Task], everything: dict[str, RunConfig] | None = None) -> list[Task]:
-        configs = list(everything.values()) if everything is not None else [t.config for t in tasks]
-        if not {shape_of(c) for c in configs} <= sizes.keys():
-            sizes.update(pack_sizes(pack, configs, slots, packs_dir, calibrate=calibrate, note=note))
-        return form_packs(tasks, sizes, packs_dir, everything) if max(sizes.values(), default=1) > 1 else list(tasks)
-
-    return jobs
-
-
-def checked_pack(pack: int | str) -> int | str:
-    """``--pack`` / ``pack:`` as a size N >= 1 or ``auto`` (``off`` is 1); UserError otherwise."""
-    from orchestrator.sweep.file import parse_pack
-
-    try:
-        pack = parse_pack(pack)
-    except ValueError:
-        raise UserError(f"--pack {pack!r}: expected a pack size >= 1, auto or off") from None
-    return 1 if pack == "off" else pack
-
-
-def pack_sizes(pack: int | str, configs: Sequence[RunConfig], slots: Sequence[Slot], packs_dir: Path, *,
-               calibrate: bool = True, note: Callable[[str], None] = lambda message: None) -> dict[tuple, int]:
-    """Runs per worker process for each pack shape (``training.config.shape_of``) among the sweep's
-    ``configs``: N as given, or for ``auto`` 1 on the CPU and on GPUs what a short calibration chooses
-    (``autopack``; without ``calibrate``, e.g. on a Ray cluster, ``autopack.FALLBACK``)."""
-    from orchestrator.dispatch import autopack
-    from training.config import shape_of
-
-    by_shape: dict[tuple, list] = {}
-    for config in configs:
-        by_shape.setdefault(shape_of(config), []).append(config)
-    if pack != "auto":
-        return {shape: int(pack) for shape in by_shape}
-    if not calibrate:
-        size = autopack.FALLBACK if any(s.device == "cuda" for s in slots) else 1
-        return {shape: size for shape in by_shape}
-    sizes, notes = autopack.auto_sizes(by_shape, slots, packs_dir)
-    for message in notes:
-        note(message)
-    return sizes
-
-
-def form_packs(tasks: Sequence[Task], sizes: dict[tuple, int], packs_dir: Path,
-               everything: dict[str, RunConfig] | None = None) -> list[Task]:
-    """Jobs for the scheduler. The packs are laid out over ``everything`` (the whole sweep, ``{run key:
-    config}``; default: the tasks): runs of one shape (``training.config.shape_of``), sorted by run key,
-    in packs of ``sizes[shape]``, so a re-run forms the same packs whatever has finished. Each pack's job
-    trains its members among ``tasks``, even a lone one (it trains as it does in its pack: see
-    ``training.packed``); a run laid out alone is a job of its own."""
-    from training.config import shape_of
-
-    todo = {t.key: t for t in tasks}
-    layout = everything if everything is not None else {t.key: t.config for t in tasks}
-    by_shape: dict[tuple, list[str]] = {}
-    for key, config in layout.items():
-        by_shape.setdefault(shape_of(config), []).append(key)
-    jobs: list[Task] = []
-    for shape, keys in by_shape.items():
-        keys, size = sorted(keys), sizes.get(shape, 1)
-        for i in range(0, len(keys), size):
-            chunk = keys[i:i + size]
-            members = [todo[k] for k in chunk if k in todo]
-            if not members:
-                continue
-            if len(chunk) == 1:
-                jobs.extend(members)
-                continue
-            pack_id = "pack-" + hashlib.sha256(" ".join(chunk).encode()).hexdigest()[:10]
-            label = members[0].config.replace(scheme=f"pack of {len(members)}")
-            jobs.append(Task(pack_id, label, packs_dir / pack_id, max(t.total_epochs for t in members),
-                             members=members, pack_size=len(chunk)))
-    order = {t.key: i for i, t in enumerate(tasks)}  # the tasks' order (resumable runs first)
-    return sorted(jobs, key=lambda job: min(order[r.key] for r in job.runs))
-
-
-def describe(sweep) -> str:
-    """The experiment's description in the MLflow UI: the sweep file's own, else what the sweep runs."""
-    own = getattr(sweep, "description", None)
-    if own:
-        return str(own)
-    return (f"adareg sweep '{sweep.name}' (Adapting Regularization with Learning Rate): schemes "
-            f"{', '.join(sweep.schemes)}; archs {', '.join(sweep.archs)}; datasets {', '.join(sweep.datasets)}; "
-            f"seeds {', '.join(map(str, sweep.seeds))}. Each run is tagged adareg.run_key / adareg.group_key; "
-            "per-epoch metrics: train/test loss and error, lr, weight_decay, grad_sparsity.")
-
-
-def to_run(states: Sequence[RunState], retry_failed: bool = False) -> list[RunState]:
-    """What a sweep run owes: running (once free), resumable and pending runs, resumable first; with
-    ``retry_failed`` also runs that failed with an error (never diverged ones: they would again)."""
-    todo = [s for s in states
-            if s.state in TODO or (retry_failed and s.state == "failed" and s.failure != "diverged")]
-    return sorted(todo, key=lambda s: s.state == "pending")
-
-
-def _check_ray_gpus(gpus: str | None) -> None:
-    if gpus is not None and gpus.strip().lower() not in ("all", "none"):
-        raise UserError(f"--gpus {gpus!r}: with --backend ray use all or none (Ray places runs on GPUs)")
-
-
-def ray_slots(resources: dict[str, float], no_gpus: bool, jobs_per_gpu: int, max_parallel: int | None
-              ) -> list[Slot]:
-    """Slots on a Ray cluster: K per cluster GPU (Ray picks the GPU), else CPU slots as locally."""
-    n_gpus = 0 if no_gpus else int(resources.get("GPU", 0))
-    slots = device_slots([str(i) for i in range(n_gpus)], jobs_per_gpu, max_parallel, int(resources.get("CPU", 1)))
-    return [Slot(f"ray-{s.name}", s.device, None, s.threads, s.gpu_fraction) for s in slots]
-
-
-def _finish(states: list[RunState], tasks: dict[str, Task], stopped_by: int | None,
-            aborted: bool = False, store_down: bool = False, experiment_id: str | None = None) -> SweepResult:
-    result = SweepResult(states, tasks, stopped_by, aborted=aborted, store_down=store_down,
-                         experiment_id=experiment_id)
-    if stopped_by is not None:
-        result.exit_code = EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
-    elif any(result.outcome(s)[0] == "failed" for s in states):
-        result.exit_code = 1
-    elif store_down:
-        result.exit_code = EXIT_STORE_DOWN
-    return result

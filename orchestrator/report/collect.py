@@ -18,8 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from orchestrator.store.claims import TAG_SUPERSEDED
 from orchestrator.errors import UserError
+from orchestrator.store.runs import find_runs
+from orchestrator.store.tags import TAG_SUPERSEDED
 from training.config import RunConfig
 from training.schedules import EpochPlan, phase_bounds, plan_for
 
@@ -99,7 +100,6 @@ def collect(client, uri: str, sweep, configs: Sequence[RunConfig], metrics: Sequ
     (its hint names ``sweep_file``) or none has logged an epoch.
     """
     from orchestrator.identity import group_key, run_key
-    from orchestrator.store.tracking import find_runs
 
     by_key = {run_key(cfg): cfg for cfg in configs}
     groups = {k: group_key(cfg) for k, cfg in by_key.items()}

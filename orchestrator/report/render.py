@@ -17,6 +17,7 @@ from orchestrator.errors import UserError
 from orchestrator.report import DEFAULT_BASELINES, SELECTED_ON_VALIDATION, comparison_plan, figures, is_tuned
 from orchestrator.report.collect import Collection
 from orchestrator.report.stats import SUMMARY_METRICS, method_line, phase_summary
+from orchestrator.store.tags import TAG_SWEEP
 
 TAG_KIND = "adareg.kind"
 
@@ -128,7 +129,6 @@ def check_baselines(baselines: Sequence[str] | None, sweep: str, schemes: Sequen
 def log_report(client, col: Collection, rep: Report) -> str:
     """Store the files of ``rep`` (nothing else of its folder) as the artifacts of a new run named
     ``report`` in the sweep's experiment; return the run's id."""
-    from orchestrator.identity import TAG_SWEEP
 
     exp = client.get_experiment_by_name(col.experiment)
     run = client.create_run(exp.experiment_id, run_name="report", tags={TAG_SWEEP: col.sweep, TAG_KIND: "report"})

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from orchestrator.store.tracking import MAX_METRICS_PER_BATCH as BATCH
+from orchestrator.store.runs import MAX_METRICS_PER_BATCH as BATCH
 from training.callbacks import METRICS as ALL_METRICS
 from training.config import RunConfig
 from training.schedules import plan_for
@@ -62,11 +62,11 @@ def log_run(client, experiment_id: str, cfg: RunConfig, sweep: str, epochs: int 
     and return its id. ``epochs`` cuts the run short (it stays RUNNING unless ``finished``)."""
     from mlflow.entities import Metric, Param
 
-    from orchestrator.identity import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SWEEP, group_key, run_key
-    from orchestrator.store.tracking import TAG_TOTAL_EPOCHS, config_params
+    from orchestrator.identity import group_key, run_key
+    from orchestrator.store.runs import config_params
+    from orchestrator.store.tags import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SWEEP
 
-    tags = {TAG_RUN_KEY: run_key(cfg), TAG_GROUP_KEY: group_key(cfg), TAG_SWEEP: sweep,
-            TAG_TOTAL_EPOCHS: str(len(plan_for(cfg)))}
+    tags = {TAG_RUN_KEY: run_key(cfg), TAG_GROUP_KEY: group_key(cfg), TAG_SWEEP: sweep}
     run = client.create_run(experiment_id, run_name=f"{cfg.dataset}-{cfg.arch}-{cfg.scheme}-s{cfg.seed}", tags=tags)
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in config_params(cfg).items()]

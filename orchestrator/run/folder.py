@@ -6,8 +6,9 @@
     checkpoint.pt   the last finished epoch (``training.checkpoint``); one that cannot be resumed is moved
                     aside to ``checkpoint.pt.broken`` (``.broken.1``, ...) and kept
     progress.json   the worker's heartbeat: epoch, total, last metrics, pid, time, and notes for the user
-    result.json     the latest attempt: ``started`` while it runs, then its outcome (status, message, MLflow
-                    run id, epochs done), with the count of starts and of attempts that ended in an error
+    result.json     the latest attempt (``Attempt``): ``started`` while it runs, then how it ended (``status``,
+                    an ``orchestrator.run.ending.End``; message, MLflow run id, epochs done), with the count
+                    of starts and of attempts that ended in an error
     stop            a request to stop after the current epoch (a pruned trial)
     worker.log      the worker's stdout and stderr
 
@@ -24,16 +25,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.run.ending import End, Then
 from training.atomic import atomic_write
 
 SPEC, LOCK, CHECKPOINT, PROGRESS, RESULT, STOP, LOG = (
     "spec.json", "lock", "checkpoint.pt", "progress.json", "result.json", "stop", "worker.log")
-
-# How an attempt ended (result.json "status") and what the scheduler makes of it: DONE; "diverged" and
-# "bad_input" are final (retrying repeats them); COUNTED ones are retried up to --retries from the last
-# checkpoint; "killed", "store_down", "busy", "stalled" and "stopped" leave the run resumable.
-DONE = ("finished", "already_finished")
-COUNTED = ("error", "crashed")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -50,10 +46,10 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 @dataclass
-class Result:
-    """``result.json``: the latest attempt of a run."""
+class Attempt:
+    """``result.json``: the latest attempt at a run, and how it ended."""
 
-    status: str = "started"  # started, or how the attempt ended (see above)
+    status: End = End.STARTED
     message: str = ""
     run_id: str | None = None
     epochs_done: int = 0
@@ -63,15 +59,22 @@ class Result:
     host: str = ""
     time: float = field(default_factory=time.time)
 
+    def __post_init__(self) -> None:
+        self.status = End(self.status)
+
     @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> Result | None:
+    def from_json(cls, data: dict[str, Any] | None) -> Attempt | None:
         if data is None:
             return None
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         try:
             return cls(**known)
-        except TypeError:
+        except (TypeError, ValueError):
             return None
+
+    @property
+    def exit_code(self) -> int:
+        return self.status.exit_code
 
 
 class RunFolder:
@@ -139,24 +142,24 @@ class RunFolder:
     def read_progress(self) -> dict[str, Any] | None:
         return _read_json(self.progress_path)
 
-    # -- result.json: one attempt's outcome
-    def read_result(self) -> Result | None:
-        return Result.from_json(_read_json(self.result_path))
+    # -- result.json: the latest attempt
+    def read_attempt(self) -> Attempt | None:
+        return Attempt.from_json(_read_json(self.result_path))
 
-    def start_attempt(self, host: str) -> Result:
+    def start_attempt(self, host: str) -> Attempt:
         """Record a new attempt (``started``). The count of failed attempts carries over (errors the worker
         caught, even before the first epoch); a previous attempt still ``started`` died without a word, most
         often with its orchestrator (a SIGKILL, a reboot), which is not the run's fault and is not counted."""
-        before = self.read_result() or Result(starts=0)
-        failures = 0 if before.status in DONE else before.failures
-        result = Result("started", starts=before.starts + 1, failures=failures, pid=os.getpid(), host=host,
-                        run_id=before.run_id, epochs_done=before.epochs_done)
-        self.write_result(result)
-        return result
+        before = self.read_attempt() or Attempt(starts=0)
+        failures = 0 if before.status.then is Then.DONE else before.failures
+        attempt = Attempt(starts=before.starts + 1, failures=failures, pid=os.getpid(), host=host,
+                          run_id=before.run_id, epochs_done=before.epochs_done)
+        self.write_attempt(attempt)
+        return attempt
 
-    def write_result(self, result: Result) -> None:
-        result.time = time.time()
-        _write_json(self.result_path, asdict(result))
+    def write_attempt(self, attempt: Attempt) -> None:
+        attempt.time = time.time()
+        _write_json(self.result_path, asdict(attempt))
 
     # -- stop requests
     def request_stop(self, reason: str) -> None:

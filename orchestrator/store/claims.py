@@ -29,10 +29,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any
 
-TAG_OWNER = "adareg.owner"
-TAG_HEARTBEAT = "adareg.heartbeat"
-TAG_SUPERSEDED = "adareg.superseded"
-TAG_SUPERSEDED_BY = "adareg.superseded_by"
+from orchestrator.store.tags import TAG_HEARTBEAT, TAG_OWNER, TAG_SUPERSEDED, TAG_SUPERSEDED_BY
 
 DEFAULT_LEASE_S = 300.0
 SETTLE_S = float(os.environ.get("ADAREG_CLAIM_SETTLE_S", "1.0"))
@@ -151,7 +148,7 @@ def create_claimed(client, experiment_id: str, tags: dict[str, str], run_name: s
     time.sleep(SETTLE_S if settle_s is None else settle_s)
     rivals = [r for r in find_active() if r.info.run_id != run.info.run_id]
     if rivals:
-        first = min([run, *rivals], key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        first = created_first([run, *rivals])
         if first.info.run_id != run.info.run_id:  # ended before it is deleted: no deleted run stays RUNNING
             supersede(client, run, f"lost the creation race to run {first.info.run_id}", by=first.info.run_id)
             client.delete_run(run.info.run_id)
@@ -160,6 +157,16 @@ def create_claimed(client, experiment_id: str, tags: dict[str, str], run_name: s
                 return first
             raise Busy(f"created concurrently as run {first.info.run_id}")
     return run
+
+
+def creation_order(run) -> tuple[int, str]:
+    """The creation race's rule, the one place it is written: the earliest (start time, run id) wins."""
+    return (run.info.start_time or 0, run.info.run_id)
+
+
+def created_first(runs: list) -> Any:
+    """The winner of a creation race among ``runs``."""
+    return min(runs, key=creation_order)
 
 
 def still_mine(client, run_id: str, me: Owner) -> bool:

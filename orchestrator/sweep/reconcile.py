@@ -20,23 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.store import claims
 from orchestrator.identity import group_key, run_key
-from orchestrator.run.folder import Result, RunFolder
-from orchestrator.store.tracking import (
-    TAG_ATTEMPTS,
-    TAG_FAILURE,
-    TAG_FAILURE_REASON,
-    connect,
-    find_runs,
-    store_exists,
-)
+from orchestrator.run.ending import DEFAULT_RETRIES, STATES, State
+from orchestrator.run.folder import Attempt, RunFolder
+from orchestrator.store import claims
+from orchestrator.store.client import connect
+from orchestrator.store.runs import find_runs
+from orchestrator.store.tags import TAG_ATTEMPTS, TAG_FAILURE, TAG_FAILURE_REASON
+from orchestrator.store.uri import store_exists
 from training.config import RunConfig
 from training.schedules import plan_for
-
-STATES = ("done", "running", "resumable", "pending", "failed")
-TODO = ("running", "resumable", "pending")  # what ``sweep run`` dispatches (running: once it is free)
-DEFAULT_RETRIES = 2
 
 
 @dataclass(frozen=True)
@@ -46,14 +39,14 @@ class RunDir:
     checkpoint: bool = False
     locked_by: int | None = None
     progress: dict[str, Any] | None = None
-    result: Result | None = None
+    attempt: Attempt | None = None
 
     @classmethod
     def inspect(cls, path: Path) -> RunDir:
         if not path.is_dir():
             return cls()
         folder = RunFolder(path)
-        return cls(folder.checkpoint.exists(), folder.lock_holder(), folder.read_progress(), folder.read_result())
+        return cls(folder.checkpoint.exists(), folder.lock_holder(), folder.read_progress(), folder.read_attempt())
 
 
 @dataclass(frozen=True)
@@ -63,17 +56,17 @@ class RunState:
     config: RunConfig
     run_key: str
     group_key: str
-    state: str
+    state: State
     total_epochs: int
     epoch: int = 0
-    test_error: float | None = None
+    test_error: float | None = None  # the evaluation split's error (the validation split's for a trial)
     images_per_second: float | None = None
     run_id: str | None = None
-    status: str | None = None  # the MLflow run's status
-    attempts: int = 0
     failure: str = ""  # the adareg.failure tag: diverged | error | killed
     reason: str = ""
-    locked_by: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", State(self.state))
 
     def as_json(self) -> dict[str, Any]:
         """The ``sweep plan --format json`` object of this run."""
@@ -85,32 +78,32 @@ class RunState:
 
 
 def classify(run: Any, run_dir: RunDir, retries: int = DEFAULT_RETRIES,
-             lease_s: float = claims.DEFAULT_LEASE_S) -> tuple[str, str]:
+             lease_s: float = claims.DEFAULT_LEASE_S) -> tuple[State, str]:
     """``(state, reason)`` of a run from its MLflow run (or None) and its folder."""
     status = run.info.status if run is not None else None
     if status == "FINISHED":
-        return "done", ""
+        return State.DONE, ""
     if run_dir.locked_by is not None:
         pid = f" (pid {run_dir.locked_by})" if run_dir.locked_by else ""
-        return "running", f"held by a live worker here{pid}"
+        return State.RUNNING, f"held by a live worker here{pid}"
     if run is not None and (holder := claims.live_holder(run.data.tags, lease_s)) is not None:
-        return "running", f"running elsewhere: {holder.describe()}"
-    result = run_dir.result
-    folder_failures = result.failures if result is not None else 0
+        return State.RUNNING, f"running elsewhere: {holder.describe()}"
+    attempt = run_dir.attempt
+    folder_failures = attempt.failures if attempt is not None else 0
     if run is None:
         if folder_failures >= 1 + retries:
-            return "failed", f"{result.message or 'error'} (after {folder_failures} failed attempts)"
-        return ("resumable", "checkpoint without an MLflow run") if run_dir.checkpoint else ("pending", "")
+            return State.FAILED, f"{attempt.message or 'error'} (after {folder_failures} failed attempts)"
+        return (State.RESUMABLE, "checkpoint without an MLflow run") if run_dir.checkpoint else (State.PENDING, "")
     tags = run.data.tags
     failure, reason = tags.get(TAG_FAILURE, ""), tags.get(TAG_FAILURE_REASON, "")
     if status == "FAILED" and failure == "diverged":
-        return "failed", reason or "diverged"
+        return State.FAILED, reason or "diverged"
     attempts = _int(tags.get(TAG_ATTEMPTS))
     if status == "FAILED" and attempts >= 1 + retries:
-        return "failed", f"{reason or 'error'} (after {attempts} attempts)"
+        return State.FAILED, f"{reason or 'error'} (after {attempts} attempts)"
     if folder_failures >= 1 + retries:
-        return "failed", f"{result.message or reason or 'error'} (after {folder_failures} failed attempts)"
-    return "resumable", f"{status.lower()}" + (f": {reason}" if status == "FAILED" and reason else "")
+        return State.FAILED, f"{attempt.message or reason or 'error'} (after {folder_failures} failed attempts)"
+    return State.RESUMABLE, f"{status.lower()}" + (f": {reason}" if status == "FAILED" and reason else "")
 
 
 def reconcile(configs: Sequence[RunConfig], runs: Mapping[str, Any], dirs: Mapping[str, RunDir],
@@ -130,10 +123,8 @@ def reconcile(configs: Sequence[RunConfig], runs: Mapping[str, Any], dirs: Mappi
             config=config, run_key=key, group_key=group_key(config), state=state, total_epochs=totals[shape],
             epoch=epoch, test_error=test_error, images_per_second=ips,
             run_id=run.info.run_id if run is not None else None,
-            status=run.info.status if run is not None else None,
-            attempts=_int(run.data.tags.get(TAG_ATTEMPTS)) if run is not None else 0,
             failure=run.data.tags.get(TAG_FAILURE, "") if run is not None else "",
-            reason=reason, locked_by=run_dir.locked_by))
+            reason=reason))
     return out
 
 
@@ -150,7 +141,7 @@ def _latest(run: Any, progress: dict[str, Any] | None) -> tuple[int, float | Non
         p_epoch = _int(progress.get("epoch"))
         if p_epoch >= epoch:
             epoch = p_epoch
-            test_error = progress.get("test_error", test_error)
+            test_error = progress.get("test_error", progress.get("val_error", test_error))
             ips = progress.get("images_per_second", ips)
     return epoch, test_error, ips
 

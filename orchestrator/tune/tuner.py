@@ -28,7 +28,6 @@ Optuna's MLflowCallback is deprecated; trials are logged by adareg's own run log
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import threading
 import time
@@ -39,16 +38,17 @@ from typing import Any
 
 import yaml
 
-from orchestrator.store import tracking
-from orchestrator.errors import UserError
+from orchestrator.dispatch.launch import Launch, LaunchOptions, exit_code
+from orchestrator.dispatch.progress import ended_word
+from orchestrator.dispatch.scheduler import QuietView
+from orchestrator.errors import BadValue, UserError
 from orchestrator.identity import run_key
+from orchestrator.run.ending import End, State
+from orchestrator.store.claims import SETTLE_S, created_first
+from orchestrator.store.tags import TAG_NOTE, TAG_PARENT, TAG_STUDY, TAG_STUDY_RUN, TAG_TRIAL
 from orchestrator.sweep.file import Range, Sweep, TuneSpace
 from training.atomic import atomic_write
 
-TAG_STUDY = "adareg.study"
-TAG_TRIAL = "adareg.trial"
-TAG_STUDY_RUN = "adareg.study_run"
-TAG_PARENT = "mlflow.parentRunId"
 ATTR_VARIANT = "variant"  # user attr of a trial: the variant of its runs (kept by a retry)
 ATTR_RUNS = "mlflow_run_ids"
 ATTR_FAILURE = "failure"
@@ -58,7 +58,6 @@ STEPS = 5
 DEFAULT_TRIAL_LEASE_S = 120.0
 MAX_RETRY = 3
 BASELINES = {"wd-1e-4": {"weight_decay": 1e-4}, "wd-1e-3": {"weight_decay": 1e-3}, "wd-8e-3": {"weight_decay": 8e-3}}
-SETTLE_S = float(os.environ.get("ADAREG_CLAIM_SETTLE_S", "1.0"))
 
 
 # --------------------------------------------------------------------------------------- the space
@@ -148,7 +147,7 @@ def open_storage(storage: str, *, create: bool = True, lease_s: float = DEFAULT_
             except Exception as e:  # noqa: BLE001 - retried, then named
                 last = e
                 time.sleep(0.5 + attempt)
-        raise UserError(f"--storage {storage}: {type(last).__name__}: {str(last).splitlines()[0][:300]}")
+        raise BadValue(f"{{storage}} {storage}: {type(last).__name__}: {str(last).splitlines()[0][:300]}")
     path = Path(storage)
     if not create and not path.exists():
         raise UserError(f"{storage}: no such study journal (run 'adareg tune run FILE' first)")
@@ -215,16 +214,16 @@ def study_run(client, experiment_id: str, study_name: str, settle_s: float = SET
     if not found:
         mine = client.create_run(experiment_id, run_name=f"study-{study_name}",
                                  tags={TAG_STUDY_RUN: study_name, TAG_STUDY: study_name,
-                                       tracking.TAG_NOTE: f"Optuna study {study_name}: its trials' runs are nested "
+                                       TAG_NOTE: f"Optuna study {study_name}: its trials' runs are nested "
                                                           "here (scored on a validation split)"})
         client.set_terminated(mine.info.run_id, status="FINISHED")
         time.sleep(settle_s)
         found = find()
-        first = min(found or [mine], key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        first = created_first(found or [mine])
         if first.info.run_id != mine.info.run_id:
             client.delete_run(mine.info.run_id)
         return first.info.run_id
-    return min(found, key=lambda r: (r.info.start_time or 0, r.info.run_id)).info.run_id
+    return created_first(found).info.run_id
 
 
 # ------------------------------------------------------------------------------------------ trials
@@ -248,12 +247,13 @@ class Tuner:
     """The scheduler's task source: asks Optuna for trials while slots are free, reports and prunes from the
     workers' progress, tells Optuna how each trial ended. Also renews its trials' heartbeats."""
 
-    def __init__(self, sweep: Sweep, study, client, trials: int, runs_dir: Path, *, parent_run_id: str | None = None,
-                 lease_s: float = DEFAULT_TRIAL_LEASE_S, note=None, jobs=None):
+    def __init__(self, sweep: Sweep, study, client, trials: int, launch: Launch, *, parent_run_id: str | None = None,
+                 lease_s: float = DEFAULT_TRIAL_LEASE_S, note=None):
         self.sweep, self.study, self.client, self.budget = sweep, study, client, trials
-        self.jobs = jobs or list  # a trial's runs -> the scheduler's jobs (its seeds packed, or one job each)
+        self.launch = launch
+        self.jobs = launch.jobs(note or (lambda message: None))  # a trial's runs -> jobs (its seeds packed, or not)
         self.space = space_of(sweep)
-        self.runs_dir, self.parent_run_id, self.lease_s = runs_dir, parent_run_id, lease_s
+        self.parent_run_id, self.lease_s = parent_run_id, lease_s
         self.note = note or (lambda message: None)
         self.storage = study._storage
         self.rdb = _heartbeat_enabled(self.storage)
@@ -336,8 +336,6 @@ class Tuner:
     def more(self) -> list:
         if not self.running():
             return []
-        from orchestrator.dispatch.scheduler import Task
-
         self.recover()
         trial = self.study.ask()
         self.asked += 1
@@ -352,8 +350,7 @@ class Tuner:
             tasks = {}
             for config in trial_configs(self.sweep, params, variant, number):
                 key = run_key(config)
-                task = Task(key, config, self.runs_dir / key)
-                task.run_dir.mkdir(parents=True, exist_ok=True)
+                task = self.launch.task(config, key)
                 self.tags[key] = {TAG_STUDY: self.sweep.name, TAG_TRIAL: str(number),
                                   **({TAG_PARENT: self.parent_run_id} if self.parent_run_id else {})}
                 tasks[key] = task
@@ -379,8 +376,8 @@ class Tuner:
             if run_id:
                 with contextlib.suppress(Exception):  # the store is down: the next epoch reads it again
                     runs.values[task.key].update(self._history(run_id))
-            if self.space.objective == "val_error" and progress.get("test_error") is not None:
-                runs.values[task.key][epoch] = float(progress["test_error"])  # progress.json: test OR val error
+            if progress.get(self.space.objective) is not None:  # progress.json holds the last val_error
+                runs.values[task.key][epoch] = float(progress[self.space.objective])
             self._report(runs)
 
     def _history(self, run_id: str) -> dict[int, float]:
@@ -407,7 +404,7 @@ class Tuner:
             runs = self.by_key.get(task.key)
             if runs is None or runs.trial._trial_id not in self.live:
                 return
-            runs.ended[task.key] = task.result
+            runs.ended[task.key] = task
             if len(runs.ended) == len(runs.tasks):
                 self._tell(runs)
 
@@ -415,13 +412,13 @@ class Tuner:
         from optuna.trial import TrialState
 
         trial = runs.trial
-        results = set(runs.ended.values())
-        run_ids = [(t.folder.read_result() or _NoResult).run_id for t in runs.tasks.values()]
+        states = {t.state for t in runs.ended.values()}
+        run_ids = [(t.folder.read_attempt() or _NoResult).run_id for t in runs.tasks.values()]
         trial.set_user_attr(ATTR_RUNS, [r for r in run_ids if r])
         del self.live[trial._trial_id]
         for key in runs.tasks:
             self.by_key.pop(key, None)
-        if results == {"finished"}:
+        if states == {State.DONE}:
             finals = []
             for key, run_id in zip(runs.tasks, run_ids):
                 try:
@@ -438,14 +435,17 @@ class Tuner:
             self.study.tell(trial, value)
             self.told[trial.number] = "complete"
             return None
-        if runs.pruned or results <= {"finished", "stopped"}:
+        stopped = all(t.state is State.DONE or t.end is End.STOPPED for t in runs.ended.values())
+        if runs.pruned or stopped:
             self.study.tell(trial, state=TrialState.PRUNED)
             self.told[trial.number] = "pruned"
             return None
-        if "killed" in results or "skipped" in results:  # interrupted: another tuner (or this one, again) resumes it
+        if State.RESUMABLE in states:  # interrupted: another tuner (or this one, again) resumes it
             return self._retry(runs, "interrupted; enqueued again (its runs resume)")
-        messages = [f"{key}: {t.result}: {t.message}" for key, t in runs.tasks.items() if t.result != "finished"]
-        if "failed" in results:  # an error that retries did not cure, or bad input: the next trial would fail too
+        messages = [f"{key}: {ended_word(t)}: {t.message}" for key, t in runs.tasks.items()
+                    if t.state is not State.DONE]
+        if any(t.state is State.FAILED and t.end is not End.DIVERGED for t in runs.ended.values()):
+            # an error that retries did not cure, or bad input: the next trial would fail too
             self.errors.append(f"trial {trial.number}: " + "; ".join(messages))
             self.halted = True
         return self._fail(runs, "; ".join(messages)[:2000])
@@ -496,63 +496,31 @@ class TuneResult:
     exit_code: int = 0
 
 
-def run_tune(sweep: Sweep, trials: int, *, storage: str | None, tracking_uri: str | None, runs_dir: Path,
-             gpus: str | None = None, jobs_per_gpu: int = 1, max_parallel: int | None = None,
-             lease_s: float = DEFAULT_TRIAL_LEASE_S, pack: int | str | None = None, view=None,
+def run_tune(sweep: Sweep, trials: int, options: LaunchOptions | None = None, *, storage: str | None,
+             tracking_uri: str | None, runs_dir: Path, trial_lease: float = DEFAULT_TRIAL_LEASE_S, view=None,
              poll_s: float | None = None) -> TuneResult:
-    """Run ``trials`` more trials of the sweep's study through the scheduler (every free slot gets the next
-    trial's runs; with ``pack`` (default: the sweep file's) a trial's seeds train as one fused model);
-    safe beside other tuners on the same study and store."""
-    from orchestrator.dispatch import scheduler as sched
-    from orchestrator.dispatch.backends import LocalBackend
-    from orchestrator.run.worker import EXIT_SIGINT, EXIT_SIGTERM, WorkerSpec
-
+    """Run ``trials`` more trials of the sweep's study through the one launch path (every free slot gets the
+    next trial's runs; with ``options.pack`` (default: the sweep file's) a trial's seeds train as one fused
+    model); safe beside other tuners on the same study and store."""
     space_of(sweep)
-    pack = sched.checked_pack(sweep.pack if pack is None else pack)
-    if lease_s <= 0:
-        raise UserError(f"--trial-lease {lease_s:g}: must be > 0 seconds")
-    visible = [] if (gpus or "").strip().lower() == "none" else sched.visible_gpus()
-    slots = sched.device_slots(sched.parse_gpus(gpus, visible), jobs_per_gpu, max_parallel)
-    uri = tracking.absolute_tracking_uri(tracking.resolve_tracking_uri(tracking_uri))
-    runs_dir = Path(runs_dir).resolve()
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    client = tracking.connect(uri)
-    experiment_id = tracking.ensure_experiment(client, sweep.experiment, sched.describe(sweep))
-    study = open_study(sweep, storage, lease_s=lease_s)
-    parent = study_run(client, experiment_id, sweep.name)
-    view = view or sched.QuietView()
-    tuner = Tuner(sweep, study, client, trials, runs_dir, parent_run_id=parent, lease_s=lease_s, note=view.note,
-                  jobs=sched.jobs_of(pack, slots, runs_dir / sched.PACKS, note=view.note))
-
-    def write_spec(task, slot) -> Path:
-        def spec_for(run) -> WorkerSpec:
-            config = run.config.replace(data_dir=os.path.abspath(run.config.data_dir))
-            return WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run.run_dir),
-                              tracking_uri=uri, sweep=sweep.name, device=slot.device, threads=slot.threads,
-                              tags=tuner.tags[run.key])
-
-        return sched.write_job_spec(task, spec_for)
-
-    backend = LocalBackend()
-    extra = {"poll_s": poll_s} if poll_s else {}
-    scheduler = sched.Scheduler(backend, slots, write_spec, view=view, source=tuner,
-                                store_probe=lambda: tracking.probe(uri), **extra)
+    if trial_lease <= 0:
+        raise BadValue(f"{{trial_lease}} {trial_lease:g}: must be > 0 seconds")
+    options = options or LaunchOptions()
+    if options.backend != "local":
+        raise BadValue("{backend} " + f"{options.backend!r}: tuning runs its trials on this machine (local)")
+    launch = Launch.open(sweep, options, tracking_uri=tracking_uri, runs_dir=runs_dir)
+    study = open_study(sweep, storage, lease_s=trial_lease)
+    parent = study_run(launch.client, launch.experiment_id, sweep.name)
+    view = view or QuietView()
+    tuner = Tuner(sweep, study, launch.client, trials, launch, parent_run_id=parent, lease_s=trial_lease,
+                  note=view.note)
     tuner.start()
     try:
-        stopped_by = scheduler.run([])
+        stopped_by = launch.run([], view, source=tuner, tags=lambda run: tuner.tags[run.key], poll_s=poll_s)
     finally:
         tuner.close()
-        backend.close()
         tuner.abandon()  # trials still in flight (stopped by a signal, or the store went down): retried later
-    code = 0
-    if stopped_by is not None:
-        import signal
-
-        code = EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
-    elif scheduler.store_gave_up:
-        code = sched.EXIT_STORE_DOWN
-    elif tuner.errors:
-        code = 1
+    code = exit_code(stopped_by, failed=bool(tuner.errors), store_down=launch.scheduler.store_gave_up)
     return TuneResult(study, tuner.told, tuner.errors, code)
 
 

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from orchestrator.dispatch import autopack
+from orchestrator.dispatch.packs import checked_pack, form_packs, pack_sizes
+from orchestrator.dispatch.scheduler import Task
+from orchestrator.dispatch.slots import Slot, device_slots
 from orchestrator.errors import UserError
-from orchestrator.dispatch.scheduler import Slot, Task, checked_pack, device_slots, form_packs, pack_sizes
 from training.config import RunConfig, shape_of
 
 GiB = 2**30
@@ -104,5 +106,5 @@ def test_pack_sizes_and_packs_per_shape_the_same_whatever_has_finished(tmp_path)
     assert [(j.key, [r.key for r in j.runs], j.pack_size) for j in again] == \
         [(jobs[3].key, ["k07", "k08"], 3), (jobs[0].key, ["k02"], 3), ("k06", ["k06"], 0)]
     assert checked_pack("off") == 1 and checked_pack("auto") == "auto" and checked_pack("4") == 4
-    with pytest.raises(UserError, match=r"--pack 0: expected a pack size >= 1, auto or off"):
+    with pytest.raises(UserError, match=r"^pack 0: expected a pack size >= 1, auto or off"):
         checked_pack(0)

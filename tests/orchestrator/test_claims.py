@@ -10,8 +10,12 @@ import time
 import pytest
 from mlflow.entities import ViewType
 
-from orchestrator.store import claims, tracking
-from orchestrator.identity import TAG_RUN_KEY
+from orchestrator.identity import run_key
+from orchestrator.store import claims
+from orchestrator.store.client import Store, connect
+from orchestrator.store.logger import RunLogger
+from orchestrator.store.runs import active_runs, end_strays, ensure_experiment, find_runs
+from orchestrator.store.tags import TAG_HEARTBEAT, TAG_OWNER, TAG_RUN_KEY, TAG_SUPERSEDED_BY
 from training.callbacks import METRICS
 from training.config import RunConfig
 from training.schedules import plan_for
@@ -24,7 +28,7 @@ def owner(host=None, pid=None, run_dir="/elsewhere/k", since=None, oid="x1"):
 
 
 def tags(o: claims.Owner, beat: float) -> dict[str, str]:
-    return {claims.TAG_OWNER: o.tag(), claims.TAG_HEARTBEAT: str(beat)}
+    return {TAG_OWNER: o.tag(), TAG_HEARTBEAT: str(beat)}
 
 
 def test_holder_is_live_within_the_lease_and_stale_when_its_process_is_provably_gone():
@@ -51,26 +55,26 @@ def subprocess_pid_that_exited() -> int:
 @pytest.fixture
 def store_uri(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tracking.ensure_experiment(tracking.connect(uri), "claims")
+    ensure_experiment(connect(uri), "claims")
     return uri
 
 
 def _create(uri: str, key: str, start_at: float, queue) -> None:
-    client = tracking.connect(uri)
+    client = connect(uri)
     exp = client.get_experiment_by_name("claims").experiment_id
     me = claims.Owner.me(f"/runs/{os.getpid()}")
     while time.time() < start_at:
         time.sleep(0.001)
     try:
         run = claims.create_claimed(client, exp, {TAG_RUN_KEY: key}, "r", me,
-                                    lambda: tracking.active_runs(client, exp, key), settle_s=0.5)
+                                    lambda: active_runs(client, exp, key), settle_s=0.5)
         queue.put(("won", run.info.run_id))
     except claims.Busy as e:
         queue.put(("lost", str(e)))
 
 
 def _claim(uri: str, run_id: str, start_at: float, queue) -> None:
-    client = tracking.connect(uri)
+    client = connect(uri)
     me = claims.Owner.me(f"/runs/{os.getpid()}")
     run = client.get_run(run_id)
     while time.time() < start_at:
@@ -98,9 +102,9 @@ def test_four_processes_creating_one_key_at_once_leave_exactly_one_run(store_uri
     results = race(_create, store_uri, "k1")
     won = [r for what, r in results if what == "won"]
     assert len(won) == 1, results
-    client = tracking.connect(store_uri)
+    client = connect(store_uri)
     exp = client.get_experiment_by_name("claims").experiment_id
-    assert [r.info.run_id for r in tracking.active_runs(client, exp, "k1")] == won
+    assert [r.info.run_id for r in active_runs(client, exp, "k1")] == won
     everything = client.search_runs([exp], run_view_type=ViewType.ALL)
     assert sorted((r.info.run_id == won[0], r.info.lifecycle_stage, r.info.status) for r in everything) == \
         [(False, "deleted", "KILLED")] * 3 + [(True, "active", "RUNNING")]  # no deleted run left RUNNING
@@ -109,7 +113,7 @@ def test_four_processes_creating_one_key_at_once_leave_exactly_one_run(store_uri
 def test_a_run_left_by_a_creator_killed_during_the_race_is_ended_unless_someone_holds_it(store_uri):
     """The loser of a creation race was killed between creating its run and deleting it: the next sweep
     supersedes that second run (and deletes it, being empty) but leaves a live creator's run alone."""
-    client = tracking.connect(store_uri)
+    client = connect(store_uri)
     exp = client.get_experiment_by_name("claims").experiment_id
     now = time.time()
     first = client.create_run(exp, tags={TAG_RUN_KEY: "k3"}, start_time=int(now * 1000) - 5000)
@@ -119,25 +123,25 @@ def test_a_run_left_by_a_creator_killed_during_the_race_is_ended_unless_someone_
                                  start_time=int(now * 1000) - 3000)
     ended_only = client.create_run(exp, tags={TAG_RUN_KEY: "k3"}, start_time=int(now * 1000) - 2000)
     client.set_terminated(ended_only.info.run_id, status="KILLED")  # killed between ending and deleting it
-    assert tracking.end_strays(client, exp, lease_s=60) == [killed.info.run_id, ended_only.info.run_id]
+    assert end_strays(client, exp, lease_s=60) == [killed.info.run_id, ended_only.info.run_id]
     for stray in (killed, ended_only):
         gone = client.get_run(stray.info.run_id)
         assert (gone.info.lifecycle_stage, gone.info.status) == ("deleted", "KILLED")
-        assert gone.data.tags[claims.TAG_SUPERSEDED_BY] == first.info.run_id
-    assert [r.info.run_id for r in tracking.active_runs(client, exp, "k3")] == [first.info.run_id,
+        assert gone.data.tags[TAG_SUPERSEDED_BY] == first.info.run_id
+    assert [r.info.run_id for r in active_runs(client, exp, "k3")] == [first.info.run_id,
                                                                                settling.info.run_id]
-    assert tracking.end_strays(client, exp, lease_s=60) == []
+    assert end_strays(client, exp, lease_s=60) == []
 
 
 def test_four_processes_taking_over_one_stale_claim_leave_one_owner(store_uri):
-    client = tracking.connect(store_uri)
+    client = connect(store_uri)
     exp = client.get_experiment_by_name("claims").experiment_id
     dead = owner(host="gone-host", pid=1, since=time.time() - 1000)
     run = client.create_run(exp, tags={TAG_RUN_KEY: "k2", **tags(dead, time.time() - 1000)})
     results = race(_claim, store_uri, run.info.run_id)
     won = [r for what, r in results if what == "won"]
     assert len(won) == 1, results
-    assert claims.Owner.from_tag(client.get_run(run.info.run_id).data.tags[claims.TAG_OWNER]).id == won[0]
+    assert claims.Owner.from_tag(client.get_run(run.info.run_id).data.tags[TAG_OWNER]).id == won[0]
     assert all(why.startswith(("taken over meanwhile by", "running elsewhere")) for what, why in results
                if what == "lost")
 
@@ -147,9 +151,9 @@ def metrics(config, epoch, scale=1.0):
 
 
 def logger_for(uri, run_dir=ME):
-    store = tracking.Store(uri)
-    exp = tracking.ensure_experiment(store.client, "claims")
-    return tracking.RunLogger(store, exp, "s", owner=claims.Owner.me(run_dir), lease_s=60)
+    store = Store(uri)
+    exp = ensure_experiment(store.client, "claims")
+    return RunLogger(store, exp, "s", owner=claims.Owner.me(run_dir), lease_s=60)
 
 
 def test_the_logger_resumes_its_own_history_and_supersedes_anothers(store_uri, monkeypatch):
@@ -175,12 +179,12 @@ def test_the_logger_resumes_its_own_history_and_supersedes_anothers(store_uri, m
     assert fresh.superseded.startswith(f"run {first.run_id} superseded: MLflow's ")
     client = fresh.store.client
     old = client.get_run(first.run_id)
-    assert old.data.tags[claims.TAG_SUPERSEDED_BY] == fresh.run_id and old.info.status == "KILLED"
+    assert old.data.tags[TAG_SUPERSEDED_BY] == fresh.run_id and old.info.status == "KILLED"
     assert {m.step for m in client.get_metric_history(fresh.run_id, "train_loss")} == {1, 2}
     fresh.finish("FINISHED")
     exp = client.get_experiment_by_name("claims").experiment_id
-    assert tracking.find_runs(client, "claims")[tracking.run_key(config)].info.run_id == fresh.run_id
-    assert [r.info.run_id for r in tracking.active_runs(client, exp, tracking.run_key(config))] == [fresh.run_id]
+    assert find_runs(client, "claims")[run_key(config)].info.run_id == fresh.run_id
+    assert [r.info.run_id for r in active_runs(client, exp, run_key(config))] == [fresh.run_id]
 
 
 def test_a_live_claim_elsewhere_keeps_the_logger_out(store_uri, monkeypatch):

@@ -7,11 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.store import claims
 from orchestrator.identity import run_key
+from orchestrator.run.folder import Attempt, RunFolder
+from orchestrator.store import claims
+from orchestrator.store.tags import TAG_HEARTBEAT, TAG_OWNER
+from orchestrator.store.uri import absolute_tracking_uri, sqlite_path
 from orchestrator.sweep.reconcile import RunDir, classify, counts, reconcile
-from orchestrator.run.folder import Result, RunFolder
-from orchestrator.store.tracking import absolute_tracking_uri, sqlite_path
 from training.config import RunConfig
 
 ELSEWHERE = claims.Owner("abc", "gpu-box-7", 4242, "/scratch/runs/k", 1_700_000_000.0)
@@ -20,7 +21,7 @@ ELSEWHERE = claims.Owner("abc", "gpu-box-7", 4242, "/scratch/runs/k", 1_700_000_
 def mlflow_run(status, run_id="r1", failure="", reason="", attempts=1, metrics=(), owner=None, beat=None):
     tags = {"adareg.failure": failure, "adareg.failure_reason": reason, "adareg.attempts": str(attempts)}
     if owner is not None:
-        tags.update({claims.TAG_OWNER: owner.tag(), claims.TAG_HEARTBEAT: str(beat)})
+        tags.update({TAG_OWNER: owner.tag(), TAG_HEARTBEAT: str(beat)})
     objs = [SimpleNamespace(key=k, value=v, step=step) for k, v, step in metrics]
     return SimpleNamespace(info=SimpleNamespace(status=status, run_id=run_id),
                            data=SimpleNamespace(tags=tags, _metric_objs=objs))
@@ -42,10 +43,10 @@ def mlflow_run(status, run_id="r1", failure="", reason="", attempts=1, metrics=(
     (None, RunDir(checkpoint=True), ("resumable", "checkpoint without an MLflow run")),
     (None, RunDir(), ("pending", "")),
     # attempts that failed before the first epoch (no MLflow run yet) count too
-    (None, RunDir(result=Result("error", "OSError: boom", failures=2)), ("pending", "")),
-    (None, RunDir(result=Result("error", "OSError: boom", failures=3)),
+    (None, RunDir(attempt=Attempt("error", "OSError: boom", failures=2)), ("pending", "")),
+    (None, RunDir(attempt=Attempt("error", "OSError: boom", failures=3)),
      ("failed", "OSError: boom (after 3 failed attempts)")),
-    (mlflow_run("KILLED", attempts=1), RunDir(result=Result("error", "OSError: boom", failures=3)),
+    (mlflow_run("KILLED", attempts=1), RunDir(attempt=Attempt("error", "OSError: boom", failures=3)),
      ("failed", "OSError: boom (after 3 failed attempts)")),
 ])
 def test_classify(run, run_dir, expected):
@@ -88,8 +89,8 @@ def test_run_dir_inspect(tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"x")
     (tmp_path / "progress.json").write_text(json.dumps({"epoch": 4, "total": 15}))
     assert RunDir.inspect(tmp_path) == RunDir(checkpoint=True, locked_by=None, progress={"epoch": 4, "total": 15})
-    RunFolder(tmp_path).write_result(Result("error", "boom", failures=1))
-    assert RunDir.inspect(tmp_path).result.failures == 1
+    RunFolder(tmp_path).write_attempt(Attempt("error", "boom", failures=1))
+    assert RunDir.inspect(tmp_path).attempt.failures == 1
 
 
 def test_reconcile_merges_mlflow_and_progress():

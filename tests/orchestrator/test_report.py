@@ -20,15 +20,15 @@ import pytest
 from PIL import Image
 
 import orchestrator.report.collect as collect_mod
-from orchestrator.store.claims import TAG_SUPERSEDED
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
 from orchestrator.report import figures
 from orchestrator.report.collect import FRAME_COLUMNS, REPORT_METRICS, collect, read_histories, read_sql
 from orchestrator.report.stats import holm, method_line
 from orchestrator.report.synthetic import log_run
+from orchestrator.store.runs import find_runs
+from orchestrator.store.tags import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SUPERSEDED
 from orchestrator.sweep.file import expand, load_sweep
-from orchestrator.store.tracking import find_runs
 from training.schedules import phase_bounds, plan_for
 
 SWEEP = """
@@ -439,7 +439,7 @@ def test_cli_report_on_a_missing_store_creates_nothing(store, tmp_path, capsys):
 
 
 def test_runs_that_logged_no_epoch_yet_are_not_a_report(store):
-    from orchestrator.identity import TAG_GROUP_KEY, TAG_RUN_KEY, group_key
+    from orchestrator.identity import group_key
 
     client, uri, sweep_file, _, configs = store
     sweep = load_sweep(sweep_file, sets=["experiment=adareg-started"])

@@ -23,6 +23,9 @@ import e2e
 import pytest
 from e2e import N_METRICS, leftover_processes, wait_until, write_sweep
 
+from orchestrator.store.client import connect
+from orchestrator.store.runs import ensure_experiment
+
 pytestmark = pytest.mark.slow
 
 
@@ -30,10 +33,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def store_template(tmp_path_factory) -> Path:
     """An empty, migrated MLflow sqlite store: a new store takes seconds to create, a copy none."""
-    from orchestrator.store import tracking
 
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    tracking.connect(f"sqlite:///{path}").search_experiments()
+    connect(f"sqlite:///{path}").search_experiments()
     return path
 
 
@@ -183,10 +185,9 @@ def test_sigkill_at_random_moments_then_ctrl_c_then_rerun(tmp_path, store, capsy
 def test_eight_processes_log_to_one_sqlite_store_at_once(tmp_path, store):
     """The store and experiment made once; then 8 processes log 15 epochs each through the worker's
     RunLogger at the same moment (forked from one parent that imported everything): no lock error."""
-    from orchestrator.store import tracking
 
     uri = store
-    tracking.ensure_experiment(tracking.connect(uri), "concurrent")
+    ensure_experiment(connect(uri), "concurrent")
     writers = textwrap.dedent(f"""
         import os, sys, time, traceback
         from orchestrator.store import claims, tracking
@@ -202,9 +203,9 @@ def test_eight_processes_log_to_one_sqlite_store_at_once(tmp_path, store):
                 continue
             code = 0
             try:
-                store = tracking.Store({uri!r})
-                experiment_id = tracking.ensure_experiment(store.client, "concurrent")
-                logger = tracking.RunLogger(store, experiment_id, "c", owner=claims.Owner.me(f"/runs/{{i}}"))
+                store = Store({uri!r})
+                experiment_id = ensure_experiment(store.client, "concurrent")
+                logger = RunLogger(store, experiment_id, "c", owner=claims.Owner.me(f"/runs/{{i}}"))
                 config = RunConfig(seed=i, epochs_scale=0.02)
                 plan = plan_for(config)
                 while time.time() < start_at:

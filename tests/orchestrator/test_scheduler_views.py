@@ -6,11 +6,13 @@ import re
 
 from rich.console import Console
 
-from orchestrator.dispatch.backends import Slot
-from orchestrator.identity import run_key
+from orchestrator.dispatch.launch import SweepResult
 from orchestrator.dispatch.progress import LiveView, PlainView, make_view, status_view, summary_table
+from orchestrator.dispatch.scheduler import Task
+from orchestrator.dispatch.slots import Slot
+from orchestrator.identity import run_key
+from orchestrator.run.ending import End, State
 from orchestrator.sweep.reconcile import RunState
-from orchestrator.dispatch.scheduler import SweepResult, Task
 from training.config import RunConfig
 
 
@@ -43,8 +45,8 @@ def test_live_view_draws_the_bar_and_a_line_per_running_run(tmp_path):
     assert "demo: 1/3 done · 1 running · 1 failed" in live
     assert "25/45 epochs" in live  # 15 done + 3 of the failed run + 7 of the running run
     assert re.search(rf"{task.key} +01 +resnet14 +digits +1 +cpu0 +7/15 +0.2500 +1,234", live), live
-    task.result = "finished"
-    view.ended(task, Slot("cpu0"), 0)
+    task.end, task.state = End.FINISHED, State.DONE
+    view.ended(task, Slot("cpu0"))
     view.close()
     assert "2/3 done · 0 running · 1 failed" in text(console) and "33/45 epochs" in text(console)
 
@@ -55,8 +57,8 @@ def test_plain_view_prints_a_line_per_event(tmp_path):
     view = make_view(states, [task], "demo", console)
     assert isinstance(view, PlainView)
     view.started(task, Slot("cpu1"))
-    task.result, task.message = "diverged", "diverged at epoch 2: train loss is nan"
-    view.ended(task, Slot("cpu1"), 3)
+    task.end, task.state, task.message = End.DIVERGED, State.FAILED, "diverged at epoch 2: train loss is nan"
+    view.ended(task, Slot("cpu1"))
     view.close()
     lines = [line.split("] ", 1)[1] for line in console.file.getvalue().splitlines()]
     assert lines[0] == "sweep: 1 to run; 1/3 done, 0 running, 1 failed; epochs 18/45"
@@ -68,7 +70,7 @@ def test_plain_view_prints_a_line_per_event(tmp_path):
 
 def test_summary_and_status_tables(tmp_path):
     states, task = fixture_runs(tmp_path)
-    task.result, task.message = "failed", "error: cifar10: no archive"
+    task.end, task.state, task.message = End.ERROR, State.FAILED, "error: cifar10: no archive"
     result = SweepResult(states, {task.key: task})
     console = Console(file=io.StringIO(), width=220)
     console.print(summary_table(result, "demo"))

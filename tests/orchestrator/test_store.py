@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.store import tracking
+from orchestrator.store.client import StoreUnreachable, connect
+from orchestrator.store.runs import ensure_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def opener(uri: str) -> subprocess.Popen:
-    code = f"from orchestrator.store import tracking; tracking.connect({uri!r}).search_experiments()"
+    code = f"from orchestrator.store.client import connect; connect({uri!r}).search_experiments()"
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)
 
 
@@ -33,8 +34,8 @@ def migrating(folder: Path) -> bool:
 
 
 def assert_usable(uri: str) -> None:
-    client = tracking.connect(uri)
-    run = client.create_run(tracking.ensure_experiment(client, "usable"))
+    client = connect(uri)
+    run = client.create_run(ensure_experiment(client, "usable"))
     client.log_metric(run.info.run_id, "test_loss", 1.5, step=1)
     assert client.get_metric_history(run.info.run_id, "test_loss")[0].value == 1.5
 
@@ -83,11 +84,11 @@ def test_an_unreachable_postgresql_store_is_one_line_without_its_password():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    with pytest.raises(tracking.StoreUnreachable) as e:
-        tracking.connect(f"postgresql://adareg:s3cret@127.0.0.1:{port}/runs")
+    with pytest.raises(StoreUnreachable) as e:
+        connect(f"postgresql://adareg:s3cret@127.0.0.1:{port}/runs")
     assert e.value.exit_code == 75
     message = str(e.value)
     assert message.startswith(f"tracking store postgresql://adareg:***@127.0.0.1:{port}/runs is unreachable: ")
     assert "\n" not in message and "s3cret" not in message
     with pytest.raises(ConnectionError):  # what Store retries
-        tracking.connect(f"postgresql://adareg:s3cret@127.0.0.1:{port}/runs", transient_errors=True)
+        connect(f"postgresql://adareg:s3cret@127.0.0.1:{port}/runs", transient_errors=True)

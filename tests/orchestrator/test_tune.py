@@ -17,8 +17,8 @@ import pytest
 import yaml
 from servers import postgres, postgres_uri  # noqa: F401, F811 (fixtures)
 
-from orchestrator.errors import UserError
 from orchestrator.dispatch.scheduler import Task
+from orchestrator.errors import UserError
 from orchestrator.sweep.file import load_sweep
 from orchestrator.tune.tuner import (
     TrialRuns,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from orchestrator.run.folder import RunFolder
+from orchestrator.dispatch.progress import ended_word
 from orchestrator.dispatch.scheduler import Task
+from orchestrator.run.folder import RunFolder
 from training.config import RunConfig
 
 _spec = importlib.util.spec_from_file_location("scheduler_fakes", Path(__file__).with_name("test_scheduler.py"))
@@ -35,7 +36,7 @@ class Source:
         self.seen.add((task.key, progress["epoch"]))
 
     def ended(self, task):
-        self.told.append((task.key, task.result))
+        self.told.append((task.key, ended_word(task)))
 
 
 class ProgressBackend(fakes.FakeBackend):

@@ -1,0 +1,251 @@
+"""One way to launch runs: what ``adareg sweep run`` and ``adareg tune run`` (and notebooks) go through.
+
+``LaunchOptions`` are the options every launch shares, checked once, in library terms (``BadValue``
+names the argument; the CLI names it as its flag). ``Launch.open`` does the steps every launch shares,
+in one order: the pack size, the device slots, the store URI, the runs folder, the store and the
+experiment (initialised once, from this process). ``Launch.run`` then writes every job's worker specs
+(so an option added here reaches every worker) and runs the ``Scheduler`` over a backend; ``exit_code``
+turns how it ended into the process's exit code. ``run_sweep`` is a sweep's launch: reconcile, run what
+is owed, reconcile again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.dispatch.backends import Backend, LocalBackend, RayBackend, check_shared
+from orchestrator.dispatch.packs import PACKS, checked_pack, jobs_of, write_job_spec
+from orchestrator.dispatch.scheduler import QuietView, Scheduler, Task, TaskSource, View
+from orchestrator.dispatch.slots import Slot, check_ray_gpus, device_slots, parse_gpus, ray_slots, visible_gpus
+from orchestrator.errors import BadValue
+from orchestrator.run.ending import (
+    DEFAULT_RETRIES,
+    EXIT_FAILED,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_STORE,
+    TODO,
+    State,
+)
+from orchestrator.run.spec import WorkerSpec
+from orchestrator.store.claims import DEFAULT_LEASE_S
+from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S, connect, is_transient, probe
+from orchestrator.store.runs import end_strays, ensure_experiment
+from orchestrator.store.uri import absolute_tracking_uri, resolve_tracking_uri
+from orchestrator.sweep.reconcile import RunState, inspect_sweep
+from training.config import RunConfig
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """How runs are launched; every field is checked here, once."""
+
+    gpus: str | None = None  # 'all' (None), 'none', or indices into the visible GPUs: '0,1'
+    jobs_per_gpu: int = 1
+    max_parallel: int | None = None
+    retries: int = DEFAULT_RETRIES
+    backend: str = "local"  # local | ray
+    ray_address: str | None = None
+    shared_runs_dir: bool = False
+    stall_timeout: float | None = None  # None: max(20 min, 5 x the slowest epoch)
+    store_timeout: float = DEFAULT_STORE_TIMEOUT_S
+    claim_lease: float = DEFAULT_LEASE_S
+    pack: int | str | None = None  # None: the sweep file's
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise BadValue(f"{{retries}} {self.retries}: must be >= 0")
+        for name in ("stall_timeout", "store_timeout", "claim_lease"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise BadValue(f"{{{name}}} {value:g}: must be > 0 seconds")
+        if self.backend not in ("local", "ray"):
+            raise BadValue(f"{{backend}} {self.backend!r}: expected local or ray")
+        if self.pack is not None:
+            checked_pack(self.pack)
+        if self.backend == "ray":
+            check_ray_gpus(self.gpus)
+        device_slots([], self.jobs_per_gpu, self.max_parallel)  # the counts
+
+    @property
+    def no_gpus(self) -> bool:
+        return (self.gpus or "").strip().lower() == "none"
+
+
+@dataclass
+class Launch:
+    """A launch under way: its sweep, options, store and experiment, runs folder and slots."""
+
+    sweep: object
+    options: LaunchOptions
+    uri: str
+    runs_dir: Path
+    client: object
+    experiment_id: str
+    pack: int | str
+    slots: list[Slot] = field(default_factory=list)
+    scheduler: Scheduler | None = None
+
+    @classmethod
+    def open(cls, sweep, options: LaunchOptions, *, tracking_uri: str | None, runs_dir: Path) -> Launch:
+        """Everything checked before anything is touched, then the store and experiment, initialised once."""
+        pack = checked_pack(sweep.pack if options.pack is None else options.pack)
+        slots: list[Slot] = []
+        if options.backend == "local":
+            visible = [] if options.no_gpus else visible_gpus()
+            slots = device_slots(parse_gpus(options.gpus, visible), options.jobs_per_gpu, options.max_parallel)
+        uri = absolute_tracking_uri(resolve_tracking_uri(tracking_uri))
+        runs_dir = Path(runs_dir).resolve()
+        if options.backend == "ray":
+            check_shared(options.ray_address, uri, runs_dir, options.shared_runs_dir)
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        client = connect(uri)
+        experiment_id = ensure_experiment(client, sweep.experiment, describe(sweep))
+        end_strays(client, experiment_id, options.claim_lease)
+        return cls(sweep, options, uri, runs_dir, client, experiment_id, pack, slots)
+
+    def task(self, config: RunConfig, key: str, total_epochs: int = 0) -> Task:
+        """The scheduler's task of one run (its folder made)."""
+        task = Task(key, config, self.runs_dir / key, total_epochs)
+        task.run_dir.mkdir(parents=True, exist_ok=True)
+        return task
+
+    def jobs(self, note: Callable[[str], None]) -> Callable[..., list[Task]]:
+        """``jobs(tasks, everything=None)``: tasks as the scheduler's jobs, packed per this launch's pack."""
+        return jobs_of(self.pack, self.slots, self.runs_dir / PACKS, calibrate=self.options.backend == "local",
+                       note=note)
+
+    def backend(self) -> Backend:
+        """The backend to run workers on (for Ray, the slots are the cluster's)."""
+        o = self.options
+        if o.backend == "local":
+            return LocalBackend()
+        ray = RayBackend(o.ray_address, num_gpus=0 if o.no_gpus else None)
+        self.slots = ray_slots(ray.resources(), o.no_gpus, o.jobs_per_gpu, o.max_parallel)
+        return ray
+
+    def run(self, jobs: Sequence[Task], view: View | None = None, *, source: TaskSource | None = None,
+            tags: Callable[[Task], dict[str, str]] | None = None, poll_s: float | None = None) -> int | None:
+        """Run ``jobs`` (and what ``source`` hands out) to the end: the stopping signal, or None."""
+        sweep, o, view = self.sweep, self.options, view or QuietView()
+        backend = self.backend()
+
+        def write_spec(task: Task, slot: Slot) -> Path:
+            def spec_for(run: Task) -> WorkerSpec:
+                config = run.config.replace(data_dir=os.path.abspath(run.config.data_dir))  # workers run elsewhere
+                return WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run.run_dir),
+                                  tracking_uri=self.uri, sweep=sweep.name, device=slot.device,
+                                  threads=slot.threads, tags=tags(run) if tags else {},
+                                  store_timeout=o.store_timeout, claim_lease=o.claim_lease)
+
+            return write_job_spec(task, spec_for)
+
+        extra = {"poll_s": poll_s} if poll_s else {}
+        self.scheduler = Scheduler(backend, self.slots, write_spec, o.retries, view, source=source,
+                                   stall_timeout_s=o.stall_timeout, store_probe=lambda: probe(self.uri),
+                                   store_timeout_s=o.store_timeout, **extra)
+        try:
+            return self.scheduler.run(jobs)
+        finally:
+            close = getattr(view, "close", None)
+            if close:
+                close()
+            backend.close()
+
+
+def exit_code(stopped_by: int | None, *, failed: bool, store_down: bool) -> int:
+    """A launch's exit code: 130/143 interrupted, 1 some run failed for good, 75 the store stayed down."""
+    if stopped_by is not None:
+        return EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
+    if failed:
+        return EXIT_FAILED
+    return EXIT_STORE if store_down else 0
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+
+
+@dataclass
+class SweepResult:
+    """How ``run_sweep`` ended: every run's final state, the tasks it ran, the exit code."""
+
+    states: list[RunState]
+    tasks: dict[str, Task] = field(default_factory=dict)
+    stopped_by: int | None = None
+    aborted: bool = False
+    exit_code: int = 0
+    store_down: bool = False  # ended because the tracking store stayed unreachable
+    experiment_id: str | None = None
+
+    def final(self, state: RunState) -> tuple[State, str]:
+        """(state, reason) for the summary: MLflow's word, or the scheduler's when MLflow has none yet."""
+        task = self.tasks.get(state.run_key)
+        if task is not None and task.state is State.FAILED and state.state is not State.FAILED:
+            return State.FAILED, task.message
+        if task is not None and task.state is State.RESUMABLE and state.state is not State.DONE and task.message:
+            return State.RESUMABLE, task.message
+        return state.state, state.reason if state.state in (State.FAILED, State.RUNNING) else ""
+
+
+def run_sweep(sweep, configs: Sequence[RunConfig], options: LaunchOptions | None = None, *,
+              tracking_uri: str | None, runs_dir: Path, retry_failed: bool = False,
+              view_factory: Callable[[list[RunState], list[Task]], View] | None = None) -> SweepResult:
+    """Run every run of ``configs`` that is not done yet; safe to run again at any time, and from several
+    orchestrators (or machines) sharing the tracking store at once."""
+    o = options or LaunchOptions()
+    launch = Launch.open(sweep, o, tracking_uri=tracking_uri, runs_dir=runs_dir)
+
+    def inspect() -> list[RunState]:
+        return inspect_sweep(configs, sweep.experiment, launch.uri, launch.runs_dir, o.retries, o.claim_lease)
+
+    states = inspect()
+    tasks = [launch.task(s.config, s.run_key, s.total_epochs) for s in to_run(states, retry_failed)]
+    if not tasks:
+        return _finish(states, {}, None, experiment_id=launch.experiment_id)
+    view = view_factory(states, tasks) if view_factory else QuietView()
+    jobs = launch.jobs(view.note)(tasks, {s.run_key: s.config for s in states})
+    stopped_by = launch.run(jobs, view)
+    scheduler, by_key = launch.scheduler, {t.key: t for t in tasks}
+    if scheduler.aborted:  # stop at once: no final look at MLflow
+        return _finish(states, by_key, stopped_by, aborted=True, experiment_id=launch.experiment_id)
+    try:
+        final = inspect()
+    except Exception as e:  # noqa: BLE001 - the store went down again: report what the scheduler saw
+        if not (scheduler.store_gave_up or is_transient(e)):
+            raise
+        final = states
+        scheduler.store_gave_up = True
+    return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up,
+                   experiment_id=launch.experiment_id)
+
+
+def describe(sweep) -> str:
+    """The experiment's description in the MLflow UI: the sweep file's own, else what the sweep runs."""
+    own = getattr(sweep, "description", None)
+    if own:
+        return str(own)
+    return (f"adareg sweep '{sweep.name}' (Adapting Regularization with Learning Rate): schemes "
+            f"{', '.join(sweep.schemes)}; archs {', '.join(sweep.archs)}; datasets {', '.join(sweep.datasets)}; "
+            f"seeds {', '.join(map(str, sweep.seeds))}. Each run is tagged adareg.run_key / adareg.group_key; "
+            "per-epoch metrics: train/test loss and error, lr, weight_decay, grad_sparsity.")
+
+
+def to_run(states: Sequence[RunState], retry_failed: bool = False) -> list[RunState]:
+    """What a sweep run owes: running (once free), resumable and pending runs, resumable first; with
+    ``retry_failed`` also runs that failed with an error (never diverged ones: they would again)."""
+    todo = [s for s in states
+            if s.state in TODO or (retry_failed and s.state is State.FAILED and s.failure != "diverged")]
+    return sorted(todo, key=lambda s: s.state is State.PENDING)
+
+
+def _finish(states: list[RunState], tasks: dict[str, Task], stopped_by: int | None,
+            aborted: bool = False, store_down: bool = False, experiment_id: str | None = None) -> SweepResult:
+    result = SweepResult(states, tasks, stopped_by, aborted=aborted, store_down=store_down,
+                         experiment_id=experiment_id)
+    failed = any(result.final(s)[0] is State.FAILED for s in states)
+    result.exit_code = exit_code(stopped_by, failed=failed, store_down=store_down)
+    return result
