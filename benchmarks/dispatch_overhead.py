@@ -28,7 +28,6 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.dispatch.backends import LocalBackend  # noqa: E402
 from orchestrator.dispatch.scheduler import QuietView, Scheduler, Task  # noqa: E402
 from orchestrator.dispatch.slots import Slot  # noqa: E402
-from orchestrator.identity import run_key  # noqa: E402
 from orchestrator.run.ending import State  # noqa: E402
 from orchestrator.run.spec import WorkerSpec  # noqa: E402
 from orchestrator.store.client import connect  # noqa: E402
@@ -79,10 +78,9 @@ def main() -> None:
     uri = f"sqlite:///{folder}/mlflow.db"
     ensure_experiment(connect(uri), sweep.experiment)
     tasks = []
-    for config in expand(sweep):
-        key = run_key(config)
-        (folder / "runs" / key).mkdir(parents=True)
-        tasks.append(Task(key, config, folder / "runs" / key))
+    for run in expand(sweep):
+        (folder / "runs" / run.key).mkdir(parents=True)
+        tasks.append(Task(run.key, run.config, folder / "runs" / run.key))
 
     def write_spec(task, slot):
         path = task.folder.spec

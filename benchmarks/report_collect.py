@@ -36,10 +36,10 @@ SWEEP = ROOT / "sweeps" / "table1.yaml"
 def _log_share(args: tuple[str, str, str, list[int]]) -> int:
     uri, experiment_id, path, indices = args
     sweep = load_sweep(path)
-    configs = expand(sweep)
+    planned = expand(sweep)
     client = connect(uri)
     for i in indices:
-        log_run(client, experiment_id, configs[i], sweep.name)
+        log_run(client, experiment_id, planned[i].config, sweep.name)
     return len(indices)
 
 
@@ -71,17 +71,17 @@ def main() -> None:
     if args.rebuild and db.exists():
         db.unlink()
     sweep = load_sweep(SWEEP)
-    configs = expand(sweep)
+    planned = expand(sweep)
     if not db.exists():
         seconds = build(uri)
-        print(f"build: {len(configs)} runs x 450 epochs x {len(ALL_METRICS)} metrics through MlflowClient "
+        print(f"build: {len(planned)} runs x 450 epochs x {len(ALL_METRICS)} metrics through MlflowClient "
               f"in {seconds:.1f} s ({db})")
     else:
         print(f"build: reusing {db} (--rebuild to rebuild)")
 
     client = connect(uri)
     start, cpu0 = time.perf_counter(), os.times()
-    col = collect(client, uri, sweep, configs)
+    col = collect(client, uri, sweep, planned)
     collected = time.perf_counter() - start
     rep = write_report(col, store / "report")
     total = time.perf_counter() - start

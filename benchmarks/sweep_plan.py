@@ -36,8 +36,8 @@ def build_store(uri: str) -> None:
     client = connect(uri)
     experiment_id = ensure_experiment(client, sweep.experiment)
     t0 = time.perf_counter()
-    for config in expand(sweep):
-        log_run(client, experiment_id, config, sweep.name, metrics=("test_error",), finished=True)
+    for run in expand(sweep):
+        log_run(client, experiment_id, run.config, sweep.name, metrics=("test_error",), finished=True)
     print(f"built a store of 200 FINISHED runs in {time.perf_counter() - t0:.1f} s")
 
 
@@ -54,11 +54,11 @@ def main() -> None:
         build_store(uri)
 
     sweep = load_sweep(SWEEP)
-    configs = expand(sweep)
+    planned = expand(sweep)
     inproc = []
     for _ in range(args.repeat):
         t0 = time.perf_counter()
-        states = inspect_sweep(configs, sweep.experiment, uri, folder / "runs")
+        states = inspect_sweep(planned, sweep.experiment, uri, folder / "runs")
         inproc.append(time.perf_counter() - t0)
     assert [s.state for s in states] == ["done"] * 200, "the store does not hold 200 finished runs"
 

@@ -1,5 +1,7 @@
 """Run identity: short hashes of everything that changes a run's result, and nothing else.
 
+A run is *planned* once (``plan``: a sweep's expansion, a tuning trial, ``adareg train``): its ``Planned``
+carries the config with its key, its seed group's key and its total epochs, which everything after reads.
 The run key hashes the canonical JSON of ``RunConfig.identity_dict()`` (labels, paths and the
 evaluation batch size are already left out); the group key hashes the same without the seed and is
 the unit of seed aggregation. Both are stable across machines and across YAML key orders.
@@ -9,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from training.config import RunConfig
+from training.schedules import total_epochs
 
 KEY_LENGTH = 12
 
@@ -31,3 +35,18 @@ def group_key(config: RunConfig) -> str:
     identity = config.identity_dict()
     del identity["seed"]
     return _digest(identity)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A run as first planned, with what derives from its config computed once."""
+
+    config: RunConfig
+    key: str  # run_key(config)
+    group: str  # group_key(config)
+    total_epochs: int
+
+
+def plan(config: RunConfig) -> Planned:
+    """The one place a planned run's key, group and total epochs are computed."""
+    return Planned(config, run_key(config), group_key(config), total_epochs(config))

@@ -50,6 +50,11 @@ def plan_for(config: RunConfig) -> tuple[EpochPlan, ...]:
                       config.epochs_scale)
 
 
+def total_epochs(config: RunConfig) -> int:
+    """``len(plan_for(config))``, without building the plan."""
+    return sum(scaled_epochs(n, config.epochs_scale) * len(config.lr[p]) for p, n in enumerate(config.epochs_per_step))
+
+
 def phase_bounds(plan: Sequence[EpochPlan]) -> dict[int, tuple[int, int]]:
     """``{phase: (first_epoch, last_epoch)}`` of a plan."""
     bounds: dict[int, tuple[int, int]] = {}

@@ -7,8 +7,8 @@ from typing import TypeVar
 
 import click
 
+from orchestrator.identity import Planned
 from orchestrator.sweep.file import Sweep, expand, load_sweep
-from training.config import RunConfig
 
 F = TypeVar("F", bound=Callable)
 
@@ -88,7 +88,7 @@ def selection_options(func: F) -> F:
 
 
 def load_selection(sweep_file: str, set_: Sequence[str], only: Sequence[str], epochs_scale: float | None,
-                   train_subset: int | None) -> tuple[Sweep, list[RunConfig]]:
-    """The sweep with its overrides applied, and the runs ``--only`` keeps."""
+                   train_subset: int | None) -> tuple[Sweep, list[Planned]]:
+    """The sweep with its overrides applied, and the planned runs ``--only`` keeps."""
     sweep = load_sweep(sweep_file, set_, epochs_scale=epochs_scale, train_subset=train_subset)
     return sweep, expand(sweep, only)

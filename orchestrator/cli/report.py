@@ -39,12 +39,12 @@ def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out
     from orchestrator.report.collect import REPORT_METRICS, collect
     from orchestrator.report.render import check_baselines, log_report, write_report
 
-    sweep, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    sweep, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     check_baselines(baselines or None, sweep.name, list(sweep.schemes))
     uri = resolve_tracking_uri(tracking_uri)
     client = connect(uri, create=False)
     metrics = REPORT_METRICS + (("train_loss",) if train_loss else ())
-    col = collect(client, uri, sweep, configs, metrics, sweep_file=sweep_file)
+    col = collect(client, uri, sweep, planned, metrics, sweep_file=sweep_file)
     rep = write_report(col, out or f"report-{sweep.name}", baselines=baselines or None, train_loss=train_loss,
                        paired=not unpaired, envelope=envelope, rank_by=rank_by)
     for line in rep.warnings:

@@ -36,8 +36,8 @@ def _tracking_uri(uri: str | None) -> str:
 
 
 def _states(sweep_file, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri):
-    sweep, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
-    return sweep, inspect_sweep(configs, sweep.experiment, _tracking_uri(tracking_uri), _runs_dir(runs_dir))
+    sweep, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    return sweep, inspect_sweep(planned, sweep.experiment, _tracking_uri(tracking_uri), _runs_dir(runs_dir))
 
 
 @click.group("sweep")
@@ -98,9 +98,9 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
                             backend=backend, ray_address=ray_address, shared_runs_dir=shared_runs_dir,
                             stall_timeout=stall_timeout, store_timeout=store_timeout, claim_lease=claim_lease,
                             pack=pack)
-    sweep_, configs = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    sweep_, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     console = wide_console()
-    result = run_sweep(sweep_, configs, options, tracking_uri=tracking_uri, runs_dir=_runs_dir(runs_dir),
+    result = run_sweep(sweep_, planned, options, tracking_uri=tracking_uri, runs_dir=_runs_dir(runs_dir),
                        retry_failed=retry_failed,
                        view_factory=lambda states, tasks: make_view(states, tasks, sweep_.name, console))
     if result.aborted:

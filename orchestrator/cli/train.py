@@ -10,7 +10,7 @@ import click
 
 from orchestrator.cli.common import tracking_uri_option
 from orchestrator.errors import UserError
-from orchestrator.store.client import StoreUnreachable, connect
+from orchestrator.store.client import StoreUnreachable
 from training.callbacks import Callback
 
 TABLE1 = "sweeps/table1.yaml"
@@ -58,9 +58,11 @@ epochs_scale_option = click.option("--epochs-scale", type=float, default=None, m
 def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_subset, data_dir, allow_unofficial_data,
                   device, threads, runs_dir, tracking_uri):
     """Train one run, logged to MLflow. Re-running the same command resumes it, or says it is finished."""
-    from orchestrator.identity import run_key
+    from orchestrator.dispatch.launch import Launch, LaunchOptions
+    from orchestrator.dispatch.slots import Slot
+    from orchestrator.identity import plan
     from orchestrator.run.ending import End
-    from orchestrator.run.spec import WorkerSpec, default_runs_dir
+    from orchestrator.run.spec import default_runs_dir
     from orchestrator.run.worker import execute
     from orchestrator.sweep.file import load_sweep
 
@@ -70,12 +72,14 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
         config = config.replace(data_dir=data_dir)  # a path: not part of the run's identity
     if allow_unofficial_data:
         config = config.replace(allow_unofficial_data=True)  # not part of the run's identity either
-    connect(tracking_uri)  # an unreachable store fails now, in one line, before anything loads
-    key = run_key(config)
-    run_dir = Path(runs_dir) if runs_dir else default_runs_dir()
-    spec = WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run_dir / key),
-                      tracking_uri=tracking_uri, sweep=sweep.name, device=resolve_device(device), threads=threads)
-    click.echo(f"run {key}: {config.scheme} {config.arch} {config.dataset} seed {config.seed} on {spec.device}")
+    # The one launch path (an unreachable store fails here, in one line, before anything loads); the run then
+    # trains in this process, one attempt, its epochs echoed.
+    slot = Slot("train", resolve_device(device), None, threads or 0)
+    launch = Launch.open(sweep, LaunchOptions(), tracking_uri=tracking_uri,
+                         runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), slots=[slot])
+    task = launch.task(plan(config))
+    spec = launch.spec(task, slot)
+    click.echo(f"run {task.key}: {config.scheme} {config.arch} {config.dataset} seed {config.seed} on {spec.device}")
     attempt, code = execute(spec, callbacks=[EpochEcho()])
     if attempt.status is End.BUSY:
         raise UserError(attempt.message)

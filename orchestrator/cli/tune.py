@@ -87,13 +87,16 @@ def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial
     """Run TRIALS more trials; each trains the sweep's first dataset and arch over ``tune.seeds`` seeds with a
     sampled taper, scored by the mean validation metric. Several of these commands (or machines) may share
     one study: each proposes its own tapers, and the trials of a tuner that died are run again."""
+    from orchestrator.dispatch.launch import LaunchOptions
     from orchestrator.run.spec import default_runs_dir
     from orchestrator.tune.tuner import best_sweep, run_tune
 
+    options = LaunchOptions(gpus=gpus, jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel,
+                            stall_timeout=stall_timeout, store_timeout=store_timeout, claim_lease=claim_lease,
+                            pack=pack)
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
-    result = run_tune(sweep, trials, storage=storage, tracking_uri=tracking_uri,
-                      runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), gpus=gpus,
-                      jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, lease_s=trial_lease, pack=pack,
+    result = run_tune(sweep, trials, options, storage=storage, tracking_uri=tracking_uri,
+                      runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), trial_lease=trial_lease,
                       view=TuneView())
     study = result.study
     states = Counter(t.state.name.lower() for t in study.trials)

@@ -22,6 +22,7 @@ from orchestrator.dispatch.packs import PACKS, checked_pack, jobs_of, write_job_
 from orchestrator.dispatch.scheduler import QuietView, Scheduler, Task, TaskSource, View
 from orchestrator.dispatch.slots import Slot, check_ray_gpus, device_slots, parse_gpus, ray_slots, visible_gpus
 from orchestrator.errors import BadValue
+from orchestrator.identity import Planned
 from orchestrator.run.ending import (
     DEFAULT_RETRIES,
     EXIT_FAILED,
@@ -37,7 +38,6 @@ from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S, connect, is_trans
 from orchestrator.store.runs import end_strays, ensure_experiment
 from orchestrator.store.uri import absolute_tracking_uri, resolve_tracking_uri
 from orchestrator.sweep.reconcile import RunState, inspect_sweep
-from training.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,13 @@ class Launch:
     scheduler: Scheduler | None = None
 
     @classmethod
-    def open(cls, sweep, options: LaunchOptions, *, tracking_uri: str | None, runs_dir: Path) -> Launch:
-        """Everything checked before anything is touched, then the store and experiment, initialised once."""
+    def open(cls, sweep, options: LaunchOptions, *, tracking_uri: str | None, runs_dir: Path,
+             slots: Sequence[Slot] | None = None) -> Launch:
+        """Everything checked before anything is touched, then the store and experiment, initialised once.
+        ``slots``: these instead of the options' device slots (``adareg train``'s one device)."""
         pack = checked_pack(sweep.pack if options.pack is None else options.pack)
-        slots: list[Slot] = []
-        if options.backend == "local":
+        slots = list(slots or [])
+        if options.backend == "local" and not slots:
             visible = [] if options.no_gpus else visible_gpus()
             slots = device_slots(parse_gpus(options.gpus, visible), options.jobs_per_gpu, options.max_parallel)
         uri = absolute_tracking_uri(resolve_tracking_uri(tracking_uri))
@@ -108,9 +110,9 @@ class Launch:
         end_strays(client, experiment_id, options.claim_lease)
         return cls(sweep, options, uri, runs_dir, client, experiment_id, pack, slots)
 
-    def task(self, config: RunConfig, key: str, total_epochs: int = 0) -> Task:
-        """The scheduler's task of one run (its folder made)."""
-        task = Task(key, config, self.runs_dir / key, total_epochs)
+    def task(self, run: Planned) -> Task:
+        """The scheduler's task of one planned run (its folder made)."""
+        task = Task(run.key, run.config, self.runs_dir / run.key, run.total_epochs)
         task.run_dir.mkdir(parents=True, exist_ok=True)
         return task
 
@@ -128,21 +130,22 @@ class Launch:
         self.slots = ray_slots(ray.resources(), o.no_gpus, o.jobs_per_gpu, o.max_parallel)
         return ray
 
+    def spec(self, run: Task, slot: Slot, tags: dict[str, str] | None = None) -> WorkerSpec:
+        """The worker spec of one run on ``slot``: every launch option a worker needs goes through here."""
+        config = run.config.replace(data_dir=os.path.abspath(run.config.data_dir))  # workers run elsewhere
+        return WorkerSpec(config=config.to_dict(), experiment=self.sweep.experiment, run_dir=str(run.run_dir),
+                          tracking_uri=self.uri, sweep=self.sweep.name, device=slot.device,
+                          threads=slot.threads or None, tags=dict(tags or {}),
+                          store_timeout=self.options.store_timeout, claim_lease=self.options.claim_lease)
+
     def run(self, jobs: Sequence[Task], view: View | None = None, *, source: TaskSource | None = None,
             tags: Callable[[Task], dict[str, str]] | None = None, poll_s: float | None = None) -> int | None:
         """Run ``jobs`` (and what ``source`` hands out) to the end: the stopping signal, or None."""
-        sweep, o, view = self.sweep, self.options, view or QuietView()
+        o, view = self.options, view or QuietView()
         backend = self.backend()
 
         def write_spec(task: Task, slot: Slot) -> Path:
-            def spec_for(run: Task) -> WorkerSpec:
-                config = run.config.replace(data_dir=os.path.abspath(run.config.data_dir))  # workers run elsewhere
-                return WorkerSpec(config=config.to_dict(), experiment=sweep.experiment, run_dir=str(run.run_dir),
-                                  tracking_uri=self.uri, sweep=sweep.name, device=slot.device,
-                                  threads=slot.threads, tags=tags(run) if tags else {},
-                                  store_timeout=o.store_timeout, claim_lease=o.claim_lease)
-
-            return write_job_spec(task, spec_for)
+            return write_job_spec(task, lambda run: self.spec(run, slot, tags(run) if tags else None))
 
         extra = {"poll_s": poll_s} if poll_s else {}
         self.scheduler = Scheduler(backend, self.slots, write_spec, o.retries, view, source=source,
@@ -191,19 +194,20 @@ class SweepResult:
         return state.state, state.reason if state.state in (State.FAILED, State.RUNNING) else ""
 
 
-def run_sweep(sweep, configs: Sequence[RunConfig], options: LaunchOptions | None = None, *,
+def run_sweep(sweep, planned: Sequence[Planned], options: LaunchOptions | None = None, *,
               tracking_uri: str | None, runs_dir: Path, retry_failed: bool = False,
               view_factory: Callable[[list[RunState], list[Task]], View] | None = None) -> SweepResult:
-    """Run every run of ``configs`` that is not done yet; safe to run again at any time, and from several
-    orchestrators (or machines) sharing the tracking store at once."""
+    """Run every planned run (``orchestrator.sweep.file.expand``) that is not done yet; safe to run again at
+    any time, and from several orchestrators (or machines) sharing the tracking store at once."""
     o = options or LaunchOptions()
     launch = Launch.open(sweep, o, tracking_uri=tracking_uri, runs_dir=runs_dir)
 
     def inspect() -> list[RunState]:
-        return inspect_sweep(configs, sweep.experiment, launch.uri, launch.runs_dir, o.retries, o.claim_lease)
+        return inspect_sweep(planned, sweep.experiment, launch.uri, launch.runs_dir, o.retries, o.claim_lease)
 
     states = inspect()
-    tasks = [launch.task(s.config, s.run_key, s.total_epochs) for s in to_run(states, retry_failed)]
+    owed = {p.key: p for p in planned}
+    tasks = [launch.task(owed[s.run_key]) for s in to_run(states, retry_failed)]
     if not tasks:
         return _finish(states, {}, None, experiment_id=launch.experiment_id)
     view = view_factory(states, tasks) if view_factory else QuietView()

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.errors import UserError
+from orchestrator.identity import Planned
 from orchestrator.store.runs import find_runs
 from orchestrator.store.tags import TAG_SUPERSEDED
 from training.config import RunConfig
@@ -92,17 +93,15 @@ class Collection:
         return lines
 
 
-def collect(client, uri: str, sweep, configs: Sequence[RunConfig], metrics: Sequence[str] | None = REPORT_METRICS,
+def collect(client, uri: str, sweep, planned: Sequence[Planned], metrics: Sequence[str] | None = REPORT_METRICS,
             method: str = "auto", sweep_file: str = "FILE") -> Collection:
-    """Find the runs of ``configs`` (the expanded ``sweep``) in MLflow and read their histories.
+    """Find the planned runs (the expanded ``sweep``) in MLflow and read their histories.
 
     ``metrics=None`` reads every metric. Raises UserError when none of the runs is in MLflow
     (its hint names ``sweep_file``) or none has logged an epoch.
     """
-    from orchestrator.identity import group_key, run_key
-
-    by_key = {run_key(cfg): cfg for cfg in configs}
-    groups = {k: group_key(cfg) for k, cfg in by_key.items()}
+    by_key = {p.key: p.config for p in planned}
+    groups = {p.key: p.group for p in planned}
     found = find_runs(client, sweep.experiment, list(by_key)) if by_key else {}
     if not found:
         raise UserError(f"no runs of sweep '{sweep.name}' in experiment '{sweep.experiment}' at {uri}: "

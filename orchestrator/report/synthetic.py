@@ -62,11 +62,12 @@ def log_run(client, experiment_id: str, cfg: RunConfig, sweep: str, epochs: int 
     and return its id. ``epochs`` cuts the run short (it stays RUNNING unless ``finished``)."""
     from mlflow.entities import Metric, Param
 
-    from orchestrator.identity import group_key, run_key
+    from orchestrator.identity import plan
     from orchestrator.store.runs import config_params
     from orchestrator.store.tags import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SWEEP
 
-    tags = {TAG_RUN_KEY: run_key(cfg), TAG_GROUP_KEY: group_key(cfg), TAG_SWEEP: sweep}
+    planned = plan(cfg)
+    tags = {TAG_RUN_KEY: planned.key, TAG_GROUP_KEY: planned.group, TAG_SWEEP: sweep}
     run = client.create_run(experiment_id, run_name=f"{cfg.dataset}-{cfg.arch}-{cfg.scheme}-s{cfg.seed}", tags=tags)
     run_id = run.info.run_id
     params = [Param(k, v) for k, v in config_params(cfg).items()]
@@ -77,7 +78,7 @@ def log_run(client, experiment_id: str, cfg: RunConfig, sweep: str, epochs: int 
             for e in range(len(values["lr"])) for k in metrics]
     for i in range(0, len(rows), BATCH):
         client.log_batch(run_id, metrics=rows[i:i + BATCH])
-    complete = len(values["lr"]) == len(plan_for(cfg))
+    complete = len(values["lr"]) == planned.total_epochs
     if finished if finished is not None else complete:
         client.set_terminated(run_id, "FINISHED")
     return run_id

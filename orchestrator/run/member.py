@@ -16,14 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator.errors import UserError
-from orchestrator.identity import run_key
 from orchestrator.run.ending import EXIT_SIGINT, End
 from orchestrator.run.folder import Attempt, RunFolder
 from orchestrator.run.spec import WorkerSpec
 from orchestrator.store import claims
 from orchestrator.store.client import Store, StoreDown
 from orchestrator.store.logger import AlreadyFinished, RunLogger
-from orchestrator.store.runs import ensure_experiment, find_run
+from orchestrator.store.runs import ensure_experiment
 from training.callbacks import Callback
 from training.config import ConfigError, DataError, RunConfig
 
@@ -179,7 +178,7 @@ def lock(spec: WorkerSpec) -> Member:
     member = Member(spec, config, RunFolder(spec.run_dir))
     if not member.folder.acquire():
         holder = member.folder.lock_holder()
-        member.record(End.BUSY, f"run {run_key(config)} is already running here"
+        member.record(End.BUSY, f"run {member.folder.path.name} is already running here"
                       + (f" (pid {holder})" if holder else "") + f": {member.folder.lock_path}")
         return member
     member.attempt = member.folder.start_attempt(claims.hostname())
@@ -220,7 +219,9 @@ def prepare(member: Member, store: Store, experiment_id: str, tags: dict[str, st
     """Look at the key's run before loading anything (finished, or held by a live process elsewhere: an
     end now), move a broken checkpoint aside, and make the member's logger."""
     spec, config, folder = member.spec, member.config, member.folder
-    existing = store.call(lambda: find_run(store.client, experiment_id, run_key(config)), budget_s=START_BUDGET_S)
+    logger = RunLogger(store, experiment_id, spec.sweep, {**spec.tags, **(tags or {})},
+                       owner=claims.Owner.me(str(folder.path)), lease_s=spec.claim_lease, note=member.progress.note)
+    existing = store.call(lambda: logger.existing(config), budget_s=START_BUDGET_S)
     if existing is not None and existing.info.status == "FINISHED":
         return member.record(End.ALREADY_FINISHED, f"run {existing.info.run_id} is already finished",
                              existing.info.run_id)
@@ -229,10 +230,7 @@ def prepare(member: Member, store: Store, experiment_id: str, tags: dict[str, st
         if holder is not None and holder.live:
             return member.record(End.BUSY, f"running elsewhere: {holder.describe()}", existing.info.run_id)
     check_checkpoint(folder, config, member.progress.note)
-    member.logger = RunLogger(store, experiment_id, spec.sweep, {**spec.tags, **(tags or {})},
-                              owner=claims.Owner.me(str(folder.path)), lease_s=spec.claim_lease,
-                              note=member.progress.note)
-    member.logger.candidate = existing
+    member.logger, logger.candidate = logger, existing
 
 
 def check_checkpoint(folder: RunFolder, config: RunConfig, note) -> None:

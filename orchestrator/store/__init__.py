@@ -1,0 +1,1 @@
+"""The tracking store (MLflow): URIs, the client and its retries, runs and epochs, the run logger, claims, tags."""

@@ -59,6 +59,7 @@ class RunLogger(Callback):
         self.owner, self.lease_s = owner, lease_s
         self.note = note or (lambda message: None)
         self.run_id: str | None = None
+        self.key: str | None = None  # the run's key, computed when the run is first looked for
         self.candidate = None  # the key's run as the worker found it, before claiming (see ``finish``)
         self.superseded: str | None = None  # why an earlier run of the key was superseded
         self.have: dict[str, set[int]] = {}
@@ -69,6 +70,15 @@ class RunLogger(Callback):
         self._delay = 1.0
         self._stop_beat = threading.Event()
         self._beat: threading.Thread | None = None
+
+    def existing(self, config: RunConfig):
+        """The key's active run as it stands now (looked at before anything loads), or None."""
+        return find_run(self.store.client, self.experiment_id, self._key(config))
+
+    def _key(self, config: RunConfig) -> str:
+        if self.key is None:
+            self.key = run_key(config)
+        return self.key
 
     # -- start: claim or create, never splice
     def attach(self, config: RunConfig, plan: Sequence[EpochPlan], history: list[dict[str, float]]) -> None:
@@ -85,7 +95,7 @@ class RunLogger(Callback):
         self._beat.start()
 
     def _attach(self, config: RunConfig, plan: Sequence[EpochPlan], history: list[dict[str, float]]) -> None:
-        client, key = self.store.client, run_key(config)
+        client, key = self.store.client, self._key(config)
         run = find_run(client, self.experiment_id, key)
         if run is not None and run.info.status == "FINISHED":
             raise AlreadyFinished(run.info.run_id)

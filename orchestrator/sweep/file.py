@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
 from orchestrator.errors import UserError
-from orchestrator.identity import run_key
+from orchestrator.identity import Planned, plan
 from training.config import TABLE1_EPOCHS_PER_STEP, TABLE1_LR, ConfigError, RunConfig
 
 _MODELS = ConfigDict(extra="forbid", strict=True, frozen=True, use_attribute_docstrings=True)
@@ -565,31 +565,32 @@ def _matches(actual: Any, wanted: str) -> bool:
     return False
 
 
-def _select(runs: list[RunConfig], only: Sequence[str]) -> list[RunConfig]:
+def _select(runs: list[Planned], only: Sequence[str]) -> list[Planned]:
     for item, field, values in _parse_only_items(only):
         for value in values:
-            if not any(_matches(getattr(r, field), value) for r in runs):
-                known = list(dict.fromkeys(str(getattr(r, field)) for r in runs))
+            if not any(_matches(getattr(r.config, field), value) for r in runs):
+                known = list(dict.fromkeys(str(getattr(r.config, field)) for r in runs))
                 shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
                 raise UserError(f"--only {item!r}: no run has {field} {value}{_did_you_mean(value, known)} "
                                 f"(the sweep has {shown})")
     wanted = parse_only(only)
     kept = [r for r in runs
-            if all(any(_matches(getattr(r, f), v) for v in values) for f, values in wanted.items())]
+            if all(any(_matches(getattr(r.config, f), v) for v in values) for f, values in wanted.items())]
     if not kept:
         raise UserError(" ".join(f"--only {item!r}" for item in only) + ": together they select no run")
     return kept
 
 
-def expand(sweep: Sweep, only: Sequence[str] = ()) -> list[RunConfig]:
-    """Every run of the sweep, ordered dataset, arch, scheme (file order), seed; ``only`` keeps a subset."""
-    runs = [sweep.run_config(scheme, arch, dataset, seed)
+def expand(sweep: Sweep, only: Sequence[str] = ()) -> list[Planned]:
+    """Every run of the sweep, planned (``orchestrator.identity.plan``), ordered dataset, arch, scheme (file
+    order), seed; ``only`` keeps a subset."""
+    runs = [plan(sweep.run_config(scheme, arch, dataset, seed))
             for dataset in sweep.datasets for arch in sweep.archs
             for scheme in sweep.schemes for seed in sweep.seeds]
-    seen: dict[str, RunConfig] = {}
-    for config in runs:
-        other = seen.setdefault(run_key(config), config)
-        if other is not config:
-            raise UserError(f"schemes {other.scheme!r} and {config.scheme!r} give identical runs "
-                            f"(run key {run_key(config)}): change or remove one")
+    seen: dict[str, Planned] = {}
+    for run in runs:
+        other = seen.setdefault(run.key, run)
+        if other is not run:
+            raise UserError(f"schemes {other.config.scheme!r} and {run.config.scheme!r} give identical runs "
+                            f"(run key {run.key}): change or remove one")
     return _select(runs, only)

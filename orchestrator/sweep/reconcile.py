@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.identity import group_key, run_key
+from orchestrator.identity import Planned
 from orchestrator.run.ending import DEFAULT_RETRIES, STATES, State
 from orchestrator.run.folder import Attempt, RunFolder
 from orchestrator.store import claims
@@ -29,7 +29,6 @@ from orchestrator.store.runs import find_runs
 from orchestrator.store.tags import TAG_ATTEMPTS, TAG_FAILURE, TAG_FAILURE_REASON
 from orchestrator.store.uri import store_exists
 from training.config import RunConfig
-from training.schedules import plan_for
 
 
 @dataclass(frozen=True)
@@ -106,21 +105,16 @@ def classify(run: Any, run_dir: RunDir, retries: int = DEFAULT_RETRIES,
     return State.RESUMABLE, f"{status.lower()}" + (f": {reason}" if status == "FAILED" and reason else "")
 
 
-def reconcile(configs: Sequence[RunConfig], runs: Mapping[str, Any], dirs: Mapping[str, RunDir],
+def reconcile(planned: Sequence[Planned], runs: Mapping[str, Any], dirs: Mapping[str, RunDir],
               retries: int = DEFAULT_RETRIES, lease_s: float = claims.DEFAULT_LEASE_S) -> list[RunState]:
-    """Each config's state from ``runs`` (``{run_key: MLflow Run}``) and ``dirs`` (``{run_key: RunDir}``)."""
+    """Each planned run's state from ``runs`` (``{run_key: MLflow Run}``) and ``dirs`` (``{run_key: RunDir}``)."""
     out = []
-    totals: dict[tuple, int] = {}
-    for config in configs:
-        key = run_key(config)
-        run, run_dir = runs.get(key), dirs.get(key, RunDir())
+    for p in planned:
+        run, run_dir = runs.get(p.key), dirs.get(p.key, RunDir())
         state, reason = classify(run, run_dir, retries, lease_s)
-        shape = (config.epochs_per_step, len(config.lr[0]), config.epochs_scale)
-        if shape not in totals:
-            totals[shape] = len(plan_for(config))
         epoch, test_error, ips = _latest(run, run_dir.progress)
         out.append(RunState(
-            config=config, run_key=key, group_key=group_key(config), state=state, total_epochs=totals[shape],
+            config=p.config, run_key=p.key, group_key=p.group, state=state, total_epochs=p.total_epochs,
             epoch=epoch, test_error=test_error, images_per_second=ips,
             run_id=run.info.run_id if run is not None else None,
             failure=run.data.tags.get(TAG_FAILURE, "") if run is not None else "",
@@ -160,13 +154,13 @@ def fetch_runs(tracking_uri: str, experiment: str, keys: Iterable[str]) -> dict[
     return find_runs(connect(tracking_uri), experiment, keys)
 
 
-def inspect_sweep(configs: Sequence[RunConfig], experiment: str, tracking_uri: str, runs_dir: Path,
+def inspect_sweep(planned: Sequence[Planned], experiment: str, tracking_uri: str, runs_dir: Path,
                   retries: int = DEFAULT_RETRIES, lease_s: float = claims.DEFAULT_LEASE_S) -> list[RunState]:
-    """The state of every run: one MLflow query plus a look into each run folder."""
-    keys = [run_key(c) for c in configs]
+    """The state of every planned run: one MLflow query plus a look into each run folder."""
+    keys = [p.key for p in planned]
     runs = fetch_runs(tracking_uri, experiment, keys)
     dirs = {key: RunDir.inspect(runs_dir / key) for key in keys}
-    return reconcile(configs, runs, dirs, retries, lease_s)
+    return reconcile(planned, runs, dirs, retries, lease_s)
 
 
 def counts(states: Iterable[RunState]) -> dict[str, int]:

@@ -1,0 +1,1 @@
+"""Optuna search over taper schedules, launched like a sweep."""

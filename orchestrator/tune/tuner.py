@@ -42,7 +42,7 @@ from orchestrator.dispatch.launch import Launch, LaunchOptions, exit_code
 from orchestrator.dispatch.progress import ended_word
 from orchestrator.dispatch.scheduler import QuietView
 from orchestrator.errors import BadValue, UserError
-from orchestrator.identity import run_key
+from orchestrator.identity import plan
 from orchestrator.run.ending import End, State
 from orchestrator.store.claims import SETTLE_S, created_first
 from orchestrator.store.tags import TAG_NOTE, TAG_PARENT, TAG_STUDY, TAG_STUDY_RUN, TAG_TRIAL
@@ -349,8 +349,8 @@ class Tuner:
                       for name in ("weight_decay_base", "weight_decay_peak", "grad_sparsity")}
             tasks = {}
             for config in trial_configs(self.sweep, params, variant, number):
-                key = run_key(config)
-                task = self.launch.task(config, key)
+                task = self.launch.task(plan(config))
+                key = task.key
                 self.tags[key] = {TAG_STUDY: self.sweep.name, TAG_TRIAL: str(number),
                                   **({TAG_PARENT: self.parent_run_id} if self.parent_run_id else {})}
                 tasks[key] = task

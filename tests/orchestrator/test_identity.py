@@ -76,7 +76,7 @@ def test_pinned_key():
 
 
 def test_table1_keys():
-    runs = expand(load_sweep(SWEEPS / "table1.yaml"))
+    runs = [p.config for p in expand(load_sweep(SWEEPS / "table1.yaml"))]
     assert len({run_key(c) for c in runs}) == 200
     assert len({group_key(c) for c in runs}) == 40
     assert all(len(run_key(c)) == 12 and int(run_key(c), 16) >= 0 for c in runs)
@@ -113,6 +113,7 @@ def test_key_does_not_depend_on_yaml_order_or_spelling(tmp_path):
     keys = []
     for text in (SWEEP_A, SWEEP_B):
         (tmp_path / "s.yaml").write_text(text)
-        keys.append({(c.scheme, c.dataset, c.seed): run_key(c) for c in expand(load_sweep(tmp_path / "s.yaml"))})
+        planned = expand(load_sweep(tmp_path / "s.yaml"))
+        keys.append({(p.config.scheme, p.config.dataset, p.config.seed): run_key(p.config) for p in planned})
     assert len(keys[0]) == 8
     assert keys[0] == keys[1]

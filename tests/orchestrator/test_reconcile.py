@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.identity import run_key
+from orchestrator.identity import plan, run_key
 from orchestrator.run.folder import Attempt, RunFolder
 from orchestrator.store import claims
 from orchestrator.store.tags import TAG_HEARTBEAT, TAG_OWNER
@@ -102,7 +102,7 @@ def test_reconcile_merges_mlflow_and_progress():
     }
     dirs = {keys[1]: RunDir(checkpoint=True, locked_by=9,
                             progress={"epoch": 5, "run_id": "run", "test_error": 0.4, "images_per_second": 1e3})}
-    states = reconcile(configs, runs, dirs)
+    states = reconcile([plan(c) for c in configs], runs, dirs)
     assert [(s.state, s.epoch, s.test_error, s.run_id) for s in states] == [
         ("done", 15, 0.25, "fin"), ("running", 5, 0.4, "run"), ("pending", 0, None, None)]
     assert {s.total_epochs for s in states} == {15}
@@ -116,7 +116,7 @@ def test_stale_progress_of_another_run_is_ignored():
     config = RunConfig(epochs_scale=0.02)
     run = mlflow_run("KILLED", "new", metrics=[("test_error", 0.3, 2)])
     dirs = {run_key(config): RunDir(progress={"epoch": 9, "run_id": "old", "test_error": 0.9})}
-    (state,) = reconcile([config], {run_key(config): run}, dirs)
+    (state,) = reconcile([plan(config)], {run_key(config): run}, dirs)
     assert (state.state, state.epoch, state.test_error) == ("resumable", 2, 0.3)
 
 

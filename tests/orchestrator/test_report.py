@@ -21,7 +21,7 @@ from PIL import Image
 
 import orchestrator.report.collect as collect_mod
 from orchestrator.errors import UserError
-from orchestrator.identity import run_key
+from orchestrator.identity import plan, run_key
 from orchestrator.report import figures
 from orchestrator.report.collect import FRAME_COLUMNS, REPORT_METRICS, collect, read_histories, read_sql
 from orchestrator.report.stats import holm, method_line
@@ -58,7 +58,7 @@ STALE_VALUE = 0.99  # the stale runs' test error at epoch 20
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """(client, uri, sweep file, sweep, configs) of the module's store."""
+    """(client, uri, sweep file, sweep, planned runs) of the module's store."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
@@ -66,7 +66,8 @@ def store(tmp_path_factory):
     sweep_file = tmp / "rep.yaml"
     sweep_file.write_text(SWEEP)
     sweep = load_sweep(sweep_file)
-    configs = expand(sweep)
+    planned = expand(sweep)
+    configs = [p.config for p in planned]
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
     exp = client.create_experiment(sweep.experiment, artifact_location=str(tmp / "artifacts"))
@@ -87,7 +88,7 @@ def store(tmp_path_factory):
                 client.set_tag(run_id, TAG_SUPERSEDED, "restarted from epoch 1")
             else:
                 client.delete_run(run_id)
-    return client, uri, sweep_file, sweep, configs
+    return client, uri, sweep_file, sweep, planned
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +109,8 @@ METRICS = REPORT_METRICS + ("train_loss",)
 
 @pytest.fixture(scope="module")
 def col(store):
-    client, uri, _, sweep, configs = store
-    return collect(client, uri, sweep, configs, METRICS)
+    client, uri, _, sweep, planned = store
+    return collect(client, uri, sweep, planned, METRICS)
 
 
 def latest_history(client, run_id: str, metric: str) -> dict[int, float]:
@@ -122,11 +123,11 @@ def latest_history(client, run_id: str, metric: str) -> dict[int, float]:
 
 
 def test_collect_frame_holds_every_logged_epoch_with_its_phase(store, col):
-    client, _, _, _, configs = store
+    client, _, _, _, planned = store
     assert list(col.frame.columns) == FRAME_COLUMNS
     assert len(col.runs) == 15 and col.runs["run_id"].notna().sum() == 14
     assert len(col.frame) == (13 * 20 + 12) * 3
-    for cfg in configs:
+    for cfg in (p.config for p in planned):
         key = run_key(cfg)
         run = col.runs.set_index("run_key").loc[key]
         if pd.isna(run["run_id"]):
@@ -224,15 +225,15 @@ def test_phase_summary_equals_mlflows_own_client_and_scipy_at_each_phases_last_e
 
     from orchestrator.report.render import write_report
 
-    client, uri, _, sweep, configs = store
-    rep = write_report(collect(client, uri, sweep, configs), tmp_path, workers=1)
+    client, uri, _, sweep, planned = store
+    rep = write_report(collect(client, uri, sweep, planned), tmp_path, workers=1)
     csv = pd.read_csv(tmp_path / "phase_summary.csv", dtype={"scheme": str, "baseline": str})
     assert len(csv) == 5 * 3 * 2  # one baseline each
     runs = find_runs(client, sweep.experiment).values()
     by_key = {r.data.tags["adareg.run_key"]: r for r in runs}
     ends = {}  # (scheme, phase, metric) -> {seed: value at the phase's last epoch}
     for scheme in sweep.schemes:
-        cfgs = [c for c in configs if c.scheme == scheme and run_key(c) in by_key]
+        cfgs = [c for c in (p.config for p in planned) if c.scheme == scheme and run_key(c) in by_key]
         bounds = phase_bounds(plan_for(cfgs[0]))
         for metric in ("test_loss", "test_error"):
             hist = {c.seed: latest_history(client, by_key[run_key(c)].info.run_id, metric) for c in cfgs}
@@ -425,7 +426,7 @@ def test_cli_report_of_a_sweep_without_runs_says_what_to_do(store, tmp_path, cap
                                    f"run 'adareg sweep run {sweep_file}' first")
     assert not (tmp_path / "x").exists()
     with pytest.raises(UserError, match="no runs of sweep 'rep'"):
-        collect(store[0], uri, load_sweep(sweep_file), [c.replace(seed=9) for c in store[4][:2]])
+        collect(store[0], uri, load_sweep(sweep_file), [plan(p.config.replace(seed=9)) for p in store[4][:2]])
 
 
 def test_cli_report_on_a_missing_store_creates_nothing(store, tmp_path, capsys):
@@ -439,13 +440,11 @@ def test_cli_report_on_a_missing_store_creates_nothing(store, tmp_path, capsys):
 
 
 def test_runs_that_logged_no_epoch_yet_are_not_a_report(store):
-    from orchestrator.identity import group_key
-
-    client, uri, sweep_file, _, configs = store
+    client, uri, sweep_file, _, planned = store
     sweep = load_sweep(sweep_file, sets=["experiment=adareg-started"])
     exp = client.create_experiment(sweep.experiment)
-    client.create_run(exp, tags={TAG_RUN_KEY: run_key(configs[0]), TAG_GROUP_KEY: group_key(configs[0])})
+    client.create_run(exp, tags={TAG_RUN_KEY: planned[0].key, TAG_GROUP_KEY: planned[0].group})
     with pytest.raises(UserError) as err:
-        collect(client, uri, sweep, configs)
+        collect(client, uri, sweep, planned)
     assert str(err.value) == (f"the 1 run of sweep 'rep' in experiment 'adareg-started' at {uri} have logged no "
                               "epoch yet: nothing to report")

@@ -15,6 +15,7 @@ from orchestrator.cli.common import (
     tracking_uri_option,
 )
 from orchestrator.errors import UserError
+from orchestrator.identity import run_key
 from orchestrator.sweep.file import MAX_ERRORS, Scheme, Sweep, TrainSettings, expand, load_sweep, parse_only
 from training.config import RunConfig
 
@@ -49,8 +50,11 @@ def test_table1_expands_to_200_runs_in_order():
     sweep = load_sweep(SWEEPS / "table1.yaml")
     assert (sweep.name, sweep.experiment) == ("table1", "adareg-table1")
     assert list(sweep.schemes) == TABLE1_SCHEMES
-    runs = expand(sweep)
-    assert len(runs) == 200
+    planned = expand(sweep)
+    assert len(planned) == 200
+    assert [p.key for p in planned] == [run_key(p.config) for p in planned]  # planned once, keys with it
+    assert {p.total_epochs for p in planned} == {450}
+    runs = [p.config for p in planned]
     order = [(r.dataset, r.arch, r.scheme, r.seed) for r in runs]
     assert order == [(d, a, s, seed) for d in ("cifar10", "cifar100") for a in ("resnet14", "resnet32")
                      for s in TABLE1_SCHEMES for seed in range(5)]
@@ -61,7 +65,7 @@ def test_table1_expands_to_200_runs_in_order():
 
 
 def test_demo_sweep():
-    runs = expand(load_sweep(SWEEPS / "demo.yaml"))
+    runs = [p.config for p in expand(load_sweep(SWEEPS / "demo.yaml"))]
     assert [(r.scheme, r.seed) for r in runs] == [(s, seed) for s in ("01", "02", "wd-1e-4", "wd-8e-3", "22")
                                                   for seed in (0, 1)]
     assert {(r.dataset, r.arch, r.label_noise, r.epochs_scale, r.train_subset) for r in runs} == {
@@ -216,10 +220,10 @@ def test_set_errors_after_validation_name_the_set(table1):
 
 def test_set_only_and_arch_select_exactly(table1):
     sweep = load_sweep(table1(), sets=["datasets=[digits]"])
-    runs = expand(sweep, only=["scheme=01,22", "arch=resnet14"])
+    runs = [p.config for p in expand(sweep, only=["scheme=01,22", "arch=resnet14"])]
     assert [(r.dataset, r.arch, r.scheme, r.seed) for r in runs] == [
         ("digits", "resnet14", s, seed) for s in ("01", "22") for seed in range(5)]
-    assert [r.seed for r in expand(sweep, only=["seed=3", "seed=0"])] == [0, 3] * 20
+    assert [p.config.seed for p in expand(sweep, only=["seed=3", "seed=0"])] == [0, 3] * 20
     assert len(expand(sweep, only=["epochs_scale=1", "augment=true", "scheme=23"])) == 10
 
 
@@ -240,7 +244,7 @@ def test_load_selection_and_options(table1):
                                 env={"MLFLOW_TRACKING_URI": "sqlite:///x.db"})
     assert result.exit_code == 0, result.output
     assert len(seen["runs"]) == 10 and seen["uri"] == "sqlite:///x.db"
-    assert {(r.epochs_scale, r.train_subset) for r in seen["runs"]} == {(0.1, 9)}
+    assert {(r.config.epochs_scale, r.config.train_subset) for r in seen["runs"]} == {(0.1, 9)}
     result = CliRunner().invoke(command, ["missing.yaml"], env={"MLFLOW_TRACKING_URI": None})
     assert isinstance(result.exception, UserError) and str(result.exception) == "missing.yaml: no such file"
 

@@ -4,6 +4,7 @@ trial retried)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -323,12 +324,15 @@ def test_a_killed_tuners_trial_is_retried_by_the_next_and_resumes_its_runs(tmp_p
 @pytest.mark.slow
 def test_a_trials_seeds_train_as_one_pack(tmp_path):
     """``tune run --pack 2`` with two tuning seeds: each trial's two runs train as one fused model in one
-    worker (tag ``adareg.pack`` ``<id>/2``), each its own MLflow run, and the trial is scored as unpacked."""
+    worker (tag ``adareg.pack`` ``<id>/2``), each its own MLflow run, and the trial is scored as unpacked.
+    The launch options of ``sweep run`` reach a trial's workers too (``--store-timeout``, ``--claim-lease``)."""
     path = tune_file(tmp_path / "t.yaml", seeds=2)
     done = subprocess.run(tune_cmd(path, str(tmp_path / "s.journal"), "--trials", "2", "--max-parallel", "1",
-                                   "--pack", "2"), capture_output=True, text=True, env=env_for(tmp_path),
-                          cwd=tmp_path, timeout=300)
+                                   "--pack", "2", "--store-timeout", "123", "--claim-lease", "45"),
+                          capture_output=True, text=True, env=env_for(tmp_path), cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    specs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/spec.json")]
+    assert len(specs) == 4 and {(s["store_timeout"], s["claim_lease"]) for s in specs} == {(123.0, 45.0)}
     assert len(list((tmp_path / "runs" / "packs").iterdir())) == 2  # one pack (one worker) per trial
     study = load_study(str(tmp_path / "s.journal"))
     runs = trial_runs(tmp_path)
