@@ -58,6 +58,7 @@ epochs_scale_option = click.option("--epochs-scale", type=float, default=None, m
 def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_subset, data_dir, allow_unofficial_data,
                   device, threads, runs_dir, tracking_uri):
     """Train one run, logged to MLflow. Re-running the same command resumes it, or says it is finished."""
+    from orchestrator.diskfault import DiskFull
     from orchestrator.identity import run_key
     from orchestrator.sweepfile import load_sweep
     from orchestrator.worker import Outcome, WorkerSpec, default_runs_dir, execute
@@ -79,6 +80,8 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
         raise UserError(outcome.message)
     if outcome.status == "store_down":
         raise StoreUnreachable(f"{outcome.message}; the run is resumable: run the same command again")
+    if outcome.status == "disk_full":  # orchestrator.diskfault: exit 75, the run resumable from its checkpoint
+        raise DiskFull(f"{outcome.message}; the run is resumable: make room and run the same command again")
     click.echo(f"{outcome.status}: MLflow run {outcome.run_id}" + (f" ({outcome.message})" if outcome.message else ""))
     if outcome.exit_code:
         sys.exit(outcome.exit_code)

@@ -14,6 +14,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
+from rich.text import Text
 
 from orchestrator.backends import Slot
 from orchestrator.reconcile import STATES, RunState, counts
@@ -78,6 +79,8 @@ def _end_line(task: Task, status: str) -> str:
         what = f"{task.message}; will look again"
     elif task.result == "skipped" and status == "store_down":
         what = "tracking store unreachable; will resume when it answers"
+    elif task.result == "skipped" and status == "disk_full":  # orchestrator.diskfault: not the run's fault
+        what = f"{task.message}; resumable, will resume when its folder takes writes again"
     elif task.result == "skipped":
         what = f"attempt ended ({status}); will retry"
     else:
@@ -205,8 +208,9 @@ def plan_table(states: Sequence[RunState], title: str) -> Table:
     return table
 
 
-def status_view(states: Sequence[RunState], title: str):
-    """``sweep status``: the sweep's bar and a line per running run (from MLflow and progress.json)."""
+def status_view(states: Sequence[RunState], title: str, notes: Sequence[str] = ()):
+    """``sweep status``: the sweep's bar and a line per running run (from MLflow and progress.json); ``notes``
+    (e.g. the runs folder is full) under the bar."""
     from rich.progress import ProgressBar
 
     n = counts(states)
@@ -217,7 +221,7 @@ def status_view(states: Sequence[RunState], title: str):
                  f"{n['resumable']} resumable · {n['pending']} pending",
                  ProgressBar(total=total_epochs, completed=done_epochs, width=30),
                  f"{done_epochs}/{total_epochs} epochs")
-    parts: list = [head]
+    parts: list = [head, *(Text(note) for note in notes)]
     busy = [s for s in states if s.state in ("running", "failed")]
     if busy:
         table = Table("run", "scheme", "arch", "dataset", "seed", "state", "epoch", "test error", "img/s", "note",

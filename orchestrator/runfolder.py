@@ -31,7 +31,8 @@ SPEC, LOCK, CHECKPOINT, PROGRESS, RESULT, STOP, LOG = (
 
 # How an attempt ended (result.json "status") and what the scheduler makes of it: DONE; "diverged" and
 # "bad_input" are final (retrying repeats them); COUNTED ones are retried up to --retries from the last
-# checkpoint; "killed", "store_down", "busy", "stalled" and "stopped" leave the run resumable.
+# checkpoint; "killed", "store_down", "disk_full" (a full or read-only disk: ``orchestrator.diskfault``), "busy",
+# "stalled" and "stopped" leave the run resumable.
 DONE = ("finished", "already_finished")
 COUNTED = ("error", "crashed")
 

@@ -15,6 +15,9 @@ a ``Scheduler``, which keeps every slot busy through a backend (local subprocess
   log says why;
 - while the tracking store is unreachable no new run is started (running ones keep training and buffer
   their metrics); after ``store_timeout`` of outage the sweep ends, its runs resumable;
+- the same while the runs folder is full or read-only (``orchestrator.diskfault``: a worker's attempt ended
+  ``disk_full``, a spec or log could not be written, or too little is free for a run to start): its attempts
+  are not counted, the folder is re-checked every few seconds, and after ``disk_timeout`` the sweep ends;
 - the first SIGINT/SIGTERM stops dispatching, gives workers that got the signal too (Ctrl-C reaches
   the whole process group) a moment, then sends SIGTERM to the rest and waits: their runs end KILLED
   and stay resumable. A second signal SIGKILLs the workers and returns at once.
@@ -23,6 +26,7 @@ a ``Scheduler``, which keeps every slot busy through a backend (local subprocess
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import signal
@@ -34,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from orchestrator import claims, tracking
+from orchestrator import claims, diskfault, tracking
 from orchestrator.backends import Backend, Job, LocalBackend, RayBackend, Slot, check_shared
 from orchestrator.errors import UserError
 from orchestrator.reconcile import DEFAULT_RETRIES, TODO, RunState, inspect_sweep
@@ -52,6 +56,7 @@ MIN_STALL_S = 1200.0  # the default stall timeout: max(20 min, STALL_EPOCHS x th
 STALL_EPOCHS = 5
 PROBE_EVERY_S = 5.0
 EXIT_STORE_DOWN = 75  # the sweep ended because the tracking store stayed down: everything is resumable
+DISK_NOTE_EVERY_S = 60.0  # while the runs folder is full: how often the progress output says so again
 
 
 # ------------------------------------------------------------------------------------------- slots
@@ -232,7 +237,8 @@ class Scheduler:
                  grace_s: float = GRACE_S, lock_wait_s: float = LOCK_WAIT_S, retry_delay_s: float = RETRY_DELAY_S,
                  busy_wait_s: float = BUSY_WAIT_S, stall_timeout_s: float | None = None,
                  store_probe: Callable[[], bool] | None = None,
-                 store_timeout_s: float = tracking.DEFAULT_STORE_TIMEOUT_S, source: TaskSource | None = None):
+                 store_timeout_s: float = tracking.DEFAULT_STORE_TIMEOUT_S, source: TaskSource | None = None,
+                 runs_dir: Path | None = None, disk_timeout_s: float | None = None):
         if not slots:
             raise UserError("no device slot to run on")
         self.backend, self.slots, self.write_spec = backend, list(slots), write_spec
@@ -240,6 +246,11 @@ class Scheduler:
         self.lock_wait_s, self.retry_delay_s, self.busy_wait_s = lock_wait_s, retry_delay_s, busy_wait_s
         self.stall_timeout_s, self.store_timeout_s = stall_timeout_s, store_timeout_s
         self.store = StoreWatch(store_probe)
+        # the runs folder full or read-only: the twin of the store's outage (no new run; gives up after a while)
+        self.disk = diskfault.DiskWatch(runs_dir)
+        self.disk_timeout_s = store_timeout_s if disk_timeout_s is None else disk_timeout_s
+        self.disk_gave_up = False
+        self._disk_said = 0.0
         self.source = source
         self.queue: deque[Task] = deque()
         self.active: dict[str, tuple[Task, Slot, Job]] = {}
@@ -268,7 +279,9 @@ class Scheduler:
                 now = time.monotonic()
                 if self.stop_signal is None:
                     self._watch_store(now)
-                    if self.store.down_since is None and not self.store_gave_up:
+                    self._watch_disk(now)
+                    if self.store.down_since is None and not self.store_gave_up and self.disk.down_since is None \
+                            and not self.disk_gave_up:
                         self._dispatch(now)
                 else:
                     if not self._announced:
@@ -278,7 +291,7 @@ class Scheduler:
                     self._stop_workers(now)
                 self._watch_workers(now)
                 self._collect()
-                idle = self.stop_signal is not None or self.store_gave_up or not (
+                idle = self.stop_signal is not None or self.store_gave_up or self.disk_gave_up or not (
                     self.queue or (self.source is not None and self.source.running()))
                 if not self.active and idle:
                     break
@@ -298,6 +311,9 @@ class Scheduler:
         if self.store_gave_up:
             for task in self.queue:
                 task.result, task.message = "interrupted", "tracking store unreachable; resumable"
+        elif self.disk_gave_up:
+            for task in self.queue:
+                task.result, task.message = "interrupted", f"{self.disk.describe()}; resumable"
         return self.stop_signal
 
     def _watch_store(self, now: float) -> None:
@@ -314,6 +330,35 @@ class Scheduler:
             self.view.note(f"tracking store unreachable since {time.strftime('%H:%M:%S')} ({why}): no new run "
                            "starts until it answers; running ones keep training and buffer their metrics")
 
+    def _watch_disk(self, now: float) -> None:
+        """While the runs folder is full or read-only: re-check it, say so now and then, give up in the end."""
+        down = self.disk.down_since
+        if down is None or self.disk_gave_up:
+            return
+        if self.disk.poll():
+            self.view.note(f"runs folder {self.disk.folder} takes writes again ({diskfault.space(self.disk.folder)}): "
+                           "starting runs again")
+        elif now - down >= self.disk_timeout_s:
+            self.disk_gave_up = True
+            self.view.note(f"runs folder still unusable after {now - down:.0f}s (--disk-timeout "
+                           f"{self.disk_timeout_s:.0f}): {self.disk.describe()}; starting nothing more; every run "
+                           "stays resumable: make room and run the same command again")
+        elif now - self._disk_said >= DISK_NOTE_EVERY_S:
+            self._disk_said = now
+            self.view.note(f"waiting for the runs folder ({now - down:.0f}s of --disk-timeout "
+                           f"{self.disk_timeout_s:.0f}): {self.disk.describe()}")
+
+    def _disk_full(self, fault: diskfault.DiskFault, why: str) -> None:
+        """A disk fault (a worker's, a spec or log of ours, or too little room to start a run): start no new run."""
+        if self.disk.folder is None and fault.path:  # a scheduler made without a runs folder watches the fault's
+            self.disk.folder = diskfault._existing(Path(fault.path).parent)
+        if self.disk.mark_down(fault):
+            self._disk_said = time.monotonic()
+            self.view.note(f"runs folder {self.disk.folder} cannot take writes ({why}): {self.disk.describe()}; "
+                           f"no new run starts until it can (re-checked every {self.disk.every_s:.0f}s, "
+                           f"--disk-timeout {self.disk_timeout_s:.0f}s); runs that cannot write stop resumable, "
+                           "their attempts not counted")
+
     def _dispatch(self, now: float) -> None:
         for slot in self.slots:
             if slot.name in self.active:
@@ -324,11 +369,17 @@ class Scheduler:
                 task = self._next_ready(now)
             if task is None:
                 return
+            if (fault := self.disk.refuse()) is not None:  # too little room for a run: do not start it
+                self.queue.appendleft(task)
+                return self._disk_full(fault, "before starting a run")
             try:
                 spec_path = self.write_spec(task, slot)
                 task.dispatched_at = time.time()
                 job = self.backend.submit(spec_path, task.folder.log, slot)
             except OSError as e:
+                if (fault := diskfault.disk_fault(e)) is not None:  # its spec or log: not the run's fault
+                    self.queue.appendleft(task)
+                    return self._disk_full(fault, f"starting {task.key}")
                 task.result, task.message = "failed", f"cannot start: {e}"
                 self.view.note(f"{task.key}: {task.message}")
                 continue
@@ -371,7 +422,8 @@ class Scheduler:
             limit = self.stall_timeout_s or max(MIN_STALL_S, STALL_EPOCHS * task.slowest_epoch)
             if not task.stalled and now - task.progress_at > limit:
                 task.stalled = f"stalled: no new epoch for {now - task.progress_at:.0f}s (stall timeout {limit:.0f}s)"
-                task.folder.log_line(f"{task.stalled}; killed by the orchestrator (SIGKILL) and retried")
+                with contextlib.suppress(OSError):  # the log may be on a full disk: the kill matters
+                    task.folder.log_line(f"{task.stalled}; killed by the orchestrator (SIGKILL) and retried")
                 self.view.note(f"{task.key}: {task.stalled}; killing it")
                 job.kill()
 
@@ -403,6 +455,9 @@ class Scheduler:
         fresh = result is not None and result.status != "started" and result.time >= task.dispatched_at - 1.0
         if not fresh and code == EXIT_BUSY:  # it found the folder locked: it writes nothing into a folder it lacks
             return Result("busy", "held by a live worker here (its run folder is locked)")
+        if not fresh and code == diskfault.EXIT_DISK:  # it could not write result.json: its disk is full or read-only
+            fault = diskfault.check(task.run_dir, write=True) or diskfault.DiskFault(errno.ENOSPC, str(task.run_dir))
+            return Result(diskfault.STATUS, fault.describe())
         if not fresh:
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             tail = log_tail(task.folder.log)
@@ -435,6 +490,11 @@ class Scheduler:
         elif status == "store_down":
             task.result, task.not_before = "skipped", now + self.retry_delay_s
             self._store_down(task.message)
+            self.queue.appendleft(task)
+        elif status == diskfault.STATUS:  # a full or read-only disk, as store_down: not counted, no new run for now
+            task.result, task.not_before = "skipped", now + self.retry_delay_s
+            self._disk_full(diskfault.check(task.run_dir) or diskfault.DiskFault(errno.ENOSPC, str(task.run_dir)),
+                            f"run {task.key} could not write")
             self.queue.appendleft(task)
         else:  # error, crashed, stalled, killed from outside: retried from the last checkpoint
             task.failures += 1
@@ -491,6 +551,7 @@ class SweepResult:
     exit_code: int = 0
 
     store_down: bool = False  # ended because the tracking store stayed unreachable
+    disk_full: str = ""  # ended because the runs folder stayed full or read-only: what is wrong, in words
     experiment_id: str | None = None
 
     def outcome(self, state: RunState) -> tuple[str, str]:
@@ -509,13 +570,14 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
               ray_address: str | None = None, shared_runs_dir: bool = False,
               stall_timeout: float | None = None, store_timeout: float = tracking.DEFAULT_STORE_TIMEOUT_S,
               claim_lease: float = claims.DEFAULT_LEASE_S, pack: int | str | None = None,
+              disk_timeout: float | None = None,
               view_factory: Callable[[list[RunState], list[Task]], View] | None = None) -> SweepResult:
     """Run every run of ``configs`` that is not done yet; safe to run again at any time, and from several
     orchestrators (or machines) sharing the tracking store at once."""
     if retries < 0:
         raise UserError(f"--retries {retries}: must be >= 0")
     for option, value in (("--stall-timeout", stall_timeout), ("--store-timeout", store_timeout),
-                          ("--claim-lease", claim_lease)):
+                          ("--claim-lease", claim_lease), ("--disk-timeout", disk_timeout)):
         if value is not None and value <= 0:
             raise UserError(f"{option} {value:g}: must be > 0 seconds")
     if backend not in ("local", "ray"):
@@ -560,12 +622,17 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
         return write_job_spec(task, spec_for)
 
     for task in tasks:
-        task.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            task.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a full or read-only runs folder: the scheduler waits for it (see _disk_full)
+            if diskfault.disk_fault(e) is None:
+                raise
     view = view_factory(states, tasks) if view_factory else QuietView()
     jobs = jobs_of(pack, slots, runs_dir / PACKS, calibrate=backend == "local", note=view.note)(
         tasks, {s.run_key: s.config for s in states})
     scheduler = Scheduler(chosen, slots, write_spec, retries, view, stall_timeout_s=stall_timeout,
-                          store_probe=lambda: tracking.probe(uri), store_timeout_s=store_timeout)
+                          store_probe=lambda: tracking.probe(uri), store_timeout_s=store_timeout,
+                          runs_dir=runs_dir, disk_timeout_s=disk_timeout)
     try:
         stopped_by = scheduler.run(jobs)
     finally:
@@ -583,7 +650,8 @@ def run_sweep(sweep, configs: Sequence[RunConfig], *, tracking_uri: str | None, 
             raise
         final = states
         scheduler.store_gave_up = True
-    return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up, experiment_id=experiment_id)
+    return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up, experiment_id=experiment_id,
+                   disk_full=scheduler.disk.describe() if scheduler.disk_gave_up else "")
 
 
 PACKS = "packs"  # <runs dir>/packs/<pack id>/: a pack's spec and log (its members keep their own folders)
@@ -714,13 +782,14 @@ def ray_slots(resources: dict[str, float], no_gpus: bool, jobs_per_gpu: int, max
 
 
 def _finish(states: list[RunState], tasks: dict[str, Task], stopped_by: int | None,
-            aborted: bool = False, store_down: bool = False, experiment_id: str | None = None) -> SweepResult:
+            aborted: bool = False, store_down: bool = False, experiment_id: str | None = None,
+            disk_full: str = "") -> SweepResult:
     result = SweepResult(states, tasks, stopped_by, aborted=aborted, store_down=store_down,
-                         experiment_id=experiment_id)
+                         experiment_id=experiment_id, disk_full=disk_full)
     if stopped_by is not None:
         result.exit_code = EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
     elif any(result.outcome(s)[0] == "failed" for s in states):
         result.exit_code = 1
-    elif store_down:
+    elif store_down or disk_full:  # infrastructure, not the runs: every run resumable, run it again
         result.exit_code = EXIT_STORE_DOWN
     return result

@@ -536,7 +536,7 @@ def run_tune(sweep: Sweep, trials: int, *, storage: str | None, tracking_uri: st
     backend = LocalBackend()
     extra = {"poll_s": poll_s} if poll_s else {}
     scheduler = sched.Scheduler(backend, slots, write_spec, view=view, source=tuner,
-                                store_probe=lambda: tracking.probe(uri), **extra)
+                                store_probe=lambda: tracking.probe(uri), runs_dir=runs_dir, **extra)
     tuner.start()
     try:
         stopped_by = scheduler.run([])
@@ -549,7 +549,7 @@ def run_tune(sweep: Sweep, trials: int, *, storage: str | None, tracking_uri: st
         import signal
 
         code = EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
-    elif scheduler.store_gave_up:
+    elif scheduler.store_gave_up or scheduler.disk_gave_up:  # both: everything resumable, run it again
         code = sched.EXIT_STORE_DOWN
     elif tuner.errors:
         code = 1

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import claims, tracking
+from orchestrator import claims, diskfault, tracking
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
 from orchestrator.runfolder import Result, RunFolder
@@ -35,6 +35,7 @@ from training.config import ConfigError, DataError, RunConfig
 
 # Exit codes, for shells and for ``adareg train``; the orchestrator reads result.json instead.
 EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_DIVERGED, EXIT_BUSY, EXIT_STORE = 0, 1, 2, 3, 4, 75
+EXIT_DISK = diskfault.EXIT_DISK  # 74: a full or read-only disk ended the attempt (result.json may be unwritten)
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 PARENT_PID_ENV = "ADAREG_PARENT_PID"
 START_BUDGET_S = 60.0  # store outage tolerated before training starts (then the whole --store-timeout)
@@ -73,7 +74,8 @@ class WorkerSpec:
 class Outcome:
     """How one attempt ended; ``status`` is result.json's (see ``orchestrator.runfolder``)."""
 
-    status: str  # finished | already_finished | diverged | bad_input | error | killed | store_down | busy | stopped
+    status: str  # finished | already_finished | diverged | bad_input | error | killed | store_down | disk_full
+    #              | busy | stopped
     run_id: str | None = None
     message: str = ""
     exit_code: int = EXIT_OK
@@ -114,10 +116,14 @@ class ProgressFile(Callback):
         self.write()
 
     def note(self, message: str) -> None:
-        print(message, flush=True)
         self.notes = [*self.notes, message][-5:]
         self.note_count += 1
-        self.write()
+        try:  # a note is for the user: a full disk under the log or progress file must not end the run here
+            say(message)
+            self.write()
+        except OSError as e:
+            if diskfault.disk_fault(e) is None:
+                raise
 
     def write(self) -> None:
         m = self.metrics
@@ -188,6 +194,9 @@ def _ended_early(member: Member, e: BaseException) -> bool:
         logger.finish("KILLED", e.kind, str(e))
         member.folder.clear_stop()
         member.end("stopped", str(e))
+    elif (fault := diskfault.disk_fault(e)) is not None:  # not the run's fault: KILLED, resumable, not counted
+        logger.finish("KILLED", diskfault.STATUS, fault.describe(), blocking=False)
+        member.end(diskfault.STATUS, fault.describe(), EXIT_DISK)
     else:
         return False
     return True
@@ -230,15 +239,24 @@ def _unlock(member: Member, raised: BaseException | None = None) -> None:
             member.outcome = Outcome("bad_input", message=str(raised), exit_code=EXIT_USER)
         elif isinstance(raised, (KeyboardInterrupt, Terminated)):
             member.outcome = Outcome("killed", message="interrupted; resumable", exit_code=EXIT_SIGTERM)
+        elif (fault := diskfault.disk_fault(raised)) is not None:
+            member.outcome = Outcome(diskfault.STATUS, message=fault.describe(), exit_code=EXIT_DISK)
         else:
-            member.outcome = Outcome("error", message=f"{type(raised).__name__}: {raised}"[:2000],
-                                     exit_code=EXIT_FAILED)
+            member.outcome = Outcome("error", message=diskfault.reason(raised)[:2000], exit_code=EXIT_FAILED)
     outcome, attempt = member.result(), member.attempt
-    member.folder.write_result(dataclasses.replace(
-        attempt, status=outcome.status, message=outcome.message, run_id=outcome.run_id or attempt.run_id,
-        epochs_done=outcome.epochs_done or attempt.epochs_done,
-        failures=attempt.failures + (outcome.status == "error")))
-    member.folder.release()
+    try:
+        member.folder.write_result(dataclasses.replace(
+            attempt, status=outcome.status, message=outcome.message, run_id=outcome.run_id or attempt.run_id,
+            epochs_done=outcome.epochs_done or attempt.epochs_done,
+            failures=attempt.failures + (outcome.status == "error")))
+    except OSError as e:  # the disk is full or read-only: the exit code tells the orchestrator instead
+        if (fault := diskfault.disk_fault(e)) is None:
+            raise
+        outcome.exit_code = EXIT_DISK
+        with contextlib.suppress(OSError):
+            say(f"cannot write {member.folder.result_path} ({fault.describe()}); the attempt ended {outcome.status}")
+    finally:
+        member.folder.release()
 
 
 def _connect(spec: WorkerSpec, note) -> tuple[tracking.Store, str]:
@@ -282,12 +300,13 @@ def execute(spec: WorkerSpec, callbacks: Sequence[Callback] = ()) -> Outcome:
     raised: BaseException | None = None
     try:
         _execute(member, callbacks)
-        return member.result()
     except BaseException as e:
         raised = e
-        raise
+        if diskfault.disk_fault(e) is None:
+            raise
     finally:
         _unlock(member, raised)
+    return member.result()  # a disk fault (raised before training, say) is an outcome: disk_full
 
 
 def _execute(member: Member, callbacks: Sequence[Callback]) -> None:
@@ -317,7 +336,7 @@ def _execute(member: Member, callbacks: Sequence[Callback]) -> None:
     except Exception as e:
         if _ended_early(member, e):
             return
-        logger.finish("FAILED", "error", f"{type(e).__name__}: {e}", blocking=False)
+        logger.finish("FAILED", "error", diskfault.reason(e), blocking=False)
         raise
     _finished(member)
 
@@ -362,8 +381,8 @@ class _Guard(Callback):
         except Exception as e:  # noqa: BLE001 - this member's trouble, not the pack's
             if not _ended_early(m, e):
                 with contextlib.suppress(Exception):
-                    m.logger.finish("FAILED", "error", f"{type(e).__name__}: {e}", blocking=False)
-                m.end("error", f"{type(e).__name__}: {e}"[:2000], EXIT_FAILED)
+                    m.logger.finish("FAILED", "error", diskfault.reason(e), blocking=False)
+                m.end("error", diskfault.reason(e)[:2000], EXIT_FAILED)
         if all(x.outcome is not None for x in self.group):
             raise _PackDone()
 
@@ -450,10 +469,10 @@ def _train_group(group: list[Member], lead: WorkerSpec) -> None:
         raise
     except Exception as e:  # noqa: BLE001 - the pack itself failed: every member still in it
         for m in group:
-            if m.outcome is None:
+            if m.outcome is None and not (diskfault.disk_fault(e) and _ended_early(m, e)):  # disk: resumable
                 with contextlib.suppress(Exception):
-                    m.logger.finish("FAILED", "error", f"{type(e).__name__}: {e}", blocking=False)
-                m.end("error", f"{type(e).__name__}: {e}"[:2000], EXIT_FAILED)
+                    m.logger.finish("FAILED", "error", diskfault.reason(e), blocking=False)
+                m.end("error", diskfault.reason(e)[:2000], EXIT_FAILED)
         return
     for m in group:
         if m.outcome is None:
@@ -521,11 +540,33 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER
-    except Exception:
+    except Exception as e:
+        if (fault := diskfault.disk_fault(e)) is not None:  # before the attempt was recorded (lock, result.json)
+            with contextlib.suppress(OSError):
+                say(f"{diskfault.STATUS}: {fault.describe()}")
+            return _quiet_exit(EXIT_DISK)
         traceback.print_exc()
         return EXIT_FAILED
-    print(f"{outcome.status}: {outcome.message}".rstrip(": "), flush=True)
-    return outcome.exit_code
+    with contextlib.suppress(OSError):  # the log may sit on the full disk: the exit code still tells
+        say(f"{outcome.status}: {outcome.message}".rstrip(": "))
+    return _quiet_exit(outcome.exit_code)
+
+
+def say(message: str) -> None:
+    """One line to the worker's log (its stdout)."""
+    print(message, flush=True)
+
+
+def _quiet_exit(code: int) -> int:
+    """``code``, made sure to be the exit status: Python exits 120 when it cannot flush stdout at exit (a log on
+    a full disk), so output that cannot be written is dropped now."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 - lives until exit
+    return code
 
 
 if __name__ == "__main__":
