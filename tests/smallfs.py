@@ -45,3 +45,19 @@ def remount(path: Path, *options: str) -> None:
 
 def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """``path`` read-only for every write by path (a read-only bind mount over it) while the block runs.
+
+    ``mount -o remount,ro`` refuses a file system with files open for writing (EBUSY: a worker's log and
+    lock); a read-only bind mount of the folder over itself is what a worker then meets when it creates a
+    checkpoint, a progress or result file, or opens its lock: EROFS. Leaving the block unmounts it."""
+    for args in (("--bind", str(path), str(path)), ("-o", "remount,bind,ro", str(path))):
+        done = _mount(*args)
+        assert done.returncode == 0, done.stderr
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True, check=True)
