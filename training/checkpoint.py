@@ -11,6 +11,7 @@ without deleting it.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,13 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(payload, f))
+    """Write ``payload`` to ``path`` atomically. It is serialised in memory first: ``torch.save`` into a file
+    that hits a full disk says only ``[enforce fail at inline_container.cc] unexpected pos``, while a plain
+    write raises the ``OSError`` (ENOSPC, EDQUOT, EROFS) with its errno and the path."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getbuffer()
+    atomic_write(path, lambda f: f.write(data))
 
 
 def load_checkpoint(path: str | os.PathLike, identity: dict[str, Any] | None = None) -> dict[str, Any] | None:

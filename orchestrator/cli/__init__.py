@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: interrupted", err=True)
         sys.exit(130)
     except Exception as e:  # the last line of defence: still one line, the traceback on request
+        from orchestrator.diskfault import disk_fault
+
+        if (fault := disk_fault(e)) is not None:  # a full or read-only disk (a report's output, say)
+            click.echo(f"error: {fault.describe()}; make room and run the same command again", err=True)
+            sys.exit(75)
         if os.environ.get("ADAREG_DEBUG"):
             raise
         click.echo(f"error: unexpected {type(e).__name__}: {one_line(e)} (set ADAREG_DEBUG=1 for the traceback)",

@@ -63,11 +63,15 @@ _WATCH = (
     click.option("--claim-lease", type=float, default=300, show_default=True, metavar="SECONDS",
                  help="A run claimed in the store by a process whose heartbeat is older than this may be taken "
                       "over."),
+    click.option("--disk-timeout", type=float, default=None, metavar="SECONDS",
+                 help="How long the runs folder may stay full or read-only before the command stops with exit 75 "
+                      "(every run resumable); meanwhile no new run starts [default: --store-timeout]."),
 )
 
 
 def watch_options(func: F) -> F:
-    """Add ``--stall-timeout``, ``--store-timeout`` and ``--claim-lease`` (how workers are watched)."""
+    """Add ``--stall-timeout``, ``--store-timeout``, ``--claim-lease`` and ``--disk-timeout`` (how workers and
+    what they need are watched)."""
     for option in reversed(_WATCH):
         func = option(func)
     return func

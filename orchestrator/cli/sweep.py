@@ -21,7 +21,7 @@ from orchestrator.cli.common import (
     watch_options,
 )
 from orchestrator.errors import UserError
-from orchestrator.run.ending import State
+from orchestrator.run.ending import End, State
 from orchestrator.run.spec import default_runs_dir
 from orchestrator.store.uri import absolute_tracking_uri, resolve_tracking_uri, ui_url
 from orchestrator.sweep.reconcile import inspect_sweep
@@ -69,7 +69,7 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
 @click.option("--retries", type=int, default=2, show_default=True, metavar="N",
               help="Retry a failed run N times from its last checkpoint (a diverged run is never retried).")
 @click.option("--retry-failed", is_flag=True, help="Also retry runs that failed in earlier sweeps (not diverged).")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+@click.option("--backend", default="local", show_default=True, metavar="local|ray",
               help="local: a subprocess per run on this machine; ray: the same in Ray tasks (needs adareg[ray]).")
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="Ray cluster to join (default: a private local Ray instance). A remote cluster needs an "
@@ -82,14 +82,15 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
 @tracking_uri_option
 @click.pass_context
 def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, jobs_per_gpu, max_parallel, retries,
-                retry_failed, backend, ray_address, shared_runs_dir, stall_timeout, store_timeout, claim_lease, pack,
-                runs_dir, tracking_uri):
+                retry_failed, backend, ray_address, shared_runs_dir, stall_timeout, store_timeout, claim_lease,
+                disk_timeout, pack, runs_dir, tracking_uri):
     """Run every run of the sweep that is not finished: resume interrupted ones, retry failures.
 
     Ctrl-C (or SIGTERM) stops the workers, whose runs stay resumable; a second Ctrl-C stops at once.
     Several orchestrators (or machines) may run the same sweep on one tracking store at once: each run is
     claimed in the store by whoever trains it. Exit codes: 0 all done, 1 some run failed, 75 the tracking
-    store stayed unreachable (everything resumable: run the command again), 130/143 interrupted.
+    store stayed unreachable or the runs folder full or read-only (everything resumable: run the command
+    again), 130/143 interrupted.
     """
     from orchestrator.dispatch.launch import LaunchOptions, run_sweep
     from orchestrator.dispatch.progress import make_view, summary_table, wide_console
@@ -97,7 +98,7 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
     options = LaunchOptions(gpus=gpus, jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, retries=retries,
                             backend=backend, ray_address=ray_address, shared_runs_dir=shared_runs_dir,
                             stall_timeout=stall_timeout, store_timeout=store_timeout, claim_lease=claim_lease,
-                            pack=pack)
+                            disk_timeout=disk_timeout, pack=pack)
     sweep_, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     console = wide_console()
     result = run_sweep(sweep_, planned, options, tracking_uri=tracking_uri, runs_dir=_runs_dir(runs_dir),
@@ -115,8 +116,11 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
     elif result.store_down and not failed:
         click.echo("error: the tracking store stayed unreachable; every unfinished run is resumable: run the same "
                    "command again once it answers", err=True)
+    elif result.disk_full and not failed:
+        click.echo(f"error: the runs folder stayed full or read-only ({result.disk_full}); every unfinished run is "
+                   "resumable: make room and run the same command again", err=True)
     elif failed:
-        click.echo(f"error: {failed} of {len(result.states)} runs failed", err=True)
+        click.echo(f"error: {failed} of {len(result.states)} runs failed{_retry_hint(result)}", err=True)
     uri = f" --tracking-uri {tracking_uri}" if tracking_uri else ""
     server = _tracking_uri(tracking_uri)
     if server.startswith(("http://", "https://")):
@@ -125,6 +129,16 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
         where = f"adareg ui{uri}, then open {ui_url('http://127.0.0.1:5000', result.experiment_id)}"
     click.echo(f"browse the runs: {where}\nfigures and tables: adareg report {sweep_file}{uri}")
     ctx.exit(result.exit_code)
+
+
+def _retry_hint(result) -> str:
+    """How to try again the failed runs that could succeed (not diverged ones: they would diverge again)."""
+    again = [s for s in result.states if result.final(s)[0] is State.FAILED and s.failure != "diverged"
+             and getattr(result.tasks.get(s.run_key), "end", None) is not End.DIVERGED]
+    if not again:
+        return ""
+    which = "it" if len(again) == 1 else f"{len(again)} of them"
+    return f"; to try {which} again (from the last checkpoint), run the same command with --retry-failed"
 
 
 @sweep.command("status")
@@ -142,7 +156,7 @@ def status_command(sweep_file, set_, only, epochs_scale, train_subset, watch, ru
     title = f"sweep {sweep_.name}"
     console = wide_console()
     if not watch:
-        console.print(status_view(states, title))
+        console.print(status_view(states, title, _disk_notes(_runs_dir(runs_dir))))
         return
     if watch <= 0:
         raise UserError(f"--watch {watch}: must be > 0 seconds")
@@ -152,9 +166,19 @@ def status_command(sweep_file, set_, only, epochs_scale, train_subset, watch, ru
         try:
             while True:
                 time.sleep(watch)
-                live.update(status_view(_states(*args)[1], title), refresh=True)
+                live.update(status_view(_states(*args)[1], title, _disk_notes(_runs_dir(runs_dir))), refresh=True)
         except KeyboardInterrupt:
             pass
+
+
+def _disk_notes(runs_dir: Path) -> list[str]:
+    """A line for ``sweep status`` when the runs folder is read-only or has too little room for a run to start."""
+    from orchestrator.diskfault import DiskWatch
+
+    folder = runs_dir.resolve()
+    fault = DiskWatch(folder).refuse()
+    return [] if fault is None else [
+        f"runs folder {folder} cannot take a run's writes: {fault.describe()}; runs wait (resumable) until it can"]
 
 
 @click.command("ui")

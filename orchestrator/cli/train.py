@@ -58,6 +58,7 @@ epochs_scale_option = click.option("--epochs-scale", type=float, default=None, m
 def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_subset, data_dir, allow_unofficial_data,
                   device, threads, runs_dir, tracking_uri):
     """Train one run, logged to MLflow. Re-running the same command resumes it, or says it is finished."""
+    from orchestrator.diskfault import DiskFull
     from orchestrator.dispatch.launch import Launch, LaunchOptions
     from orchestrator.dispatch.slots import Slot
     from orchestrator.identity import plan
@@ -85,6 +86,8 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
         raise UserError(attempt.message)
     if attempt.status is End.STORE_DOWN:
         raise StoreUnreachable(f"{attempt.message}; the run is resumable: run the same command again")
+    if attempt.status is End.DISK_FULL:  # exit 75, the run resumable from its checkpoint
+        raise DiskFull(f"{attempt.message}; the run is resumable: make room and run the same command again")
     click.echo(f"{attempt.status}: MLflow run {attempt.run_id}" + (f" ({attempt.message})" if attempt.message else ""))
     if code:
         sys.exit(code)

@@ -83,7 +83,8 @@ class TuneView:
 @tracking_uri_option
 @click.pass_context
 def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial_lease, stall_timeout, store_timeout,
-                claim_lease, pack, storage, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri):
+                claim_lease, disk_timeout, pack, storage, set_, only, epochs_scale, train_subset, runs_dir,
+                tracking_uri):
     """Run TRIALS more trials; each trains the sweep's first dataset and arch over ``tune.seeds`` seeds with a
     sampled taper, scored by the mean validation metric. Several of these commands (or machines) may share
     one study: each proposes its own tapers, and the trials of a tuner that died are run again."""
@@ -93,7 +94,7 @@ def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial
 
     options = LaunchOptions(gpus=gpus, jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel,
                             stall_timeout=stall_timeout, store_timeout=store_timeout, claim_lease=claim_lease,
-                            pack=pack)
+                            disk_timeout=disk_timeout, pack=pack)
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     result = run_tune(sweep, trials, options, storage=storage, tracking_uri=tracking_uri,
                       runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), trial_lease=trial_lease,

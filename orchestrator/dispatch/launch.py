@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.diskfault import disk_fault
 from orchestrator.dispatch.backends import Backend, LocalBackend, RayBackend, check_shared
 from orchestrator.dispatch.packs import PACKS, checked_pack, jobs_of, write_job_spec
 from orchestrator.dispatch.scheduler import QuietView, Scheduler, Task, TaskSource, View
@@ -54,12 +55,13 @@ class LaunchOptions:
     stall_timeout: float | None = None  # None: max(20 min, 5 x the slowest epoch)
     store_timeout: float = DEFAULT_STORE_TIMEOUT_S
     claim_lease: float = DEFAULT_LEASE_S
+    disk_timeout: float | None = None  # None: store_timeout
     pack: int | str | None = None  # None: the sweep file's
 
     def __post_init__(self) -> None:
         if self.retries < 0:
             raise BadValue(f"{{retries}} {self.retries}: must be >= 0")
-        for name in ("stall_timeout", "store_timeout", "claim_lease"):
+        for name in ("stall_timeout", "store_timeout", "claim_lease", "disk_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise BadValue(f"{{{name}}} {value:g}: must be > 0 seconds")
@@ -113,7 +115,11 @@ class Launch:
     def task(self, run: Planned) -> Task:
         """The scheduler's task of one planned run (its folder made)."""
         task = Task(run.key, run.config, self.runs_dir / run.key, run.total_epochs)
-        task.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            task.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a full or read-only runs folder: the scheduler waits for it (see Scheduler._disk_full)
+            if disk_fault(e) is None:
+                raise
         return task
 
     def jobs(self, note: Callable[[str], None]) -> Callable[..., list[Task]]:
@@ -150,7 +156,8 @@ class Launch:
         extra = {"poll_s": poll_s} if poll_s else {}
         self.scheduler = Scheduler(backend, self.slots, write_spec, o.retries, view, source=source,
                                    stall_timeout_s=o.stall_timeout, store_probe=lambda: probe(self.uri),
-                                   store_timeout_s=o.store_timeout, **extra)
+                                   store_timeout_s=o.store_timeout, runs_dir=self.runs_dir,
+                                   disk_timeout_s=o.disk_timeout, **extra)
         try:
             return self.scheduler.run(jobs)
         finally:
@@ -161,7 +168,8 @@ class Launch:
 
 
 def exit_code(stopped_by: int | None, *, failed: bool, store_down: bool) -> int:
-    """A launch's exit code: 130/143 interrupted, 1 some run failed for good, 75 the store stayed down."""
+    """A launch's exit code: 130/143 interrupted, 1 some run failed for good, 75 the store stayed down (or the
+    runs folder full: infrastructure, every run resumable)."""
     if stopped_by is not None:
         return EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
     if failed:
@@ -182,6 +190,7 @@ class SweepResult:
     aborted: bool = False
     exit_code: int = 0
     store_down: bool = False  # ended because the tracking store stayed unreachable
+    disk_full: str = ""  # ended because the runs folder stayed full or read-only: what is wrong, in words
     experiment_id: str | None = None
 
     def final(self, state: RunState) -> tuple[State, str]:
@@ -223,8 +232,8 @@ def run_sweep(sweep, planned: Sequence[Planned], options: LaunchOptions | None =
             raise
         final = states
         scheduler.store_gave_up = True
-    return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up,
-                   experiment_id=launch.experiment_id)
+    return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up, experiment_id=launch.experiment_id,
+                   disk_full=scheduler.disk.describe() if scheduler.disk_gave_up else "")
 
 
 def describe(sweep) -> str:
@@ -247,9 +256,10 @@ def to_run(states: Sequence[RunState], retry_failed: bool = False) -> list[RunSt
 
 
 def _finish(states: list[RunState], tasks: dict[str, Task], stopped_by: int | None,
-            aborted: bool = False, store_down: bool = False, experiment_id: str | None = None) -> SweepResult:
-    result = SweepResult(states, tasks, stopped_by, aborted=aborted, store_down=store_down,
+            aborted: bool = False, store_down: bool = False, experiment_id: str | None = None,
+            disk_full: str = "") -> SweepResult:
+    result = SweepResult(states, tasks, stopped_by, aborted=aborted, store_down=store_down, disk_full=disk_full,
                          experiment_id=experiment_id)
     failed = any(result.final(s)[0] is State.FAILED for s in states)
-    result.exit_code = exit_code(stopped_by, failed=failed, store_down=store_down)
+    result.exit_code = exit_code(stopped_by, failed=failed, store_down=store_down or bool(disk_full))
     return result

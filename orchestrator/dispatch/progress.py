@@ -14,6 +14,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Column, Table
+from rich.text import Text
 
 from orchestrator.dispatch.launch import SweepResult
 from orchestrator.dispatch.scheduler import Task
@@ -80,7 +81,7 @@ def ended_word(task: Task) -> str:
         return "finished"
     if task.state is State.FAILED:
         return "diverged" if task.end is End.DIVERGED else "failed"
-    return {End.STOPPED: "stopped", End.STORE_DOWN: "interrupted"}.get(task.end, "killed")
+    return {End.STOPPED: "stopped", End.STORE_DOWN: "interrupted", End.DISK_FULL: "interrupted"}.get(task.end, "killed")
 
 
 def _end_line(task: Task) -> str:
@@ -89,6 +90,8 @@ def _end_line(task: Task) -> str:
         what = f"{task.message}; will look again"
     elif task.state is None and task.end is End.STORE_DOWN:
         what = "tracking store unreachable; will resume when it answers"
+    elif task.state is None and task.end is End.DISK_FULL:  # orchestrator.diskfault: not the run's fault
+        what = f"{task.message}; resumable, will resume when its folder takes writes again"
     elif task.state is None:
         what = f"attempt ended ({task.end}); will retry"
     else:
@@ -216,8 +219,9 @@ def plan_table(states: Sequence[RunState], title: str) -> Table:
     return table
 
 
-def status_view(states: Sequence[RunState], title: str):
-    """``sweep status``: the sweep's bar and a line per running run (from MLflow and progress.json)."""
+def status_view(states: Sequence[RunState], title: str, notes: Sequence[str] = ()):
+    """``sweep status``: the sweep's bar and a line per running run (from MLflow and progress.json); ``notes``
+    (e.g. the runs folder is full) under the bar."""
     from rich.progress import ProgressBar
 
     n = counts(states)
@@ -228,7 +232,7 @@ def status_view(states: Sequence[RunState], title: str):
                  f"{n['resumable']} resumable · {n['pending']} pending",
                  ProgressBar(total=total_epochs, completed=done_epochs, width=30),
                  f"{done_epochs}/{total_epochs} epochs")
-    parts: list = [head]
+    parts: list = [head, *(Text(note) for note in notes)]
     busy = [s for s in states if s.state in (State.RUNNING, State.FAILED)]
     if busy:
         table = Table("run", "scheme", "arch", "dataset", "seed", "state", "epoch", "test error", "img/s", "note",

@@ -11,6 +11,9 @@
   log says why;
 - while the tracking store is unreachable no new run is started (running ones keep training and buffer
   their metrics); after ``store_timeout`` of outage the scheduler ends, its runs resumable;
+- the same while the runs folder is full or read-only (``orchestrator.diskfault``: a worker's attempt ended
+  ``disk_full``, a spec or log could not be written, or too little is free for a run to start): its attempts
+  are not counted, the folder is re-checked every few seconds, and after ``disk_timeout`` the scheduler ends;
 - the first SIGINT/SIGTERM stops dispatching, gives workers that got the signal too (Ctrl-C reaches
   the whole process group) a moment, then sends SIGTERM to the rest and waits: their runs end KILLED
   and stay resumable. A second signal SIGKILLs the workers and returns at once.
@@ -21,6 +24,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import threading
@@ -31,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from orchestrator import diskfault
 from orchestrator.dispatch.backends import Backend, Job
 from orchestrator.dispatch.slots import Slot
 from orchestrator.errors import UserError
-from orchestrator.run.ending import EXIT_BUSY, End, State, Then, leaves
+from orchestrator.run.ending import EXIT_BUSY, EXIT_DISK, End, State, Then, leaves
 from orchestrator.run.folder import Attempt, RunFolder
 from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S
 from training.config import RunConfig
@@ -49,6 +54,7 @@ STOP_TIMEOUT_S = 120.0  # after the first signal, before stragglers are SIGKILLe
 MIN_STALL_S = 1200.0  # the default stall timeout: max(20 min, STALL_EPOCHS x the slowest epoch seen)
 STALL_EPOCHS = 5
 PROBE_EVERY_S = 5.0
+DISK_NOTE_EVERY_S = 60.0  # while the runs folder is full: how often the progress output says so again
 
 
 @dataclass
@@ -181,7 +187,8 @@ class Scheduler:
                  grace_s: float = GRACE_S, lock_wait_s: float = LOCK_WAIT_S, retry_delay_s: float = RETRY_DELAY_S,
                  busy_wait_s: float = BUSY_WAIT_S, stall_timeout_s: float | None = None,
                  store_probe: Callable[[], bool] | None = None,
-                 store_timeout_s: float = DEFAULT_STORE_TIMEOUT_S, source: TaskSource | None = None):
+                 store_timeout_s: float = DEFAULT_STORE_TIMEOUT_S, source: TaskSource | None = None,
+                 runs_dir: Path | None = None, disk_timeout_s: float | None = None):
         if not slots:
             raise UserError("no device slot to run on")
         self.backend, self.slots, self.write_spec = backend, list(slots), write_spec
@@ -189,6 +196,11 @@ class Scheduler:
         self.lock_wait_s, self.retry_delay_s, self.busy_wait_s = lock_wait_s, retry_delay_s, busy_wait_s
         self.stall_timeout_s, self.store_timeout_s = stall_timeout_s, store_timeout_s
         self.store = StoreWatch(store_probe)
+        # the runs folder full or read-only: the twin of the store's outage (no new run; gives up after a while)
+        self.disk = diskfault.DiskWatch(runs_dir)
+        self.disk_timeout_s = store_timeout_s if disk_timeout_s is None else disk_timeout_s
+        self.disk_gave_up = False
+        self._disk_said = 0.0
         self.source = source
         self.queue: deque[Task] = deque()
         self.active: dict[str, tuple[Task, Slot, Job]] = {}
@@ -217,7 +229,9 @@ class Scheduler:
                 now = time.monotonic()
                 if self.stop_signal is None:
                     self._watch_store(now)
-                    if self.store.down_since is None and not self.store_gave_up:
+                    self._watch_disk(now)
+                    if self.store.down_since is None and not self.store_gave_up and self.disk.down_since is None \
+                            and not self.disk_gave_up:
                         self._dispatch(now)
                 else:
                     if not self._announced:
@@ -227,7 +241,7 @@ class Scheduler:
                     self._stop_workers(now)
                 self._watch_workers(now)
                 self._collect()
-                idle = self.stop_signal is not None or self.store_gave_up or not (
+                idle = self.stop_signal is not None or self.store_gave_up or self.disk_gave_up or not (
                     self.queue or (self.source is not None and self.source.running()))
                 if not self.active and idle:
                     break
@@ -248,6 +262,10 @@ class Scheduler:
             for task in self.queue:
                 task.end, task.state = End.STORE_DOWN, State.RESUMABLE
                 task.message = "tracking store unreachable; resumable"
+        elif self.disk_gave_up:
+            for task in self.queue:
+                task.end, task.state = End.DISK_FULL, State.RESUMABLE
+                task.message = f"{self.disk.describe()}; resumable"
         return self.stop_signal
 
     def _watch_store(self, now: float) -> None:
@@ -264,6 +282,35 @@ class Scheduler:
             self.view.note(f"tracking store unreachable since {time.strftime('%H:%M:%S')} ({why}): no new run "
                            "starts until it answers; running ones keep training and buffer their metrics")
 
+    def _watch_disk(self, now: float) -> None:
+        """While the runs folder is full or read-only: re-check it, say so now and then, give up in the end."""
+        down = self.disk.down_since
+        if down is None or self.disk_gave_up:
+            return
+        if self.disk.poll():
+            self.view.note(f"runs folder {self.disk.folder} takes writes again ({diskfault.space(self.disk.folder)}): "
+                           "starting runs again")
+        elif now - down >= self.disk_timeout_s:
+            self.disk_gave_up = True
+            self.view.note(f"runs folder still unusable after {now - down:.0f}s (--disk-timeout "
+                           f"{self.disk_timeout_s:.0f}): {self.disk.describe()}; starting nothing more; every run "
+                           "stays resumable: make room and run the same command again")
+        elif now - self._disk_said >= DISK_NOTE_EVERY_S:
+            self._disk_said = now
+            self.view.note(f"waiting for the runs folder ({now - down:.0f}s of --disk-timeout "
+                           f"{self.disk_timeout_s:.0f}): {self.disk.describe()}")
+
+    def _disk_full(self, fault: diskfault.DiskFault, why: str) -> None:
+        """A disk fault (a worker's, a spec or log of ours, or too little room to start a run): start no new run."""
+        if self.disk.folder is None and fault.path:  # a scheduler made without a runs folder watches the fault's
+            self.disk.folder = diskfault.existing(Path(fault.path).parent)
+        if self.disk.mark_down(fault):
+            self._disk_said = time.monotonic()
+            self.view.note(f"runs folder {self.disk.folder} cannot take writes ({why}): {self.disk.describe()}; "
+                           f"no new run starts until it can (re-checked every {self.disk.every_s:.0f}s, "
+                           f"--disk-timeout {self.disk_timeout_s:.0f}s); runs that cannot write stop resumable, "
+                           "their attempts not counted")
+
     def _dispatch(self, now: float) -> None:
         for slot in self.slots:
             if slot.name in self.active:
@@ -274,11 +321,17 @@ class Scheduler:
                 task = self._next_ready(now)
             if task is None:
                 return
+            if (fault := self.disk.refuse()) is not None:  # too little room for a run: do not start it
+                self.queue.appendleft(task)
+                return self._disk_full(fault, "before starting a run")
             try:
                 spec_path = self.write_spec(task, slot)
                 task.dispatched_at = time.time()
                 job = self.backend.submit(spec_path, task.folder.log, slot)
             except OSError as e:
+                if (fault := diskfault.disk_fault(e)) is not None:  # its spec or log: not the run's fault
+                    self.queue.appendleft(task)
+                    return self._disk_full(fault, f"starting {task.key}")
                 task.end, task.state, task.message = End.ERROR, State.FAILED, f"cannot start: {e}"
                 self.view.note(f"{task.key}: {task.message}")
                 continue
@@ -321,7 +374,8 @@ class Scheduler:
             limit = self.stall_timeout_s or max(MIN_STALL_S, STALL_EPOCHS * task.slowest_epoch)
             if not task.stalled and now - task.progress_at > limit:
                 task.stalled = f"stalled: no new epoch for {now - task.progress_at:.0f}s (stall timeout {limit:.0f}s)"
-                task.folder.log_line(f"{task.stalled}; killed by the orchestrator (SIGKILL) and retried")
+                with contextlib.suppress(OSError):  # the log may be on a full disk: the kill matters
+                    task.folder.log_line(f"{task.stalled}; killed by the orchestrator (SIGKILL) and retried")
                 self.view.note(f"{task.key}: {task.stalled}; killing it")
                 job.kill()
 
@@ -354,6 +408,9 @@ class Scheduler:
                  and attempt.time >= task.dispatched_at - 1.0)
         if not fresh and code == EXIT_BUSY:  # it found the folder locked: it writes nothing into a folder it lacks
             return Attempt(End.BUSY, "held by a live worker here (its run folder is locked)")
+        if not fresh and code == EXIT_DISK:  # it could not write result.json: its disk is full or read-only
+            fault = diskfault.check(task.run_dir, write=True) or diskfault.DiskFault(errno.ENOSPC, str(task.run_dir))
+            return Attempt(End.DISK_FULL, fault.describe())
         if not fresh:
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
             tail = log_tail(task.folder.log)
@@ -377,6 +434,11 @@ class Scheduler:
             if end is End.STORE_DOWN:
                 task.not_before = now + self.retry_delay_s
                 self._store_down(task.message)
+                self.queue.appendleft(task)
+            elif end is End.DISK_FULL:  # as the store: not counted, no new run for now
+                task.not_before = now + self.retry_delay_s
+                fault = diskfault.check(task.run_dir) or diskfault.DiskFault(errno.ENOSPC, str(task.run_dir))
+                self._disk_full(fault, f"run {task.key} could not write")
                 self.queue.appendleft(task)
             else:  # held by a live process here or elsewhere: look again later
                 task.not_before = now + (self.lock_wait_s if " here" in task.message else self.busy_wait_s)

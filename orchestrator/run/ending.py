@@ -20,6 +20,7 @@ import enum
 # result.json instead. A sweep exits 0 all done, 1 some run failed for good, 75 the store stayed down,
 # 130/143 interrupted; bad input is 2 everywhere.
 EXIT_OK, EXIT_FAILED, EXIT_USER, EXIT_DIVERGED, EXIT_BUSY, EXIT_STORE = 0, 1, 2, 3, 4, 75
+EXIT_DISK = 74  # a full or read-only disk ended the attempt (sysexits' EX_IOERR); result.json may be unwritten
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143
 DEFAULT_RETRIES = 2  # failed attempts retried in a sweep (--retries), from the last checkpoint
 
@@ -44,7 +45,7 @@ class Then(enum.StrEnum):
     DONE = "done"  # the run is finished
     FAIL = "fail"  # for good: retrying would repeat it
     RETRY = "retry"  # counted against the run; again from its checkpoint while attempts are left
-    WAIT = "wait"  # not the run's fault: again later, uncounted (held elsewhere, the store down)
+    WAIT = "wait"  # not the run's fault: again later, uncounted (held elsewhere, the store down, a full disk)
     KEEP = "keep"  # ended on purpose (a stop request, an interrupt): left resumable, not retried now
 
 
@@ -63,6 +64,7 @@ class End(enum.StrEnum):
     STOPPED = "stopped"  # a stop request (a pruned trial): resumable
     BUSY = "busy"  # a live process holds the run (its folder lock here, or its claim elsewhere)
     STORE_DOWN = "store_down"  # the tracking store stayed unreachable: resumable
+    DISK_FULL = "disk_full"  # a full or read-only disk refused a write (orchestrator.diskfault): resumable
 
     @property
     def then(self) -> Then:
@@ -96,14 +98,14 @@ _THEN = {
     End.DIVERGED: Then.FAIL, End.BAD_INPUT: Then.FAIL,
     End.ERROR: Then.RETRY, End.CRASHED: Then.RETRY, End.STALLED: Then.RETRY, End.STARTED: Then.RETRY,
     End.KILLED: Then.RETRY,  # killed from outside while the sweep goes on: it may be killed again
-    End.BUSY: Then.WAIT, End.STORE_DOWN: Then.WAIT,
+    End.BUSY: Then.WAIT, End.STORE_DOWN: Then.WAIT, End.DISK_FULL: Then.WAIT,
     End.STOPPED: Then.KEEP,
 }
 _EXIT = {End.DIVERGED: EXIT_DIVERGED, End.BAD_INPUT: EXIT_USER, End.ERROR: EXIT_FAILED, End.CRASHED: EXIT_FAILED,
          End.STALLED: EXIT_FAILED, End.STARTED: EXIT_FAILED, End.KILLED: EXIT_SIGTERM, End.BUSY: EXIT_BUSY,
-         End.STORE_DOWN: EXIT_STORE}
+         End.STORE_DOWN: EXIT_STORE, End.DISK_FULL: EXIT_DISK}
 _MLFLOW = {End.FINISHED: "FINISHED", End.DIVERGED: "FAILED", End.ERROR: "FAILED", End.BAD_INPUT: "FAILED",
-           End.KILLED: "KILLED", End.STOPPED: "KILLED", End.STORE_DOWN: "KILLED"}
+           End.KILLED: "KILLED", End.STOPPED: "KILLED", End.STORE_DOWN: "KILLED", End.DISK_FULL: "KILLED"}
 assert set(_THEN) == set(End), "every End needs a policy"
 
 

@@ -10,13 +10,15 @@ training ended to the MLflow run's status, its ``adareg.failure`` tag and the at
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from orchestrator.diskfault import disk_fault, reason
 from orchestrator.errors import UserError
-from orchestrator.run.ending import EXIT_SIGINT, End
+from orchestrator.run.ending import EXIT_DISK, EXIT_SIGINT, End
 from orchestrator.run.folder import Attempt, RunFolder
 from orchestrator.run.spec import WorkerSpec
 from orchestrator.store import claims
@@ -63,10 +65,14 @@ class ProgressFile(Callback):
         self.write()
 
     def note(self, message: str) -> None:
-        print(message, flush=True)
         self.notes = [*self.notes, message][-5:]
         self.note_count += 1
-        self.write()
+        try:  # a note is for the user: a full disk under the log or progress file must not end the run here
+            say(message)
+            self.write()
+        except OSError as e:
+            if disk_fault(e) is None:
+                raise
 
     def write(self) -> None:
         m = self.metrics
@@ -104,10 +110,13 @@ class Member:
     logger: RunLogger | None = None
     progress: ProgressFile | None = None
     sigint: bool = False  # interrupted by SIGINT (Ctrl-C): the worker exits 130 rather than 143
+    unrecorded: bool = False  # its end could not be written to result.json (a full disk): the exit code says it
 
     def exit_code(self) -> int:
         """The worker's exit code for this member's attempt."""
         end = self.result().status
+        if self.unrecorded:
+            return EXIT_DISK
         return EXIT_SIGINT if end is End.KILLED and self.sigint else end.exit_code
 
     def callbacks(self, extra: Sequence[Callback] = ()) -> list[Callback]:
@@ -157,6 +166,8 @@ class Member:
         elif isinstance(e, StopRun):
             self.end(End.STOPPED, str(e), failure=e.kind)
             self.folder.clear_stop()
+        elif (fault := disk_fault(e)) is not None:  # not the run's fault: KILLED, resumable, not counted
+            self.end(End.DISK_FULL, fault.describe(), blocking=False)
         else:
             return False
         return True
@@ -167,8 +178,9 @@ class Member:
         self.end(End.KILLED, "interrupted; resumable", blocking=False)
 
     def failed(self, e: BaseException) -> None:
-        """An exception the worker caught ended the run (counted against it)."""
-        self.end(End.ERROR, f"{type(e).__name__}: {e}"[:2000], blocking=False)
+        """An exception the worker caught ended the run (counted against it), said in words (an OSError by its
+        errno and path, not the internals that wrapped it)."""
+        self.end(End.ERROR, reason(e)[:2000], blocking=False)
 
 
 def lock(spec: WorkerSpec) -> Member:
@@ -195,15 +207,25 @@ def unlock(member: Member, raised: BaseException | None = None) -> Attempt:
             member.record(End.BAD_INPUT, str(raised))
         elif isinstance(raised, (KeyboardInterrupt, Terminated)):
             member.record(End.KILLED, "interrupted; resumable")
+        elif (fault := disk_fault(raised)) is not None:
+            member.record(End.DISK_FULL, fault.describe())
         else:
-            member.record(End.ERROR, f"{type(raised).__name__}: {raised}"[:2000])
+            member.record(End.ERROR, reason(raised)[:2000])
     ended, attempt = member.result(), member.attempt
     final = dataclasses.replace(
         attempt, status=ended.status, message=ended.message, run_id=ended.run_id or attempt.run_id,
         epochs_done=ended.epochs_done or attempt.epochs_done,
         failures=attempt.failures + ended.status.counted_in_folder)
-    member.folder.write_attempt(final)
-    member.folder.release()
+    try:
+        member.folder.write_attempt(final)
+    except OSError as e:  # the disk is full or read-only: the exit code tells the orchestrator instead
+        if (fault := disk_fault(e)) is None:
+            raise
+        member.unrecorded = True
+        with contextlib.suppress(OSError):
+            say(f"cannot write {member.folder.result_path} ({fault.describe()}); the attempt ended {ended.status}")
+    finally:
+        member.folder.release()
     return final
 
 
@@ -243,6 +265,11 @@ def check_checkpoint(folder: RunFolder, config: RunConfig, note) -> None:
         moved = set_aside(folder.checkpoint)
         note(f"checkpoint {folder.checkpoint} cannot be resumed ({e.what}); kept as {moved.name}; "
              "restarting from epoch 1")
+
+
+def say(message: str) -> None:
+    """One line to the worker's log (its stdout)."""
+    print(message, flush=True)
 
 
 def ignore_signals() -> None:

@@ -10,9 +10,9 @@ the others train on.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
+from orchestrator.diskfault import disk_fault
 from orchestrator.run.ending import End
 from orchestrator.run.folder import Attempt
 from orchestrator.run.member import Member, Terminated, connect, ignore_signals, lock, prepare, unlock
@@ -43,9 +43,7 @@ class _Guard(Callback):
             fn()
         except Exception as e:  # noqa: BLE001 - this member's trouble, not the pack's
             if not m.ended_early(e):
-                with contextlib.suppress(Exception):
-                    m.failed(e)
-                m.record(End.ERROR, f"{type(e).__name__}: {e}"[:2000])
+                m.failed(e)  # never raises: its MLflow run is ended without waiting for the store
         if all(x.ended is not None for x in self.group):
             raise _PackDone()
 
@@ -128,10 +126,8 @@ def _train_group(group: list[Member], lead: WorkerSpec) -> None:
         raise
     except Exception as e:  # noqa: BLE001 - the pack itself failed: every member still in it
         for m in group:
-            if m.ended is None:
-                with contextlib.suppress(Exception):
-                    m.failed(e)
-                m.record(End.ERROR, f"{type(e).__name__}: {e}"[:2000])
+            if m.ended is None and not (disk_fault(e) and m.ended_early(e)):  # a full disk: resumable
+                m.failed(e)
         return
     for m in group:
         if m.ended is None:

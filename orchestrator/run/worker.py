@@ -12,6 +12,7 @@ fresh MLflow run if the old one holds epochs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -21,10 +22,11 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from orchestrator.diskfault import disk_fault
 from orchestrator.errors import UserError
-from orchestrator.run.ending import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER, End
+from orchestrator.run.ending import EXIT_DISK, EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USER, End
 from orchestrator.run.folder import Attempt
-from orchestrator.run.member import Member, Terminated, connect, ignore_signals, lock, prepare, unlock
+from orchestrator.run.member import Member, Terminated, connect, ignore_signals, lock, prepare, say, unlock
 from orchestrator.run.spec import PARENT_PID_ENV, PackSpec, WorkerSpec
 from orchestrator.store.client import StoreDown
 from training.callbacks import Callback
@@ -43,7 +45,8 @@ def execute(spec: WorkerSpec, callbacks: Sequence[Callback] = ()) -> tuple[Attem
         _execute(member, callbacks)
     except BaseException as e:
         raised = e
-        raise
+        if disk_fault(e) is None:  # a disk fault (raised before training, say) is an end: disk_full
+            raise
     finally:
         attempt = unlock(member, raised)
     return attempt, member.exit_code()
@@ -118,12 +121,29 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER
-    except Exception:
+    except Exception as e:
+        if (fault := disk_fault(e)) is not None:  # before the attempt was recorded (the lock, result.json)
+            with contextlib.suppress(OSError):
+                say(f"{End.DISK_FULL}: {fault.describe()}")
+            return _quiet_exit(EXIT_DISK)
         traceback.print_exc()
         return EXIT_FAILED
-    for attempt, _ in ended:
-        print(f"{attempt.status}: {attempt.message}".rstrip(": "), flush=True)
-    return max((code for _, code in ended), default=EXIT_OK)
+    with contextlib.suppress(OSError):
+        for attempt, _ in ended:
+            say(f"{attempt.status}: {attempt.message}".rstrip(": "))
+    return _quiet_exit(max((code for _, code in ended), default=EXIT_OK))
+
+
+def _quiet_exit(code: int) -> int:
+    """``code``, made sure to be the exit status: Python exits 120 when it cannot flush stdout at exit (a log on
+    a full disk), so output that cannot be written is dropped now."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 - lives until exit
+    return code
 
 
 if __name__ == "__main__":

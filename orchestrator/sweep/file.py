@@ -318,6 +318,29 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_NODES = 100_000
+"""The most values (mapping keys and values, list items, scalars) a sweep file or a ``--set`` value may hold
+once YAML aliases are expanded: far above any real sweep (Table 1's file holds a few hundred), far below
+what hangs validation (nine levels of ten aliases each, "billion laughs", expand to 10^9)."""
+
+
+def _check_size(doc: Any, where: str) -> None:
+    """Refuse a document that holds more than ``MAX_NODES`` values when its aliases are expanded.
+
+    PyYAML builds an alias as a second reference to one object, so loading is cheap; whatever walks the
+    result (validation, error messages) pays for every repetition. The walk stops at the limit, so the
+    check itself costs at most ``MAX_NODES`` steps, even for a recursive alias (``&a [*a]``)."""
+    stack, count = [doc], 1
+    while stack:
+        node = stack.pop()
+        children = [*node.keys(), *node.values()] if isinstance(node, dict) else node if isinstance(node, list) else ()
+        count += len(children)  # counted before they are stacked: the stack never outgrows the limit
+        if count > MAX_NODES:
+            raise UserError(f"{where}: holds more than {MAX_NODES:,} values once YAML aliases (*name) are "
+                            f"expanded (the limit for a sweep file)")
+        stack.extend(children)
+
+
 def _read_yaml(path: Path, where: str) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -341,6 +364,7 @@ def _read_yaml(path: Path, where: str) -> dict[str, Any]:
         raise UserError(f"{where}: {where_in}invalid YAML: {problem}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{where}: invalid YAML: {' '.join(str(e).split())}") from None
+    _check_size(doc, where)
     if doc is None:
         raise UserError(f"{where}: is empty (expected name, experiment, datasets, archs, seeds, schemes, ...)")
     if not isinstance(doc, dict):
@@ -383,6 +407,7 @@ def _apply_set(doc: dict[str, Any], item: str) -> tuple[str, str]:
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e)
         raise UserError(f"{origin}: VALUE is not valid YAML: {' '.join(problem.split())}") from None
+    _check_size(value, origin)
     return _set(doc, [p.strip() for p in parts], value, origin), origin
 
 
@@ -392,6 +417,8 @@ def load_sweep(path: str | Path, sets: Sequence[str] = (), epochs_scale: float |
     where = str(path)
     doc = _read_yaml(Path(path), where)
     origins = [_apply_set(doc, item) for item in sets]
+    if sets:  # each value is bounded on its own; so is what they make together
+        _check_size(doc, f"{where} with its --set values")
     for field, value, flag in (("epochs_scale", epochs_scale, "--epochs-scale"),
                                ("train_subset", train_subset, "--train-subset")):
         if value is not None:

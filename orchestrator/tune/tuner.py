@@ -520,7 +520,8 @@ def run_tune(sweep: Sweep, trials: int, options: LaunchOptions | None = None, *,
     finally:
         tuner.close()
         tuner.abandon()  # trials still in flight (stopped by a signal, or the store went down): retried later
-    code = exit_code(stopped_by, failed=bool(tuner.errors), store_down=launch.scheduler.store_gave_up)
+    down = launch.scheduler.store_gave_up or launch.scheduler.disk_gave_up  # either: everything resumable
+    code = exit_code(stopped_by, failed=bool(tuner.errors), store_down=down)
     return TuneResult(study, tuner.told, tuner.errors, code)
 
 

@@ -1,6 +1,6 @@
 """The layout's arrows: orchestrator's packages import one way, click only in cli/, training/ nothing of ours.
 
-    cli -> tune -> dispatch -> sweep -> run -> store -> leaves (errors, identity) -> training
+    cli -> tune -> dispatch -> sweep -> run -> store -> leaves (errors, identity, diskfault) -> training
     report -> store -> leaves
 """
 
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RANK = {"cli": 7, "tune": 6, "dispatch": 5, "sweep": 4, "run": 3, "store": 2, "errors": 1, "identity": 1}
-REPORT_MAY = {"report", "store", "errors", "identity"}
+RANK = {"cli": 7, "tune": 6, "dispatch": 5, "sweep": 4, "run": 3, "store": 2, "errors": 1, "identity": 1,
+        "diskfault": 1}
+REPORT_MAY = {"report", "store", "errors", "identity", "diskfault"}
 
 
 def part(module: str) -> str | None:

@@ -356,3 +356,125 @@ def test_second_signal_kills_workers_at_once(tmp_path):
     assert sched.aborted and time.monotonic() - t0 < 5
     assert [j.signals for j in backend.jobs] == [["KILL"], ["KILL"]]
     assert signal.getsignal(signal.SIGINT) is before
+
+
+# ------------------------------------------------------------------- a full or read-only runs folder
+
+
+class FakeDisk:
+    """``diskfault.check`` scripted: the runs folder is full for the first ``full_checks`` re-checks (those that
+    write a probe file), and has room before every start unless ``refuse`` says how many starts to refuse."""
+
+    def __init__(self, full_checks: int = 0, refuse: int = 0):
+        self.full_checks, self.refuse, self.calls = full_checks, refuse, []
+
+    def __call__(self, folder, need=0, write=False):
+        import errno
+
+        from orchestrator.diskfault import DiskFault
+
+        self.calls.append(write)
+        if write and self.full_checks > 0:
+            self.full_checks -= 1
+            return DiskFault(errno.ENOSPC, str(folder))
+        if not write and self.refuse > 0:
+            self.refuse -= 1
+            return DiskFault(errno.ENOSPC, str(folder), need=need)
+        return None
+
+
+def disk_scheduler(monkeypatch, tmp_path, backend, disk, **kwargs):
+    from orchestrator import diskfault
+
+    monkeypatch.setattr(diskfault, "check", disk)
+    sched = scheduler(backend, runs_dir=tmp_path, **kwargs)
+    sched.disk.every_s = 0.1
+    return sched
+
+
+def test_a_full_disk_is_not_the_runs_fault_and_pauses_dispatch(tmp_path, monkeypatch):
+    notes = Notes()
+    backend = FakeBackend({"a": ["disk_full", "disk_full", "finished"], "b": ["finished"]}, seconds=0.05)
+    sched = disk_scheduler(monkeypatch, tmp_path, backend, FakeDisk(full_checks=2), n_slots=1, view=notes,
+                           retries=0)
+    tasks = make_tasks(tmp_path, ["a", "b"])
+    assert sched.run(tasks) is None
+    assert [(told(t), t.starts, t.failures) for t in tasks] == [("finished", 3, 0), ("finished", 1, 0)]
+    starts = [(k, t) for k, _, t in backend.starts]
+    assert [k for k, _ in starts] == ["a", "a", "a", "b"]  # nothing else started while the folder was full
+    assert starts[1][1] - starts[0][1] >= 0.2  # two failed re-checks, 0.1 s apart
+    down = [n for n in notes.lines if n.startswith(f"runs folder {tmp_path} cannot take writes")]
+    assert len(down) == 2 and f"no space left on device: {tmp_path / 'a'}" in down[0]
+    assert "attempts not counted" in down[0]
+    assert sum(n.startswith(f"runs folder {tmp_path} takes writes again") for n in notes.lines) == 2
+    assert not sched.disk_gave_up
+
+
+def test_the_sweep_ends_resumable_after_the_disk_timeout(tmp_path, monkeypatch):
+    notes = Notes()
+    backend = FakeBackend({"a": ["disk_full"], "b": ["finished"]}, seconds=0.05)
+    sched = disk_scheduler(monkeypatch, tmp_path, backend, FakeDisk(full_checks=10**6), n_slots=1, view=notes,
+                           disk_timeout_s=0.4)
+    tasks = make_tasks(tmp_path, ["a", "b"])
+    t0 = time.monotonic()
+    sched.run(tasks)
+    assert sched.disk_gave_up and not sched.store_gave_up and time.monotonic() - t0 < 5
+    assert [(told(t), t.starts, t.failures) for t in tasks] == [("interrupted", 1, 0), ("interrupted", 0, 0)]
+    message = tasks[0].message  # the folder as last re-checked, with its free space
+    assert message.startswith(f"no space left on device: {tmp_path} (") and message.endswith("; resumable")
+    assert " free of " in message
+    assert any("--disk-timeout 0" in n and "make room and run the same command again" in n for n in notes.lines)
+
+
+def test_a_worker_that_cannot_write_its_result_says_so_by_its_exit_code(tmp_path, monkeypatch):
+    from orchestrator.run.ending import EXIT_DISK
+
+    class NoResult(FakeBackend):
+        def submit(self, spec_path, log_path, slot):
+            job = super().submit(spec_path, log_path, slot)
+            if len(self.starts) == 1:
+                job.status, job.code = "crashed", EXIT_DISK  # writes no result.json, exits 74
+            return job
+
+    backend = NoResult({"a": ["x", "finished"]}, seconds=0.05)
+    sched = disk_scheduler(monkeypatch, tmp_path, backend, FakeDisk(), n_slots=1, retries=0)
+    (task,) = make_tasks(tmp_path, ["a"])
+    sched.run([task])
+    assert (told(task), task.starts, task.failures) == ("finished", 2, 0)
+
+
+def test_a_spec_or_log_that_cannot_be_written_fails_no_run(tmp_path, monkeypatch):
+    import errno
+
+    backend = FakeBackend({"a": ["finished"]}, seconds=0.05)
+    full = iter([True])
+
+    def write_spec(task, slot):
+        if next(full, False):
+            raise OSError(errno.EROFS, "Read-only file system", str(task.run_dir / "spec.json"))
+        return task.run_dir / "spec.json"
+
+    from orchestrator import diskfault
+
+    monkeypatch.setattr(diskfault, "check", FakeDisk())
+    notes = Notes()
+    sched = Scheduler(backend, [Slot("cpu0")], write_spec, view=notes, poll_s=0.01, retry_delay_s=0.05,
+                      runs_dir=tmp_path)
+    sched.disk.every_s = 0.1
+    (task,) = make_tasks(tmp_path, ["a"])
+    sched.run([task])
+    assert (told(task), task.starts, task.failures) == ("finished", 1, 0)
+    assert any(f"(starting a): read-only file system: {tmp_path / 'a' / 'spec.json'}" in n for n in notes.lines)
+
+
+def test_a_run_is_not_started_without_room_for_its_checkpoints(tmp_path, monkeypatch):
+    notes = Notes()
+    backend = FakeBackend({"a": ["finished"]}, seconds=0.05)
+    sched = disk_scheduler(monkeypatch, tmp_path, backend, FakeDisk(refuse=1), n_slots=1, view=notes)
+    (RunFolder(tmp_path / "old").checkpoint).parent.mkdir()
+    (tmp_path / "old" / "checkpoint.pt").write_bytes(b"x" * 300_000)  # the sweep's checkpoints are this big
+    (task,) = make_tasks(tmp_path, ["a"])
+    sched.run([task])
+    assert (told(task), task.starts) == ("finished", 1)
+    (down,) = [n for n in notes.lines if "cannot take writes (before starting a run)" in n]
+    assert f"{tmp_path}: " in down and "less than a run needs (585.9 KB)" in down  # 2 checkpoints of 300,000 bytes

@@ -105,3 +105,50 @@ def test_set_aside_keeps_every_bad_file(tmp_path):
     assert not path.exists()
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt.broken", "checkpoint.pt.broken.1"]
     assert (tmp_path / "checkpoint.pt.broken").read_bytes() == b"one"
+
+
+# ------------------------------------------------------------------ a full or read-only disk
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_names_errno_and_path(trained, tmp_path):
+    """torch.save into a full file says ``[enforce fail at inline_container.cc] unexpected pos``; the checkpoint
+    is serialised in memory first, so the write raises ENOSPC naming the file. The checkpoint there before
+    is intact and no temp file is left."""
+    import errno
+
+    from smallfs import small_filesystem
+
+    payload = load_checkpoint(trained)
+    size = trained.stat().st_size
+    with small_filesystem(tmp_path / "disk", f"{size * 3 // 2 // 4096 * 4096 + 4096}") as disk:
+        path = disk / "run" / "checkpoint.pt"
+        save_checkpoint(path, payload)  # fits once
+        before = path.read_bytes()
+        with pytest.raises(OSError) as info:
+            save_checkpoint(path, payload)  # the temp file beside it does not
+        assert info.value.errno == errno.ENOSPC
+        assert info.value.filename == str(path)
+        assert str(info.value) == f"[Errno 28] No space left on device: '{path}'"
+        assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.pt"]
+        assert path.read_bytes() == before
+        assert load_checkpoint(path)["epoch"] == 15
+
+
+def test_a_read_only_disk_names_errno_and_path(trained, tmp_path):
+    import errno
+
+    from smallfs import remount, small_filesystem
+
+    payload = load_checkpoint(trained)
+    with small_filesystem(tmp_path / "disk", "4m") as disk:
+        path = disk / "run" / "checkpoint.pt"
+        save_checkpoint(path, payload)
+        remount(disk, "ro")
+        try:
+            with pytest.raises(OSError) as info:
+                save_checkpoint(path, payload)
+            assert (info.value.errno, info.value.filename) == (errno.EROFS, str(path))
+            assert load_checkpoint(path)["epoch"] == 15
+        finally:
+            remount(disk, "rw")
+        assert sorted(p.name for p in path.parent.iterdir()) == ["checkpoint.pt"]
