@@ -30,6 +30,7 @@ from training.checkpoint import CHECKPOINT_VERSION, CheckpointError
 from training.config import RunConfig
 from training.core import Diverged, EpochWriter, RunRecord, divergence, epoch_seed, seeded_model
 from training.data import Batches, load_splits
+from training.graphed import StaticBatches, StaticStep, cudnn_benchmark, momentum_buffers, no_autocast_cache
 from training.regularizers import SparseSGD
 
 __all__ = ["train", "TrainResult", "Diverged", "CheckpointError", "CheckpointMismatch", "CHECKPOINT_VERSION",
@@ -104,7 +105,7 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
-    with precision_mode(config.precision, device):
+    with precision_mode(config.precision, device), cudnn_benchmark(config.graph and device.type == "cuda"):
         return _train(config, callbacks, device, checkpoint_path)
 
 
@@ -127,6 +128,9 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
     if record.restore(model, opt) and record.masks is not None:
         opt.set_masks([m.to(device) for m in record.masks])
     start = record.start
+    static = _static_step(config, run, opt, train_batches, device) if config.graph else None
+    if static is not None and record.masks is not None:
+        static.set_masks([m.to(device) for m in record.masks])
     record.on_start()
 
     writer = EpochWriter()
@@ -136,22 +140,31 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
             t0 = time.perf_counter()
             opt.set_hyper(step.lr, step.weight_decay)
             if record.new_masks(epoch, params):
-                opt.set_masks([m.to(device) for m in record.masks] if record.masks is not None else None)
+                masks = [m.to(device) for m in record.masks] if record.masks is not None else None
+                opt.set_masks(masks) if static is None else static.set_masks(masks)
             before = [p.detach().clone() for p in params]
 
             model.train()
-            loss_sum = torch.zeros((), device=device)
-            wrong = torch.zeros((), device=device, dtype=torch.long)
             generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
-            for x, y in train_batches.epoch(generator):
-                with autocast(config.precision, device):
-                    logits = run(x)
-                loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                loss_sum += loss.detach() * len(y)
-                wrong += (logits.detach().argmax(1) != y).sum()
+            if static is None:
+                loss_sum = torch.zeros((), device=device)
+                wrong = torch.zeros((), device=device, dtype=torch.long)
+                for x, y in train_batches.epoch(generator):
+                    with autocast(config.precision, device):
+                        logits = run(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    loss_sum += loss.detach() * len(y)
+                    wrong += (logits.detach().argmax(1) != y).sum()
+            else:
+                static.set_hyper(step.lr, step.weight_decay)
+                loss_sum, wrong = static.sums
+                for s in static.sums:
+                    s.zero_()
+                static.batches.load(train_batches.draw(generator))
+                static.epoch()
             sync(device)
             train_seconds = time.perf_counter() - t0
 
@@ -174,3 +187,19 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
         writer.close()
 
     return TrainResult(config=config, history=record.history, resumed_from=start, model=model)
+
+
+def _static_step(config: RunConfig, run: torch.nn.Module, opt: SparseSGD, batches: Batches,
+                 device: torch.device) -> StaticStep:
+    """``config.graph``: the solo step over static buffers (``training.graphed``), from ``opt``'s state."""
+    def loss(x: torch.Tensor, y: torch.Tensor):
+        with no_autocast_cache(config.precision, device):
+            logits = run(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, [loss.detach() * len(y), (logits.detach().argmax(1) != y).sum()]
+
+    sums = [torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)]
+    buffers = [b for name, b in run.named_buffers()]
+    static = StaticStep(opt.params, config.momentum, momentum_buffers(opt.optimizer, opt.params), loss, sums,
+                        StaticBatches(batches, len(batches.split), config.batch_size, device), device, state=buffers)
+    return static

@@ -46,6 +46,7 @@ from training.checkpoint import load_checkpoint
 from training.config import SHAPE_FIELDS, ConfigError, RunConfig
 from training.core import EpochWriter, RunRecord, divergence, epoch_seed, seeded_model
 from training.data import PAD, Batches, Split, load_splits
+from training.graphed import StaticBatches, StaticStep, cudnn_benchmark, momentum_buffers, no_autocast_cache
 from training.loop import TrainResult, autocast, precision_mode, sync
 from training.models import STAGE_CHANNELS
 from training.regularizers import SparseSGD
@@ -214,7 +215,18 @@ class PackedBatches:
                 b.split.images = self.images[i * self.n:(i + 1) * self.n]
         self.labels = torch.cat([b.split.labels for b in batches])
 
+    axis = 1
+    """The position axis of ``draw``'s tensors (members first)."""
+
     def epoch(self, generators: Sequence[torch.Generator]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        draws = self.draw(generators)
+        for start in range(0, self.n, self.batches[0].batch_size):
+            stop = start + self.batches[0].batch_size
+            yield self.make(*(d[:, start:stop] if d is not None else None for d in draws))
+
+    def draw(self, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, ...]:
+        """Every member's draws (as ``Batches.draw``), stacked on the device: (image index [N, n], label index
+        [N, n], offsets [N, n, 2], flips [N, n]), the last two None without augmentation."""
         first, k, n = self.batches[0], len(self.batches), self.n
         device = self.images.device
         perms, offsets, flips = [], [], []
@@ -226,17 +238,21 @@ class PackedBatches:
         perm = torch.stack(perms)
         label_index = (perm + torch.arange(k).view(k, 1) * n).to(device)
         image_index = perm.to(device) if self.shared else label_index
+        offsets_all = flips_all = None
         if first.augment:
             offsets_all, flips_all = torch.stack(offsets).to(device), torch.stack(flips).to(device)
-        for start in range(0, n, first.batch_size):
-            stop = min(start + first.batch_size, n)
-            x = self.images[image_index[:, start:stop].reshape(-1)]
-            if first.augment:
-                x = first._crop_flip(x, offsets_all[:, start:stop].reshape(-1, 2),
-                                     flips_all[:, start:stop].reshape(-1))
-            x = first._normalise(x)
-            x = x.view(k, stop - start, *x.shape[1:]).transpose(0, 1).reshape(stop - start, -1, *x.shape[2:])
-            yield x.contiguous(memory_format=torch.channels_last), self.labels[label_index[:, start:stop]]
+        return image_index, label_index, offsets_all, flips_all
+
+    def make(self, image_index: torch.Tensor, label_index: torch.Tensor, offsets: torch.Tensor | None,
+             flips: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused batch of each member's images ``image_index[i]`` (device ops only)."""
+        first, k, b = self.batches[0], len(self.batches), image_index.shape[1]
+        x = self.images[image_index.reshape(-1)]
+        if first.augment:
+            x = first._crop_flip(x, offsets.reshape(-1, 2), flips.reshape(-1))
+        x = first._normalise(x)
+        x = x.view(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
+        return x.contiguous(memory_format=torch.channels_last), self.labels[label_index]
 
 
 # --- the packed trainer -------------------------------------------------------------------------------
@@ -316,8 +332,29 @@ class _Pack:
         self.decay = [torch.zeros_like(p) for p in self.params]
         self.any_decay = False
         self.fused_masks: list[torch.Tensor] | None = None
+        self.static: StaticStep | None = None
         self._build_masks()
         self.batches = PackedBatches([m.train_batches for m in self.slots])
+        if first.graph:
+            self.static = self._static_step(first)
+            self.static.set_masks(self.fused_masks)
+
+    def _static_step(self, config: RunConfig) -> StaticStep:
+        """``config.graph``: the pack's step over static buffers (``training.graphed``)."""
+        k, precision = self.n, config.precision
+
+        def loss(x: torch.Tensor, y: torch.Tensor):
+            with no_autocast_cache(precision, self.device):
+                logits = _full(self.run(x.to(self.dtype)))
+            per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                         reduction="none").view(k, -1).mean(1)
+            return per_member.sum(), [per_member.detach() * y.shape[1], (logits.detach().argmax(2) != y).sum(1)]
+
+        sums = [torch.zeros(k, device=self.device), torch.zeros(k, device=self.device, dtype=torch.long)]
+        n = len(self.slots[0].train_batches.split)
+        return StaticStep(self.params, config.momentum, momentum_buffers(self.opt, self.params), loss, sums,
+                          StaticBatches(self.batches, n, config.batch_size, self.device), self.device,
+                          decay=self.decay, state=[b for _, b in self.model.named_buffers()])
 
     def member_params(self, i: int) -> list[torch.Tensor]:
         return [member_view(p, self.n, i, s) for p, s in zip(self.params, self.shapes)]
@@ -335,6 +372,8 @@ class _Pack:
         self.any_decay = any(wd != 0 for wd in weight_decays)
         for d, p in zip(self.decay, self.params):
             d.copy_(per_member.repeat_interleave(p.numel() // self.n).view(p.shape))
+        if self.static is not None:
+            self.static.set_hyper(lr)
 
     def set_masks(self, i: int) -> None:
         """Install member i's new masks (``record.masks``); its momentum of frozen entries is cleared (as
@@ -358,6 +397,8 @@ class _Pack:
             parts = [m.masks[j].to(self.device, p.dtype).reshape(-1) if m.masks is not None
                      else torch.ones(s.numel(), dtype=p.dtype, device=self.device) for m in self.slots]
             self.fused_masks.append(torch.stack(parts).view(p.shape).contiguous(memory_format=_format(p)))
+        if self.static is not None:
+            self.static.set_masks(self.fused_masks)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -451,7 +492,7 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
     if threads:
         torch.set_num_threads(threads)
     precision = configs[0].precision
-    with precision_mode(precision, device):
+    with precision_mode(precision, device), cudnn_benchmark(configs[0].graph and device.type == "cuda"):
         return _train_packed(configs, callbacks, paths, device, precision, dtype)
 
 
@@ -492,21 +533,28 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
 
             pack.model.train()
             k = pack.n
-            loss_sum = torch.zeros(k, device=device)
-            wrong = torch.zeros(k, device=device, dtype=torch.long)
             generators = [torch.Generator().manual_seed(epoch_seed(m.config.seed, epoch)) for m in pack.slots]
-            for x, y in pack.batches.epoch(generators):
-                x = x.to(dtype)
-                with autocast(precision, device):
-                    logits = pack.run(x)
-                logits = _full(logits)
-                per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                             reduction="none").view(k, -1).mean(1)
-                pack.opt.zero_grad(set_to_none=False)
-                per_member.sum().backward()
-                pack.step()
-                loss_sum += per_member.detach() * y.shape[1]
-                wrong += (logits.detach().argmax(2) != y).sum(1)
+            if pack.static is None:
+                loss_sum = torch.zeros(k, device=device)
+                wrong = torch.zeros(k, device=device, dtype=torch.long)
+                for x, y in pack.batches.epoch(generators):
+                    x = x.to(dtype)
+                    with autocast(precision, device):
+                        logits = pack.run(x)
+                    logits = _full(logits)
+                    per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                 reduction="none").view(k, -1).mean(1)
+                    pack.opt.zero_grad(set_to_none=False)
+                    per_member.sum().backward()
+                    pack.step()
+                    loss_sum += per_member.detach() * y.shape[1]
+                    wrong += (logits.detach().argmax(2) != y).sum(1)
+            else:
+                loss_sum, wrong = pack.static.sums
+                for t in pack.static.sums:
+                    t.zero_()
+                pack.static.batches.load(pack.batches.draw(generators))
+                pack.static.epoch()
             sync(device)
             train_seconds = time.perf_counter() - t0
 
