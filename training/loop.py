@@ -58,11 +58,21 @@ def sync(device: torch.device) -> None:
 def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
     """On CUDA, the float32 matmul / convolution precision of ``precision`` for the block (restored after):
     ``fp32`` is IEEE float32 (PyTorch's default would let cuDNN convolutions use TF32), ``tf32`` and
-    ``bf16`` allow TF32. Nothing changes on other devices. bfloat16 autocast is ``autocast``'s job."""
+    ``bf16`` allow TF32. Nothing changes on other devices. bfloat16 autocast is ``autocast``'s job. The
+    ``fp32_precision`` settings appeared in torch 2.9 (the GPU machine has 2.11); older torch gets the
+    ``allow_tf32`` flags they replace."""
     if device.type != "cuda":
         yield
         return
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if not hasattr(matmul, "fp32_precision"):  # before torch 2.9: the allow_tf32 flags
+        saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        return
     saved = matmul.fp32_precision, conv.fp32_precision
     matmul.fp32_precision = conv.fp32_precision = "ieee" if precision == "fp32" else "tf32"
     try:
