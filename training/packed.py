@@ -512,8 +512,9 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
     start = starts.pop()
     plan = members[0].record.plan
     test_batches = Batches(members[0].test_split, configs[0].dataset, configs[0].eval_batch_size, augment=False)
-    # N x the channels: evaluate in training-sized batches (faster on the CPU than larger ones, and bounded memory)
-    eval_batch_size = configs[0].batch_size
+    # N x the channels: on the CPU evaluate in training-sized batches (faster there than larger ones, and bounded
+    # memory); on a GPU at the run's eval_batch_size (a pack of 48 at batch 50 would be 200 launch-bound passes)
+    eval_batch_size = configs[0].eval_batch_size if device.type == "cuda" else configs[0].batch_size
     for m in members:
         m.record.on_start()
 
