@@ -142,6 +142,11 @@ class RunConfig:
     """Speed option: run the model through ``torch.compile`` (a warm-up of a minute or so per process;
     the same numbers up to float rounding, so not part of the run's identity). Models are always
     channels_last."""
+    graph: bool = field(default=False, metadata={"identity": False})
+    """Speed option for CUDA: capture the whole training step (forward, backward, masked SGD update) once as a
+    CUDA graph and replay it (``training.graphed``), with ``cudnn.benchmark``; the same numbers up to float
+    rounding, so not part of the run's identity. Elsewhere the same static-buffer step runs eagerly. Off by
+    default until a GPU run has passed its correctness check (``benchmarks/gpu_check.sh``)."""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -200,7 +205,7 @@ class RunConfig:
         if isinstance(ln, bool) or not isinstance(ln, (int, float)) or not 0 <= ln <= 1:
             raise ConfigError("label_noise", f"must be in [0, 1], got {ln!r}")
         set_("label_noise", float(ln))
-        for name in ("augment", "allow_unofficial_data", "compile"):
+        for name in ("augment", "allow_unofficial_data", "compile", "graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         va = self.validation

@@ -363,13 +363,24 @@ class Batches:
     def __len__(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
 
+    axis = 0
+    """The position axis of ``draw``'s tensors (``training.graphed`` slices batches along it)."""
+
     def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch in a random order. Draws from ``generator`` (CPU), in this order: the
-        permutation, then (if augmenting) the crop offsets [N, 2] (row, column) in 0..8 and, for CIFAR,
-        the flip bits [N], all indexed by position in the permutation."""
+        """One epoch in a random order: ``draw``, then ``make`` of each batch's slice of the draws."""
+        draws = self.draw(generator)
+        for start in range(0, len(self.split), self.batch_size):
+            yield self.make(*(d[start:start + self.batch_size] if d is not None else None for d in draws))
+
+    def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """An epoch's random draws, on the device: (permutation [N], crop offsets [N, 2] (row, column) in 0..8,
+        flip bits [N]), the last two None without augmentation. Drawn from ``generator`` (CPU) in this
+        order: the permutation, then (if augmenting) the offsets and, for CIFAR, the flip bits (digits:
+        no flips), all indexed by position in the permutation."""
         n = len(self.split)
         device = self.split.images.device
         perm = torch.randperm(n, generator=generator)
+        offsets = flips = None
         if self.augment:
             offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=generator)
             if self.flip:
@@ -377,14 +388,15 @@ class Batches:
             else:
                 flips = torch.zeros(n, dtype=torch.bool)
             offsets, flips = offsets.to(device), flips.to(device)
-        perm = perm.to(device)
-        for start in range(0, n, self.batch_size):
-            idx = perm[start:start + self.batch_size]
-            x = self.split.images[idx]
-            if self.augment:
-                stop = start + self.batch_size
-                x = self._crop_flip(x, offsets[start:stop], flips[start:stop])
-            yield self._normalise(x), self.split.labels[idx]
+        return perm.to(device), offsets, flips
+
+    def make(self, idx: torch.Tensor, offsets: torch.Tensor | None,
+             flips: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch of the images ``idx`` (device ops only), cropped and flipped by ``offsets`` / ``flips``."""
+        x = self.split.images[idx]
+        if self.augment:
+            x = self._crop_flip(x, offsets, flips)
+        return self._normalise(x), self.split.labels[idx]
 
     def ordered(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The split in order, not augmented (for evaluation)."""

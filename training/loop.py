@@ -17,7 +17,6 @@ weights, gradients, momentum and loss.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,26 +25,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.callbacks import Callback, eval_names
-from training.checkpoint import CHECKPOINT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from training.callbacks import Callback
+from training.checkpoint import CHECKPOINT_VERSION, CheckpointError
 from training.config import RunConfig
+from training.core import Diverged, EpochWriter, RunRecord, divergence, epoch_seed, seeded_model
 from training.data import Batches, load_splits
-from training.models import build_model
-from training.regularizers import SparseSGD, draw_masks, mask_seed
-from training.schedules import plan_for
+from training.graphed import StaticBatches, StaticStep, cudnn_benchmark, momentum_buffers, no_autocast_cache
+from training.regularizers import SparseSGD
 
 __all__ = ["train", "TrainResult", "Diverged", "CheckpointError", "CheckpointMismatch", "CHECKPOINT_VERSION",
            "evaluate", "epoch_seed"]
-
-
-class Diverged(RuntimeError):
-    """A loss or error became non-finite: ``metric`` (e.g. ``test_loss``) is ``value`` at ``epoch``."""
-
-    def __init__(self, epoch: int, value: float, metric: str = "train_loss"):
-        super().__init__(f"diverged at epoch {epoch}: {metric.replace('_', ' ')} is {value}")
-        self.epoch = epoch
-        self.metric = metric
-        self.value = value
 
 
 CheckpointMismatch = CheckpointError
@@ -60,11 +49,6 @@ class TrainResult:
     model: torch.nn.Module | None = None
 
 
-def epoch_seed(run_seed: int, epoch: int) -> int:
-    """Seed of epoch ``epoch``'s data order and augmentation."""
-    return (run_seed * 1_000_033 + epoch * 104_729 + 3) % (2**63 - 1)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,11 +58,21 @@ def sync(device: torch.device) -> None:
 def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
     """On CUDA, the float32 matmul / convolution precision of ``precision`` for the block (restored after):
     ``fp32`` is IEEE float32 (PyTorch's default would let cuDNN convolutions use TF32), ``tf32`` and
-    ``bf16`` allow TF32. Nothing changes on other devices. bfloat16 autocast is ``autocast``'s job."""
+    ``bf16`` allow TF32. Nothing changes on other devices. bfloat16 autocast is ``autocast``'s job. The
+    ``fp32_precision`` settings appeared in torch 2.9 (the GPU machine has 2.11); older torch gets the
+    ``allow_tf32`` flags they replace."""
     if device.type != "cuda":
         yield
         return
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if not hasattr(matmul, "fp32_precision"):  # before torch 2.9: the allow_tf32 flags
+        saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision != "fp32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        return
     saved = matmul.fp32_precision, conv.fp32_precision
     matmul.fp32_precision = conv.fp32_precision = "ieee" if precision == "fp32" else "tf32"
     try:
@@ -121,100 +115,101 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
-    with precision_mode(config.precision, device):
+    with precision_mode(config.precision, device), cudnn_benchmark(config.graph and device.type == "cuda"):
         return _train(config, callbacks, device, checkpoint_path)
 
 
 def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.device,
            checkpoint_path: str | Path | None) -> TrainResult:
-    plan = plan_for(config)
+    record = RunRecord(config, callbacks, checkpoint_path)
+    plan = record.plan
 
     # With a validation split the evaluation split is the held-out part and the test split is never loaded.
     train_split, eval_split = load_splits(config, device)
     train_batches = Batches(train_split, config.dataset, config.batch_size, augment=config.augment)
     eval_batches = Batches(eval_split, config.dataset, config.eval_batch_size, augment=False)
-    eval_loss_name, eval_error_name = eval_names(config)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = build_model(config.arch, config.num_classes)
-    model = model.to(device=device, memory_format=torch.channels_last)
+    model = seeded_model(config).to(device=device, memory_format=torch.channels_last)
     run = torch.compile(model) if config.compile else model  # the same module and state dict, compiled calls
     params = [p for p in model.parameters()]
     opt = SparseSGD(params, momentum=config.momentum)
     total_weights = sum(p.numel() for p in params)
 
-    history: list[dict[str, float]] = []
-    state = load_checkpoint(checkpoint_path, identity=config.identity_dict()) if checkpoint_path else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history = list(state["history"])
-        masks = state["masks"]
-        opt.set_masks([m.to(device) for m in masks] if masks else None)
-    start = len(history)
+    if record.restore(model, opt) and record.masks is not None:
+        opt.set_masks([m.to(device) for m in record.masks])
+    start = record.start
+    static = _static_step(config, run, opt, train_batches, device) if config.graph else None
+    if static is not None and record.masks is not None:
+        static.set_masks([m.to(device) for m in record.masks])
+    record.on_start()
 
-    for cb in callbacks:
-        cb.on_start(config, plan, history)
+    writer = EpochWriter()
+    try:
+        for step in plan[start:]:
+            epoch = step.epoch
+            t0 = time.perf_counter()
+            opt.set_hyper(step.lr, step.weight_decay)
+            if record.new_masks(epoch, params):
+                masks = [m.to(device) for m in record.masks] if record.masks is not None else None
+                opt.set_masks(masks) if static is None else static.set_masks(masks)
+            before = [p.detach().clone() for p in params]
 
-    for step in plan[start:]:
-        epoch = step.epoch
-        t0 = time.perf_counter()
-        opt.set_hyper(step.lr, step.weight_decay)
-        previous = plan[epoch - 2].grad_sparsity if epoch > 1 else 0.0
-        if step.grad_sparsity != previous:
-            opt.set_masks(draw_masks(params, step.grad_sparsity, mask_seed(config.seed, epoch)))
-        before = [p.detach().clone() for p in params]
+            model.train()
+            generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
+            if static is None:
+                loss_sum = torch.zeros((), device=device)
+                wrong = torch.zeros((), device=device, dtype=torch.long)
+                for x, y in train_batches.epoch(generator):
+                    with autocast(config.precision, device):
+                        logits = run(x)
+                    loss = F.cross_entropy(logits.float(), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    loss_sum += loss.detach() * len(y)
+                    wrong += (logits.detach().argmax(1) != y).sum()
+            else:
+                static.set_hyper(step.lr, step.weight_decay)
+                loss_sum, wrong = static.sums
+                for s in static.sums:
+                    s.zero_()
+                static.batches.load(train_batches.draw(generator))
+                static.epoch()
+            sync(device)
+            train_seconds = time.perf_counter() - t0
 
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        wrong = torch.zeros((), device=device, dtype=torch.long)
-        generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch))
-        for x, y in train_batches.epoch(generator):
-            with autocast(config.precision, device):
-                logits = run(x)
-            loss = F.cross_entropy(logits.float(), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(y)
-            wrong += (logits.detach().argmax(1) != y).sum()
-        sync(device)
-        train_seconds = time.perf_counter() - t0
+            n_train = len(train_split.labels)
+            train_loss = loss_sum.item() / n_train
+            if (diverged := divergence(epoch, [("train_loss", train_loss)])) is not None:
+                raise diverged
+            changed = int(sum((p.detach() != b).sum() for p, b in zip(params, before)))
+            eval_loss, eval_error = evaluate(run, eval_batches, config.eval_batch_size, config.precision)
+            diverged = divergence(epoch, [(record.eval_loss_name, eval_loss), (record.eval_error_name, eval_error)])
+            if diverged is not None:
+                raise diverged
+            metrics = record.metrics(epoch, train_loss=train_loss, train_error=wrong.item() / n_train,
+                                     eval_loss=eval_loss, eval_error=eval_error,
+                                     updated_fraction=changed / total_weights,
+                                     epoch_seconds=time.perf_counter() - t0,
+                                     images_per_second=n_train / train_seconds)
+            record.end_epoch(writer, epoch, metrics, lambda: (model.state_dict(), opt.state_dict()))
+    finally:
+        writer.close()
 
-        n_train = len(train_split.labels)
-        train_loss = loss_sum.item() / n_train
-        if not math.isfinite(train_loss):
-            raise Diverged(epoch, train_loss, "train_loss")
-        changed = int(sum((p.detach() != b).sum() for p, b in zip(params, before)))
-        eval_loss, eval_error = evaluate(run, eval_batches, config.eval_batch_size, config.precision)
-        for name, value in ((eval_loss_name, eval_loss), (eval_error_name, eval_error)):
-            if not math.isfinite(value):
-                raise Diverged(epoch, value, name)
-        metrics = {  # in the order of training.callbacks.metric_names(config)
-            "train_loss": train_loss,
-            "train_error": wrong.item() / n_train,
-            eval_loss_name: eval_loss,
-            eval_error_name: eval_error,
-            "lr": step.lr,
-            "weight_decay": step.weight_decay,
-            "grad_sparsity": step.grad_sparsity,
-            "updated_fraction": changed / total_weights,
-            "epoch_seconds": time.perf_counter() - t0,
-            "images_per_second": n_train / train_seconds,
-        }
-        history.append({"epoch": float(epoch), **metrics})
-        if checkpoint_path:
-            save_checkpoint(checkpoint_path, {
-                "version": CHECKPOINT_VERSION,
-                "identity": config.identity_dict(),
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "masks": [m.cpu() for m in opt.masks] if opt.masks is not None else [],
-                "history": history,
-            })
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, metrics)
+    return TrainResult(config=config, history=record.history, resumed_from=start, model=model)
 
-    return TrainResult(config=config, history=history, resumed_from=start, model=model)
+
+def _static_step(config: RunConfig, run: torch.nn.Module, opt: SparseSGD, batches: Batches,
+                 device: torch.device) -> StaticStep:
+    """``config.graph``: the solo step over static buffers (``training.graphed``), from ``opt``'s state."""
+    def loss(x: torch.Tensor, y: torch.Tensor):
+        with no_autocast_cache(config.precision, device):
+            logits = run(x)
+        loss = F.cross_entropy(logits.float(), y)
+        return loss, [loss.detach() * len(y), (logits.detach().argmax(1) != y).sum()]
+
+    sums = [torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)]
+    buffers = [b for name, b in run.named_buffers()]
+    static = StaticStep(opt.params, config.momentum, momentum_buffers(opt.optimizer, opt.params), loss, sums,
+                        StaticBatches(batches, len(batches.split), config.batch_size, device), device, state=buffers)
+    return static

@@ -32,7 +32,6 @@ pack's wall time and its own images, so the members' ``images_per_second`` add u
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -42,23 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.callbacks import Callback, eval_names
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.callbacks import Callback
+from training.checkpoint import load_checkpoint
 from training.config import SHAPE_FIELDS, ConfigError, RunConfig
+from training.core import EpochWriter, RunRecord, divergence, epoch_seed, seeded_model
 from training.data import PAD, Batches, Split, load_splits
-from training.loop import (
-    CHECKPOINT_VERSION,
-    CheckpointMismatch,
-    Diverged,
-    TrainResult,
-    autocast,
-    epoch_seed,
-    precision_mode,
-    sync,
-)
-from training.models import STAGE_CHANNELS, build_model
-from training.regularizers import SparseSGD, draw_masks, mask_seed
-from training.schedules import plan_for
+from training.graphed import StaticBatches, StaticStep, cudnn_benchmark, momentum_buffers, no_autocast_cache
+from training.loop import TrainResult, autocast, precision_mode, sync
+from training.models import STAGE_CHANNELS
+from training.regularizers import SparseSGD
 
 
 def check_shape(configs: Sequence[RunConfig]) -> None:
@@ -224,7 +215,18 @@ class PackedBatches:
                 b.split.images = self.images[i * self.n:(i + 1) * self.n]
         self.labels = torch.cat([b.split.labels for b in batches])
 
+    axis = 1
+    """The position axis of ``draw``'s tensors (members first)."""
+
     def epoch(self, generators: Sequence[torch.Generator]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        draws = self.draw(generators)
+        for start in range(0, self.n, self.batches[0].batch_size):
+            stop = start + self.batches[0].batch_size
+            yield self.make(*(d[:, start:stop] if d is not None else None for d in draws))
+
+    def draw(self, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, ...]:
+        """Every member's draws (as ``Batches.draw``), stacked on the device: (image index [N, n], label index
+        [N, n], offsets [N, n, 2], flips [N, n]), the last two None without augmentation."""
         first, k, n = self.batches[0], len(self.batches), self.n
         device = self.images.device
         perms, offsets, flips = [], [], []
@@ -236,17 +238,21 @@ class PackedBatches:
         perm = torch.stack(perms)
         label_index = (perm + torch.arange(k).view(k, 1) * n).to(device)
         image_index = perm.to(device) if self.shared else label_index
+        offsets_all = flips_all = None
         if first.augment:
             offsets_all, flips_all = torch.stack(offsets).to(device), torch.stack(flips).to(device)
-        for start in range(0, n, first.batch_size):
-            stop = min(start + first.batch_size, n)
-            x = self.images[image_index[:, start:stop].reshape(-1)]
-            if first.augment:
-                x = first._crop_flip(x, offsets_all[:, start:stop].reshape(-1, 2),
-                                     flips_all[:, start:stop].reshape(-1))
-            x = first._normalise(x)
-            x = x.view(k, stop - start, *x.shape[1:]).transpose(0, 1).reshape(stop - start, -1, *x.shape[2:])
-            yield x.contiguous(memory_format=torch.channels_last), self.labels[label_index[:, start:stop]]
+        return image_index, label_index, offsets_all, flips_all
+
+    def make(self, image_index: torch.Tensor, label_index: torch.Tensor, offsets: torch.Tensor | None,
+             flips: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused batch of each member's images ``image_index[i]`` (device ops only)."""
+        first, k, b = self.batches[0], len(self.batches), image_index.shape[1]
+        x = self.images[image_index.reshape(-1)]
+        if first.augment:
+            x = first._crop_flip(x, offsets.reshape(-1, 2), flips.reshape(-1))
+        x = first._normalise(x)
+        x = x.view(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
+        return x.contiguous(memory_format=torch.channels_last), self.labels[label_index]
 
 
 # --- the packed trainer -------------------------------------------------------------------------------
@@ -261,13 +267,13 @@ class PackResult:
 
 
 class _Member:
-    """What the pack keeps per member, and its solo twin (model + SparseSGD) to write solo checkpoints."""
+    """What the pack keeps per member (its ``RunRecord``: plan, history, masks, checkpoint, callbacks), and
+    its solo twin (model + SparseSGD) to restore from and to hand back as the result."""
 
     def __init__(self, index: int, config: RunConfig, callbacks: Sequence[Callback], device: torch.device,
                  checkpoint_path: str | Path | None, shared_images: torch.Tensor | None):
-        self.index, self.config, self.callbacks = index, config, list(callbacks)
-        self.checkpoint_path = checkpoint_path
-        self.plan = plan_for(config)
+        self.index, self.config = index, config
+        self.record = RunRecord(config, callbacks, checkpoint_path)
         train_split, test_split = load_splits(config, "cpu")
         if shared_images is not None and not config.train_subset:  # the same images: keep one copy on the device
             train_split.images = shared_images
@@ -275,25 +281,18 @@ class _Member:
         self.train_batches = Batches(train_split, config.dataset, config.batch_size, augment=config.augment)
         # every member has the same test split: only the first keeps it (on the device)
         self.test_split = Split(test_split.images.to(device), test_split.labels.to(device)) if index == 0 else None
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            self.solo = build_model(config.arch, config.num_classes)
+        self.solo = seeded_model(config)
         self.solo_opt = SparseSGD(list(self.solo.parameters()), momentum=config.momentum)
-        self.history: list[dict[str, float]] = []
-        self.masks: list[torch.Tensor] | None = None
         self.momentum: list[torch.Tensor | None] | None = None  # from a checkpoint, until stacked
         self.metrics: dict[str, float] = {}
 
+    @property
+    def masks(self) -> list[torch.Tensor] | None:
+        return self.record.masks
+
     def restore(self) -> None:
-        state = load_checkpoint(self.checkpoint_path) if self.checkpoint_path else None
-        if state is None:
+        if not self.record.restore(self.solo, self.solo_opt):
             return
-        if state.get("identity") != self.config.identity_dict():
-            raise CheckpointMismatch(f"{self.checkpoint_path} belongs to another configuration")
-        self.solo.load_state_dict(state["model"])
-        self.solo_opt.load_state_dict(state["optimizer"])
-        self.history = list(state["history"])
-        self.masks = list(state["masks"]) or None
         opt_state = self.solo_opt.optimizer.state
         self.momentum = [opt_state.get(p, {}).get("momentum_buffer") for p in self.solo_opt.params]
 
@@ -333,8 +332,29 @@ class _Pack:
         self.decay = [torch.zeros_like(p) for p in self.params]
         self.any_decay = False
         self.fused_masks: list[torch.Tensor] | None = None
+        self.static: StaticStep | None = None
         self._build_masks()
         self.batches = PackedBatches([m.train_batches for m in self.slots])
+        if first.graph:
+            self.static = self._static_step(first)
+            self.static.set_masks(self.fused_masks)
+
+    def _static_step(self, config: RunConfig) -> StaticStep:
+        """``config.graph``: the pack's step over static buffers (``training.graphed``)."""
+        k, precision = self.n, config.precision
+
+        def loss(x: torch.Tensor, y: torch.Tensor):
+            with no_autocast_cache(precision, self.device):
+                logits = _full(self.run(x.to(self.dtype)))
+            per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                         reduction="none").view(k, -1).mean(1)
+            return per_member.sum(), [per_member.detach() * y.shape[1], (logits.detach().argmax(2) != y).sum(1)]
+
+        sums = [torch.zeros(k, device=self.device), torch.zeros(k, device=self.device, dtype=torch.long)]
+        n = len(self.slots[0].train_batches.split)
+        return StaticStep(self.params, config.momentum, momentum_buffers(self.opt, self.params), loss, sums,
+                          StaticBatches(self.batches, n, config.batch_size, self.device), self.device,
+                          decay=self.decay, state=[b for _, b in self.model.named_buffers()])
 
     def member_params(self, i: int) -> list[torch.Tensor]:
         return [member_view(p, self.n, i, s) for p, s in zip(self.params, self.shapes)]
@@ -352,10 +372,13 @@ class _Pack:
         self.any_decay = any(wd != 0 for wd in weight_decays)
         for d, p in zip(self.decay, self.params):
             d.copy_(per_member.repeat_interleave(p.numel() // self.n).view(p.shape))
+        if self.static is not None:
+            self.static.set_hyper(lr)
 
-    def set_masks(self, i: int, masks: list[torch.Tensor] | None) -> None:
-        """Member i's new masks; its momentum of frozen entries is cleared (as ``SparseSGD.set_masks``)."""
-        self.members[i].masks = masks
+    def set_masks(self, i: int) -> None:
+        """Install member i's new masks (``record.masks``); its momentum of frozen entries is cleared (as
+        ``SparseSGD.set_masks``)."""
+        masks = self.members[i].masks
         if masks is not None:
             with torch.no_grad():
                 for p, s, m in zip(self.params, self.shapes, masks):
@@ -374,6 +397,8 @@ class _Pack:
             parts = [m.masks[j].to(self.device, p.dtype).reshape(-1) if m.masks is not None
                      else torch.ones(s.numel(), dtype=p.dtype, device=self.device) for m in self.slots]
             self.fused_masks.append(torch.stack(parts).view(p.shape).contiguous(memory_format=_format(p)))
+        if self.static is not None:
+            self.static.set_masks(self.fused_masks)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -398,6 +423,12 @@ class _Pack:
             if buf is not None:
                 state[solo_p]["momentum_buffer"] = member_view(buf, self.n, i, s).detach().to("cpu", solo_p.dtype)
         m.solo_opt.set_hyper(lr, weight_decay)
+
+    def solo_state(self, i: int, lr: float, weight_decay: float):
+        """A ``RunRecord.save`` state function: member i's solo model and optimizer state dicts (synced now)."""
+        self.sync_solo(i, lr, weight_decay)
+        m = self.members[i]
+        return lambda: (m.solo.state_dict(), m.solo_opt.state_dict())
 
     def pull_momentum(self) -> None:
         """Keep every member's momentum (solo layout) so that a smaller pack can be stacked from them."""
@@ -461,7 +492,7 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
     if threads:
         torch.set_num_threads(threads)
     precision = configs[0].precision
-    with precision_mode(precision, device):
+    with precision_mode(precision, device), cudnn_benchmark(configs[0].graph and device.type == "cuda"):
         return _train_packed(configs, callbacks, paths, device, precision, dtype)
 
 
@@ -473,120 +504,106 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
         members.append(_Member(i, c, cbs, device, p, shared))
     for m in members:
         m.restore()
-    starts = {len(m.history) for m in members}
+    starts = {m.record.start for m in members}
     if len(starts) > 1:
-        detail = ", ".join(f"member {m.index} at {len(m.history)}" for m in members)
+        detail = ", ".join(f"member {m.index} at {m.record.start}" for m in members)
         raise ValueError(f"checkpoint_paths: members resume from different epochs ({detail}); "
                          "pack runs of one epoch (training.packed.group_by_epoch)")
     start = starts.pop()
-    plan = members[0].plan
+    plan = members[0].record.plan
     test_batches = Batches(members[0].test_split, configs[0].dataset, configs[0].eval_batch_size, augment=False)
-    # N x the channels: evaluate in training-sized batches (faster on the CPU than larger ones, and bounded memory)
-    eval_batch_size = configs[0].batch_size
+    # N x the channels: on the CPU evaluate in training-sized batches (faster there than larger ones, and bounded
+    # memory); on a GPU at the run's eval_batch_size (a pack of 48 at batch 50 would be 200 launch-bound passes)
+    eval_batch_size = configs[0].eval_batch_size if device.type == "cuda" else configs[0].batch_size
     for m in members:
-        for cb in m.callbacks:
-            cb.on_start(m.config, m.plan, m.history)
+        m.record.on_start()
 
-    eval_loss_name, eval_error_name = eval_names(configs[0])
     diverged: dict[int, str] = {}
     pack = _Pack(members, device, dtype)
-    for step in plan[start:]:
-        epoch = step.epoch
-        t0 = time.perf_counter()
-        steps = [m.plan[epoch - 1] for m in pack.members]
-        pack.set_hyper(step.lr, [s.weight_decay for s in steps])
-        for i, m in enumerate(pack.members):
-            previous = m.plan[epoch - 2].grad_sparsity if epoch > 1 else 0.0
-            if steps[i].grad_sparsity != previous:
-                pack.set_masks(i, draw_masks(pack.member_params(i), steps[i].grad_sparsity,
-                                             mask_seed(m.config.seed, epoch)))
-        before = [p.detach().clone() for p in pack.params]
-
-        pack.model.train()
-        k = pack.n
-        loss_sum = torch.zeros(k, device=device)
-        wrong = torch.zeros(k, device=device, dtype=torch.long)
-        generators = [torch.Generator().manual_seed(epoch_seed(m.config.seed, epoch)) for m in pack.slots]
-        for x, y in pack.batches.epoch(generators):
-            x = x.to(dtype)
-            with autocast(precision, device):
-                logits = pack.run(x)
-            logits = _full(logits)
-            per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                         reduction="none").view(k, -1).mean(1)
-            pack.opt.zero_grad(set_to_none=False)
-            per_member.sum().backward()
-            pack.step()
-            loss_sum += per_member.detach() * y.shape[1]
-            wrong += (logits.detach().argmax(2) != y).sum(1)
-        sync(device)
-        train_seconds = time.perf_counter() - t0
-
-        changed = torch.zeros(k, dtype=torch.long, device=device)
-        for p, b in zip(pack.params, before):
-            changed += (p.detach() != b).reshape(k, -1).sum(1)
-        test_loss, test_error = _evaluate(pack, test_batches, eval_batch_size, precision)
-        train_losses, train_wrong, changed = loss_sum.tolist(), wrong.tolist(), changed.tolist()
-        epoch_seconds = time.perf_counter() - t0
-
-        keep: list[int] = []
-        for i, m in enumerate(pack.members):
-            n_train = len(m.train_batches.split.labels)
-            train_loss = train_losses[i] / n_train
-            if not math.isfinite(train_loss) or not math.isfinite(test_loss[i]):
-                name, value = ("train_loss", train_loss) if not math.isfinite(train_loss) else (eval_loss_name,
-                                                                                                 test_loss[i])
-                diverged[m.index] = str(Diverged(epoch, value, name))
-                continue
-            keep.append(i)
-            total_weights = sum(s.numel() for s in pack.shapes)
-            metrics = {
-                "train_loss": train_loss,
-                "train_error": train_wrong[i] / n_train,
-                eval_loss_name: test_loss[i],
-                eval_error_name: test_error[i],
-                "lr": steps[i].lr,
-                "weight_decay": steps[i].weight_decay,
-                "grad_sparsity": steps[i].grad_sparsity,
-                "updated_fraction": changed[i] / total_weights,
-                "epoch_seconds": epoch_seconds,
-                "images_per_second": n_train / train_seconds,
-            }
-            m.history.append({"epoch": float(epoch), **metrics})
-            m.metrics = metrics
-            if m.checkpoint_path:
-                pack.sync_solo(i, steps[i].lr, steps[i].weight_decay)
-                payload = {
-                    "version": CHECKPOINT_VERSION,
-                    "identity": m.config.identity_dict(),
-                    "epoch": epoch,
-                    "model": m.solo.state_dict(),
-                    "optimizer": m.solo_opt.state_dict(),
-                    "masks": [t.cpu() for t in m.masks] if m.masks is not None else [],
-                    "history": m.history,
-                }
-                save_checkpoint(m.checkpoint_path, payload)
-        if len(keep) < len(pack.members):
+    writer = EpochWriter()
+    try:
+        for step in plan[start:]:
+            epoch = step.epoch
+            t0 = time.perf_counter()
+            steps = [m.record.plan[epoch - 1] for m in pack.members]
+            pack.set_hyper(step.lr, [s.weight_decay for s in steps])
             for i, m in enumerate(pack.members):
-                if i not in keep:
-                    for cb in m.callbacks:
-                        cb.on_diverged(epoch, diverged[m.index])
-            if not keep:
-                pack = None
-                break
-            pack = _shrink(pack, keep, epoch)
-        for m in pack.members:
-            for cb in m.callbacks:
-                cb.on_epoch_end(epoch, m.metrics)
+                if m.record.new_masks(epoch, pack.member_params(i)):
+                    pack.set_masks(i)
+            before = [p.detach().clone() for p in pack.params]
+
+            pack.model.train()
+            k = pack.n
+            generators = [torch.Generator().manual_seed(epoch_seed(m.config.seed, epoch)) for m in pack.slots]
+            if pack.static is None:
+                loss_sum = torch.zeros(k, device=device)
+                wrong = torch.zeros(k, device=device, dtype=torch.long)
+                for x, y in pack.batches.epoch(generators):
+                    x = x.to(dtype)
+                    with autocast(precision, device):
+                        logits = pack.run(x)
+                    logits = _full(logits)
+                    per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                                 reduction="none").view(k, -1).mean(1)
+                    pack.opt.zero_grad(set_to_none=False)
+                    per_member.sum().backward()
+                    pack.step()
+                    loss_sum += per_member.detach() * y.shape[1]
+                    wrong += (logits.detach().argmax(2) != y).sum(1)
+            else:
+                loss_sum, wrong = pack.static.sums
+                for t in pack.static.sums:
+                    t.zero_()
+                pack.static.batches.load(pack.batches.draw(generators))
+                pack.static.epoch()
+            sync(device)
+            train_seconds = time.perf_counter() - t0
+
+            changed = torch.zeros(k, dtype=torch.long, device=device)
+            for p, b in zip(pack.params, before):
+                changed += (p.detach() != b).reshape(k, -1).sum(1)
+            test_loss, test_error = _evaluate(pack, test_batches, eval_batch_size, precision)
+            train_losses, train_wrong, changed = loss_sum.tolist(), wrong.tolist(), changed.tolist()
+            epoch_seconds = time.perf_counter() - t0
+
+            keep: list[int] = []
+            total_weights = sum(s.numel() for s in pack.shapes)
+            for i, m in enumerate(pack.members):
+                record = m.record
+                n_train = len(m.train_batches.split.labels)
+                train_loss = train_losses[i] / n_train
+                bad = divergence(epoch, [("train_loss", train_loss), (record.eval_loss_name, test_loss[i])])
+                if bad is not None:
+                    diverged[m.index] = str(bad)
+                    continue
+                keep.append(i)
+                m.metrics = record.metrics(epoch, train_loss=train_loss, train_error=train_wrong[i] / n_train,
+                                           eval_loss=test_loss[i], eval_error=test_error[i],
+                                           updated_fraction=changed[i] / total_weights, epoch_seconds=epoch_seconds,
+                                           images_per_second=n_train / train_seconds)
+                state = pack.solo_state(i, steps[i].lr, steps[i].weight_decay) if record.checkpoint_path else None
+                record.save(writer, epoch, m.metrics, state)
+            if len(keep) < len(pack.members):
+                for i, m in enumerate(pack.members):
+                    if i not in keep:
+                        m.record.diverged(writer, epoch, diverged[m.index])
+                if not keep:
+                    pack = None
+                    break
+                pack = _shrink(pack, keep, epoch)
+            for m in pack.members:
+                m.record.tell(writer, epoch, m.metrics)
+    finally:
+        writer.close()
 
     if pack is not None:
         last = plan[-1]
         for i, m in enumerate(pack.members):
-            pack.sync_solo(i, last.lr, m.plan[-1].weight_decay)
+            pack.sync_solo(i, last.lr, m.record.plan[-1].weight_decay)
     results = []
     for m in members:
         alive = pack is not None and m in pack.members
-        results.append(TrainResult(config=m.config, history=m.history, resumed_from=start,
+        results.append(TrainResult(config=m.config, history=m.record.history, resumed_from=start,
                                    model=m.solo if alive else None))
     return PackResult(members=results, diverged=diverged)
 

@@ -34,7 +34,7 @@ CHANGES = {
     "precision": "bf16",
 }
 NOT_IDENTITY = {"scheme": "renamed", "data_dir": "/elsewhere", "eval_batch_size": 7, "allow_unofficial_data": True,
-                "compile": True}
+                "compile": True, "graph": True}
 
 
 def test_changes_cover_every_field():

@@ -101,10 +101,10 @@ class NanInEval(torch.nn.Module):
 
 
 def test_divergence_in_evaluation_names_the_metric(monkeypatch, tmp_path):
-    import training.loop as loop
+    import training.core as core
 
-    build = loop.build_model
-    monkeypatch.setattr(loop, "build_model", lambda arch, classes: NanInEval(build(arch, classes)))
+    build = core.build_model
+    monkeypatch.setattr(core, "build_model", lambda arch, classes: NanInEval(build(arch, classes)))
     seen = []
 
     class Seen(Callback):
@@ -152,18 +152,18 @@ def short(**kw):
 
 
 def test_precision_bf16_autocasts_and_tf32_is_fp32_on_the_cpu(monkeypatch):
-    import training.loop as loop
+    import training.core as core
 
     torch.set_num_threads(1)
     dtypes = []
-    build = loop.build_model
+    build = core.build_model
 
     def recording(arch, classes):
         model = build(arch, classes)
         model.fc.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
         return model
 
-    monkeypatch.setattr(loop, "build_model", recording)
+    monkeypatch.setattr(core, "build_model", recording)
     fp32 = train(short())
     assert set(dtypes) == {torch.float32}
     dtypes.clear()

@@ -10,9 +10,9 @@ from stops import Stop, StopAfter
 
 from training import Callback, RunConfig, train
 from training.callbacks import metric_names
-from training.checkpoint import load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import Batches, Split, load_splits
-from training.loop import epoch_seed
+from training.loop import CheckpointMismatch, epoch_seed
 from training.models import build_model
 from training.packed import PackedBatches, group_by_epoch, train_packed
 from training.regularizers import SparseSGD, draw_masks, mask_seed
@@ -241,6 +241,28 @@ def test_a_pack_on_a_validation_split_reports_what_a_solo_run_does():
 def checkpoint_epoch_or_none(path):
     state = load_checkpoint(path)
     return state["epoch"] if state is not None else None
+
+
+def test_a_checkpoint_of_another_config_is_refused_naming_the_file(tmp_path):
+    """``CheckpointError(path, what)``, as a solo run raises it (this was a TypeError: one argument given)."""
+    torch.set_num_threads(1)
+    configs = trio()[:2]
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    with pytest.raises(Stop):
+        train(configs[0].replace(seed=9), [StopAfter(1)], checkpoint_path=paths[0])
+    started = []
+
+    class Started(Callback):
+        def on_start(self, config, plan, history):
+            started.append(config.seed)
+
+    with pytest.raises(CheckpointError) as info:
+        train_packed(configs, [[Started()], [Started()]], checkpoint_paths=paths)
+    assert str(info.value) == f"cannot resume from checkpoint {paths[0]}: belongs to another configuration"
+    assert (info.value.path, info.value.what) == (str(paths[0]), "belongs to another configuration")
+    assert started == [] and not paths[1].exists()  # refused before anything trained
+    with pytest.raises(CheckpointMismatch):  # the former name still catches it
+        train_packed(configs, checkpoint_paths=paths)
 
 
 def test_members_of_another_shape_are_refused():
