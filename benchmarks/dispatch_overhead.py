@@ -32,7 +32,8 @@ from orchestrator.run.ending import State  # noqa: E402
 from orchestrator.run.spec import WorkerSpec  # noqa: E402
 from orchestrator.store.client import connect  # noqa: E402
 from orchestrator.store.runs import ensure_experiment  # noqa: E402
-from orchestrator.sweep.file import expand, load_sweep  # noqa: E402
+from orchestrator.sweep.expand import expand  # noqa: E402
+from orchestrator.sweep.file import load_sweep  # noqa: E402
 
 
 class Stopwatch(QuietView):

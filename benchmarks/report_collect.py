@@ -28,7 +28,8 @@ from orchestrator.report.render import write_report  # noqa: E402
 from orchestrator.report.synthetic import ALL_METRICS, log_run  # noqa: E402
 from orchestrator.store.client import connect  # noqa: E402
 from orchestrator.store.runs import ensure_experiment, find_runs  # noqa: E402
-from orchestrator.sweep.file import expand, load_sweep  # noqa: E402
+from orchestrator.sweep.expand import expand  # noqa: E402
+from orchestrator.sweep.file import load_sweep  # noqa: E402
 
 SWEEP = ROOT / "sweeps" / "table1.yaml"
 

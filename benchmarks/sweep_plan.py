@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 from orchestrator.report.synthetic import log_run  # noqa: E402
 from orchestrator.store.client import connect  # noqa: E402
 from orchestrator.store.runs import ensure_experiment  # noqa: E402
-from orchestrator.sweep.file import expand, load_sweep  # noqa: E402
+from orchestrator.sweep.expand import expand  # noqa: E402
+from orchestrator.sweep.file import load_sweep  # noqa: E402
 from orchestrator.sweep.reconcile import inspect_sweep  # noqa: E402
 
 SWEEP = ROOT / "sweeps" / "table1.yaml"

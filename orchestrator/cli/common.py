@@ -8,7 +8,9 @@ from typing import TypeVar
 import click
 
 from orchestrator.identity import Planned
-from orchestrator.sweep.file import Sweep, expand, load_sweep
+from orchestrator.sweep.expand import expand
+from orchestrator.sweep.file import load_sweep
+from orchestrator.sweep.schema import Sweep
 
 F = TypeVar("F", bound=Callable)
 

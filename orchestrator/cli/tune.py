@@ -19,7 +19,7 @@ from orchestrator.cli.common import (
     tracking_uri_option,
     watch_options,
 )
-from orchestrator.tune.tuner import DEFAULT_TRIAL_LEASE_S
+from orchestrator.tune.study import DEFAULT_TRIAL_LEASE_S
 
 storage_option = click.option("--storage", default=None, metavar="URI",
                               help="Optuna storage: a journal file path or an RDB URL "
@@ -90,7 +90,8 @@ def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial
     one study: each proposes its own tapers, and the trials of a tuner that died are run again."""
     from orchestrator.dispatch.launch import LaunchOptions
     from orchestrator.run.spec import default_runs_dir
-    from orchestrator.tune.tuner import best_sweep, run_tune
+    from orchestrator.tune.export import best_sweep
+    from orchestrator.tune.tuner import run_tune
 
     options = LaunchOptions(gpus=gpus, jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel,
                             stall_timeout=stall_timeout, store_timeout=store_timeout, claim_lease=claim_lease,
@@ -128,7 +129,8 @@ def _counts(counter: Counter) -> str:
 @selection_options
 def best_command(sweep_file, storage, export_path, set_, only, epochs_scale, train_subset):
     """The best trial so far: its value (mean validation metric), parameters and taper."""
-    from orchestrator.tune.tuner import best_sweep, export_sweep, open_study
+    from orchestrator.tune.export import best_sweep, export_sweep
+    from orchestrator.tune.study import open_study
 
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     summary, doc = best_sweep(sweep, open_study(sweep, storage, create=False))
@@ -148,7 +150,7 @@ def best_command(sweep_file, storage, export_path, set_, only, epochs_scale, tra
 @selection_options
 def dashboard_command(sweep_file, storage, port, set_, only, epochs_scale, train_subset):
     """optuna-dashboard on the study's storage, at http://127.0.0.1:PORT (this machine only)."""
-    from orchestrator.tune.tuner import dashboard
+    from orchestrator.tune.study import dashboard
 
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     click.echo(f"optuna-dashboard for study {sweep.name}: http://127.0.0.1:{port} (Ctrl-C to stop)")

@@ -50,7 +50,7 @@ def jobs_of(pack: int | str, slots: Sequence[Slot], packs_dir: Path, *, calibrat
 
 def checked_pack(pack: int | str) -> int | str:
     """``--pack`` / ``pack:`` as a size N >= 1 or ``auto`` (``off`` is 1); UserError otherwise."""
-    from orchestrator.sweep.file import parse_pack
+    from orchestrator.sweep.schema import parse_pack
 
     try:
         pack = parse_pack(pack)

@@ -1,1 +1,1 @@
-"""Sweep files (load, validate, expand) and reconcile: where each run of a sweep stands."""
+"""Sweep files (schema, loading with one-line errors, expansion into planned runs) and reconcile."""

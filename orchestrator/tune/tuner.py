@@ -31,202 +31,25 @@ import contextlib
 import statistics
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from orchestrator.dispatch.launch import Launch, LaunchOptions, exit_code
 from orchestrator.dispatch.progress import ended_word
 from orchestrator.dispatch.scheduler import QuietView
-from orchestrator.errors import BadValue, UserError
+from orchestrator.errors import BadValue
 from orchestrator.identity import plan
 from orchestrator.run.ending import End, State
-from orchestrator.store.claims import SETTLE_S, created_first
-from orchestrator.store.tags import TAG_NOTE, TAG_PARENT, TAG_STUDY, TAG_STUDY_RUN, TAG_TRIAL
-from orchestrator.sweep.file import Range, Sweep, TuneSpace
-from training.atomic import atomic_write
+from orchestrator.store.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL
+from orchestrator.sweep.schema import Sweep
+from orchestrator.tune.space import space_of, suggest, trial_configs, variant_of
+from orchestrator.tune.study import DEFAULT_TRIAL_LEASE_S, MAX_RETRY, heartbeat_enabled, open_study, study_run
 
 ATTR_VARIANT = "variant"  # user attr of a trial: the variant of its runs (kept by a retry)
 ATTR_RUNS = "mlflow_run_ids"
 ATTR_FAILURE = "failure"
 SYS_HEARTBEAT = "adareg:heartbeat"  # journal storages: the tuner's clock, renewed while the trial runs
-STUDY_ATTRS = ("objective", "validation", "seeds")  # fixed per study
-STEPS = 5
-DEFAULT_TRIAL_LEASE_S = 120.0
-MAX_RETRY = 3
-BASELINES = {"wd-1e-4": {"weight_decay": 1e-4}, "wd-1e-3": {"weight_decay": 1e-3}, "wd-8e-3": {"weight_decay": 8e-3}}
-
-
-# --------------------------------------------------------------------------------------- the space
-
-
-def space_of(sweep: Sweep) -> TuneSpace:
-    if sweep.tune is None:
-        raise UserError(f"sweep {sweep.name!r} has no 'tune' section: add one (see sweeps/tune.yaml)")
-    lr = sweep.schedule.lr
-    steps = len(lr[0]) if lr and isinstance(lr[0], (list, tuple)) else (len(lr) if isinstance(lr, list) else STEPS)
-    if steps != STEPS:
-        raise UserError(f"sweep {sweep.name!r}: tune needs {STEPS} learning-rate steps per phase, the schedule has "
-                        f"{steps}")
-    if sweep.tune.seeds > len(sweep.seeds):
-        raise UserError(f"tune.seeds: {sweep.tune.seeds} tuning seeds, but the sweep lists {len(sweep.seeds)} "
-                        f"seed{'s' if len(sweep.seeds) != 1 else ''}")
-    return sweep.tune
-
-
-def _suggest(trial, name: str, value: Range | float) -> float:
-    if isinstance(value, Range):
-        return trial.suggest_float(name, value.low, value.high, log=value.log)
-    return float(value)
-
-
-def taper(base: float, peak: float, sparsity: float, phases: int) -> dict[str, Any]:
-    """Scheme values of a trial: weight decay [b, b, p/2, p, p] in every phase, sparsity in phase 1."""
-    sparse = [[0.0, 0.0, sparsity, sparsity, sparsity]] + [[0.0] * STEPS for _ in range(phases - 1)]
-    return {"weight_decay": [base, base, peak / 2, peak, peak], "grad_sparsity": sparse}
-
-
-def trial_scheme(sweep: Sweep, params: dict[str, float]) -> dict[str, Any]:
-    space = space_of(sweep)
-    value = lambda name: params.get(name, getattr(space, name))  # noqa: E731 (fixed values are not params)
-    return taper(float(value("weight_decay_base")), float(value("weight_decay_peak")),
-                 float(value("grad_sparsity")), len(sweep.schedule.epochs_per_step))
-
-
-def variant_of(study_name: str, number: int) -> str:
-    return f"{study_name}/trial-{number}"
-
-
-def trial_configs(sweep: Sweep, params: dict[str, float], variant: str, number: int) -> list:
-    """The RunConfigs of one trial: the sweep's first dataset and arch, its first ``tune.seeds`` seeds, the
-    trial's taper, a validation hold-out and the trial's variant."""
-    from training.config import RunConfig
-
-    space = space_of(sweep)
-    scheme = next(iter(sweep.schemes))
-    out = []
-    for seed in sweep.seeds[:space.seeds]:
-        base = sweep.run_config(scheme, sweep.archs[0], sweep.datasets[0], seed)
-        out.append(RunConfig.from_dict({**base.to_dict(), **trial_scheme(sweep, params), "scheme": f"trial-{number}",
-                                        "validation": space.validation, "variant": variant}))
-    return out
-
-
-# ------------------------------------------------------------------------------------------ storage
-
-
-def default_storage(sweep: Sweep) -> str:
-    return str(Path("adareg_tune") / f"{sweep.name}.journal")
-
-
-def is_rdb(storage: str) -> bool:
-    return "://" in storage
-
-
-def open_storage(storage: str, *, create: bool = True, lease_s: float = DEFAULT_TRIAL_LEASE_S):
-    """An Optuna storage: an RDB URL (with Optuna's heartbeat and retry of stale trials) or a journal file."""
-    import warnings
-
-    import optuna
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-    from optuna.storages.journal import JournalFileBackend
-
-    if is_rdb(storage):
-        interval = max(1, int(lease_s / 4))
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)
-        last: Exception | None = None
-        for attempt in range(5):  # several tuners creating the tables of a fresh database at once
-            try:
-                return RDBStorage(storage, heartbeat_interval=interval, grace_period=max(interval + 1, int(lease_s)),
-                                  heartbeat_stale_trial_callback=retry)
-            except Exception as e:  # noqa: BLE001 - retried, then named
-                last = e
-                time.sleep(0.5 + attempt)
-        raise BadValue(f"{{storage}} {storage}: {type(last).__name__}: {str(last).splitlines()[0][:300]}")
-    path = Path(storage)
-    if not create and not path.exists():
-        raise UserError(f"{storage}: no such study journal (run 'adareg tune run FILE' first)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
-def process_seed(sampler_seed: int) -> int:
-    """The sampler seed of this process: ``tune.sampler_seed`` mixed with a random number (the same seed in
-    two tuners would make them propose the same tapers)."""
-    return (sampler_seed * 1_000_003 + uuid.uuid4().int) % 2**32
-
-
-def open_study(sweep: Sweep, storage: str | None, create: bool = True, lease_s: float = DEFAULT_TRIAL_LEASE_S,
-               seed: int | None = None):
-    """The sweep's study (named after the sweep) in a journal file or an RDB URL."""
-    import optuna
-
-    space = space_of(sweep)
-    backend = open_storage(storage or default_storage(sweep), create=create, lease_s=lease_s)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1) if space.pruner == "median"
-              else optuna.pruners.NopPruner())
-    sampler = optuna.samplers.TPESampler(seed=process_seed(space.sampler_seed) if seed is None else seed,
-                                         constant_liar=True)
-    try:
-        if create:
-            study = optuna.create_study(storage=backend, study_name=sweep.name, direction="minimize",
-                                        load_if_exists=True, pruner=pruner, sampler=sampler)
-        else:
-            study = optuna.load_study(storage=backend, study_name=sweep.name, pruner=pruner, sampler=sampler)
-    except KeyError:
-        raise UserError(f"{storage or default_storage(sweep)}: no study named {sweep.name!r}") from None
-    if create:
-        _check_study_attrs(study, space)
-    return study
-
-
-def _check_study_attrs(study, space: TuneSpace) -> None:
-    """``tune.objective``, ``tune.validation`` and ``tune.seeds`` are fixed per study: values scored
-    differently are not comparable."""
-    have = study.user_attrs
-    for name in STUDY_ATTRS:
-        mine = getattr(space, name)
-        if name not in have:
-            study.set_user_attr(name, mine)
-        elif have[name] != mine:
-            raise UserError(f"tune.{name}: {mine!r}, but study {study.study_name!r} was run with {have[name]!r} "
-                            "(trials scored differently cannot be compared: use another sweep name or storage)")
-
-
-# ----------------------------------------------------------------------------------- MLflow parent
-
-
-def study_run(client, experiment_id: str, study_name: str, settle_s: float = SETTLE_S) -> str:
-    """The id of the study's MLflow run (tag ``adareg.study_run``), created if needed: trial runs are its
-    children. Of runs created at once, the earliest (start time, id) wins; the others are deleted."""
-    def find() -> list:
-        return client.search_runs([experiment_id], filter_string=f"tags.`{TAG_STUDY_RUN}` = '{study_name}'",
-                                  max_results=100)
-
-    found = find()
-    if not found:
-        mine = client.create_run(experiment_id, run_name=f"study-{study_name}",
-                                 tags={TAG_STUDY_RUN: study_name, TAG_STUDY: study_name,
-                                       TAG_NOTE: f"Optuna study {study_name}: its trials' runs are nested "
-                                                          "here (scored on a validation split)"})
-        client.set_terminated(mine.info.run_id, status="FINISHED")
-        time.sleep(settle_s)
-        found = find()
-        first = created_first(found or [mine])
-        if first.info.run_id != mine.info.run_id:
-            client.delete_run(mine.info.run_id)
-        return first.info.run_id
-    return created_first(found).info.run_id
-
-
-# ------------------------------------------------------------------------------------------ trials
 
 
 @dataclass
@@ -256,7 +79,7 @@ class Tuner:
         self.parent_run_id, self.lease_s = parent_run_id, lease_s
         self.note = note or (lambda message: None)
         self.storage = study._storage
-        self.rdb = _heartbeat_enabled(self.storage)
+        self.rdb = heartbeat_enabled(self.storage)
         self.asked = 0
         self.live: dict[int, TrialRuns] = {}  # trial id -> in flight
         self.by_key: dict[str, TrialRuns] = {}
@@ -345,7 +168,7 @@ class Tuner:
             variant = frozen.user_attrs.get(ATTR_VARIANT) or variant_of(self.sweep.name, trial.number)
             number = int(variant.rsplit("-", 1)[1])
             trial.set_user_attr(ATTR_VARIANT, variant)
-            params = {name: _suggest(trial, name, getattr(self.space, name))
+            params = {name: suggest(trial, name, getattr(self.space, name))
                       for name in ("weight_decay_base", "weight_decay_peak", "grad_sparsity")}
             tasks = {}
             for config in trial_configs(self.sweep, params, variant, number):
@@ -480,12 +303,6 @@ class _NoResult:
     run_id = None
 
 
-def _heartbeat_enabled(storage) -> bool:
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    return is_heartbeat_enabled(storage)
-
-
 @dataclass
 class TuneResult:
     """How ``run_tune`` ended: the study, how each trial this process asked ended, errors, the exit code."""
@@ -524,45 +341,3 @@ def run_tune(sweep: Sweep, trials: int, options: LaunchOptions | None = None, *,
     code = exit_code(stopped_by, failed=bool(tuner.errors), store_down=down)
     return TuneResult(study, tuner.told, tuner.errors, code)
 
-
-# ------------------------------------------------------------------------------------------ export
-
-
-def best_sweep(sweep: Sweep, study) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(best trial summary, a sweep document that trains the best taper, as scheme ``tuned``, on the full
-    training set over all the file's seeds, beside the baselines wd-1e-4, wd-1e-3, wd-8e-3 and the file's
-    own schemes)."""
-    done = [t for t in study.trials if t.state.name == "COMPLETE"]
-    if not done:
-        raise UserError(f"study {sweep.name!r} has no completed trial yet")
-    best = study.best_trial
-    scheme = trial_scheme(sweep, best.params)
-    doc = sweep.model_dump(mode="json", exclude={"tune"}, exclude_none=True)
-    doc["name"] = f"{sweep.name}-best"
-    doc.setdefault("train", {}).pop("validation", None)  # the full training set; the test split scores it
-    doc["train"].pop("variant", None)
-    own = doc["schemes"]
-    doc["schemes"] = {"tuned": scheme, **{k: v for k, v in BASELINES.items() if k not in own}, **own}
-    summary = {"trial": best.number, "value": best.value, "objective": space_of(sweep).objective,
-               "params": best.params, "trials": len(study.trials), "completed": len(done), "scheme": scheme}
-    return summary, doc
-
-
-def export_sweep(doc: dict[str, Any], path: str | Path, summary: dict[str, Any] | None = None) -> None:
-    where = (f"# Best trial {summary['trial']}: mean {summary['objective']} {summary['value']:.4f} on the validation "
-             "split.\n") if summary else ""
-    text = ("# Written by 'adareg tune best --export': the best taper found, as scheme 'tuned' (selected on\n"
-            "# validation, trained here on the full training set and scored on the test split), beside the\n"
-            "# baselines. Run it over all seeds with 'adareg sweep run'.\n" + where
-            + yaml.safe_dump(doc, sort_keys=False)).encode()
-    atomic_write(path, lambda f: f.write(text))
-
-
-def dashboard(sweep: Sweep, storage: str | None, port: int) -> None:
-    """optuna-dashboard on the study's storage, bound to 127.0.0.1 (blocks until interrupted)."""
-    try:
-        import optuna_dashboard
-    except ImportError:
-        raise UserError("optuna-dashboard is not installed: pip install optuna-dashboard") from None
-    backend = open_storage(storage or default_storage(sweep), create=False)
-    optuna_dashboard.run_server(backend, host="127.0.0.1", port=port)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.identity import group_key, run_key
-from orchestrator.sweep.file import expand, load_sweep
+from orchestrator.sweep.expand import expand
+from orchestrator.sweep.file import load_sweep
 from training.config import RunConfig
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"

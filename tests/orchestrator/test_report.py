@@ -28,7 +28,8 @@ from orchestrator.report.stats import holm, method_line
 from orchestrator.report.synthetic import log_run
 from orchestrator.store.runs import find_runs
 from orchestrator.store.tags import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SUPERSEDED
-from orchestrator.sweep.file import expand, load_sweep
+from orchestrator.sweep.expand import expand
+from orchestrator.sweep.file import load_sweep
 from training.schedules import phase_bounds, plan_for
 
 SWEEP = """

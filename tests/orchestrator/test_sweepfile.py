@@ -16,7 +16,9 @@ from orchestrator.cli.common import (
 )
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
-from orchestrator.sweep.file import MAX_ERRORS, Scheme, Sweep, TrainSettings, expand, load_sweep, parse_only
+from orchestrator.sweep.expand import expand, parse_only
+from orchestrator.sweep.file import MAX_ERRORS, load_sweep
+from orchestrator.sweep.schema import Scheme, Sweep, TrainSettings
 from training.config import RunConfig
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"

@@ -21,17 +21,9 @@ from servers import postgres, postgres_uri  # noqa: F401, F811 (fixtures)
 from orchestrator.dispatch.scheduler import Task
 from orchestrator.errors import UserError
 from orchestrator.sweep.file import load_sweep
-from orchestrator.tune.tuner import (
-    TrialRuns,
-    Tuner,
-    best_sweep,
-    export_sweep,
-    space_of,
-    taper,
-    trial_configs,
-    trial_scheme,
-    variant_of,
-)
+from orchestrator.tune.export import best_sweep, export_sweep
+from orchestrator.tune.space import space_of, taper, trial_configs, trial_scheme, variant_of
+from orchestrator.tune.tuner import TrialRuns, Tuner
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNE = str(ROOT / "sweeps" / "tune.yaml")
