@@ -26,7 +26,7 @@ from orchestrator.store.uri import resolve_tracking_uri
 @click.option("--unpaired", is_flag=True,
               help="Welch's unpaired t-test instead of pairing by seed (for selections whose seeds differ).")
 @click.option("--envelope", is_flag=True, help="Also shade the per-epoch min-max over seeds.")
-@click.option("--rank-by", type=click.Choice(["test_error", "test_loss"]), default="test_error", show_default=True,
+@click.option("--rank-by", default="test_error", show_default=True, metavar="test_error|test_loss",
               help="Metric whose value at a phase's last epoch picks the best and worst run drawn.")
 @click.option("--train-loss", is_flag=True, help="Add a train-loss row to every figure.")
 @click.option("--log-to-mlflow", is_flag=True,
@@ -37,10 +37,10 @@ def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out
     run) and write per-phase seed statistics with paired differences to baselines (95% CI,
     Holm-adjusted p), for the runs of sweep FILE. Deleted and superseded runs are left out."""
     from orchestrator.report.collect import REPORT_METRICS, collect
-    from orchestrator.report.render import check_baselines, log_report, write_report
+    from orchestrator.report.render import check_options, log_report, write_report
 
     sweep, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
-    check_baselines(baselines or None, sweep.name, list(sweep.schemes))
+    check_options(baselines or None, rank_by, sweep.name, list(sweep.schemes))
     uri = resolve_tracking_uri(tracking_uri)
     client = connect(uri, create=False)
     metrics = REPORT_METRICS + (("train_loss",) if train_loss else ())

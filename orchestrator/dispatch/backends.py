@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 
 from orchestrator.dispatch.slots import Slot
-from orchestrator.errors import BadValue
+from orchestrator.errors import BadValue, arg
 from orchestrator.run.ending import EXIT_FAILED, EXIT_SIGTERM
 from orchestrator.run.spec import PARENT_PID_ENV
 
@@ -176,12 +176,12 @@ def check_shared(address: str | None, tracking_uri: str, runs_dir: Path, shared_
     if is_local_address(address):
         return
     if not tracking_uri.startswith(SHARED_STORES):
-        raise BadValue(f"{{ray_address}} {address} is a remote cluster, but tracking URI {tracking_uri} is local to "
-                        "this machine: use an http(s):// MLflow server or a postgresql:// store")
+        raise BadValue(f"{arg('ray_address')} {address} is a remote cluster, but tracking URI {tracking_uri} is "
+                       "local to this machine: use an http(s):// MLflow server or a postgresql:// store")
     if not shared_runs_dir:
-        raise BadValue(f"{{ray_address}} {address} is a remote cluster, but run folder {runs_dir} may be local to "
-                       "this machine: put {runs_dir} on storage every node mounts at the same path and pass "
-                       "{shared_runs_dir}")
+        raise BadValue(f"{arg('ray_address')} {address} is a remote cluster, but run folder {runs_dir} may be local to "
+                       f"this machine: put {arg('runs_dir')} on storage every node mounts at the same path and pass "
+                       f"{arg('shared_runs_dir')}")
 
 
 def _signal_handlers() -> dict[int, object]:
@@ -209,7 +209,7 @@ class RayBackend:
         try:
             import ray
         except ImportError:
-            raise BadValue("{backend} ray needs Ray: pip install 'adareg[ray]'") from None
+            raise BadValue(f"{arg('backend')} ray needs Ray: pip install 'adareg[ray]'") from None
         self.ray = ray
         self._own_temp = None
         kwargs: dict = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
@@ -223,7 +223,7 @@ class RayBackend:
         try:
             ray.init(**kwargs)
         except Exception as e:  # noqa: BLE001 - ConnectionError, RuntimeError, ...: one line naming the address
-            raise BadValue(f"{{ray_address}} {address or 'local'}: cannot start or join Ray: "
+            raise BadValue(f"{arg('ray_address')} {address or 'local'}: cannot start or join Ray: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         self._task = ray.remote(max_retries=0)(run_worker_task)
 

@@ -22,7 +22,7 @@ from orchestrator.dispatch.backends import Backend, LocalBackend, RayBackend, ch
 from orchestrator.dispatch.packs import PACKS, checked_pack, jobs_of, write_job_spec
 from orchestrator.dispatch.scheduler import QuietView, Scheduler, Task, TaskSource, View
 from orchestrator.dispatch.slots import Slot, check_ray_gpus, device_slots, parse_gpus, ray_slots, visible_gpus
-from orchestrator.errors import BadValue
+from orchestrator.errors import BadValue, arg
 from orchestrator.identity import Planned
 from orchestrator.run.ending import (
     DEFAULT_RETRIES,
@@ -60,13 +60,13 @@ class LaunchOptions:
 
     def __post_init__(self) -> None:
         if self.retries < 0:
-            raise BadValue(f"{{retries}} {self.retries}: must be >= 0")
+            raise BadValue(f"{arg('retries')} {self.retries}: must be >= 0")
         for name in ("stall_timeout", "store_timeout", "claim_lease", "disk_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise BadValue(f"{{{name}}} {value:g}: must be > 0 seconds")
+                raise BadValue(f"{{arg('name')}} {value:g}: must be > 0 seconds")
         if self.backend not in ("local", "ray"):
-            raise BadValue(f"{{backend}} {self.backend!r}: expected local or ray")
+            raise BadValue(f"{arg('backend')} {self.backend!r}: expected local or ray")
         if self.pack is not None:
             checked_pack(self.pack)
         if self.backend == "ray":

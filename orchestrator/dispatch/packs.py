@@ -13,7 +13,7 @@ from pathlib import Path
 
 from orchestrator.dispatch.scheduler import Task
 from orchestrator.dispatch.slots import Slot
-from orchestrator.errors import BadValue
+from orchestrator.errors import BadValue, arg
 from orchestrator.run.spec import PackSpec, WorkerSpec
 from training.config import RunConfig
 
@@ -55,7 +55,7 @@ def checked_pack(pack: int | str) -> int | str:
     try:
         pack = parse_pack(pack)
     except ValueError:
-        raise BadValue(f"{{pack}} {pack!r}: expected a pack size >= 1, auto or off") from None
+        raise BadValue(f"{arg('pack')} {pack!r}: expected a pack size >= 1, auto or off") from None
     return 1 if pack == "off" else pack
 
 

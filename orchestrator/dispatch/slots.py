@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrator.errors import BadValue
+from orchestrator.errors import BadValue, arg
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,11 @@ def parse_gpus(gpus: str | None, visible: Sequence[str]) -> list[str]:
     for part in gpus.split(","):
         part = part.strip()
         if not part.isdigit():
-            raise BadValue(f"{{gpus}} {gpus!r}: expected all, none or GPU indices such as 0,1")
+            raise BadValue(f"{arg('gpus')} {gpus!r}: expected all, none or GPU indices such as 0,1")
         if int(part) >= len(visible):
             seen = f"{len(visible)} GPU{'s' if len(visible) != 1 else ''}" + (
                 f" (0-{len(visible) - 1})" if visible else "")
-            raise BadValue(f"{{gpus}} {gpus!r}: GPU {part} is not visible; this machine has {seen}")
+            raise BadValue(f"{arg('gpus')} {gpus!r}: GPU {part} is not visible; this machine has {seen}")
         if visible[int(part)] not in chosen:
             chosen.append(visible[int(part)])
     return chosen
@@ -60,9 +60,9 @@ def device_slots(gpus: Sequence[str], jobs_per_gpu: int = 1, max_parallel: int |
     ``max_parallel`` CPU slots (default: half the cores). Threads: the cores shared out."""
     cores = cores or os.cpu_count() or 1
     if jobs_per_gpu < 1:
-        raise BadValue(f"{{jobs_per_gpu}} {jobs_per_gpu}: must be at least 1")
+        raise BadValue(f"{arg('jobs_per_gpu')} {jobs_per_gpu}: must be at least 1")
     if max_parallel is not None and max_parallel < 1:
-        raise BadValue(f"{{max_parallel}} {max_parallel}: must be at least 1")
+        raise BadValue(f"{arg('max_parallel')} {max_parallel}: must be at least 1")
     if gpus:
         places = [(g, j) for j in range(jobs_per_gpu) for g in gpus][:max_parallel]
         threads = max(1, cores // len(places))
@@ -84,5 +84,5 @@ def ray_slots(resources: dict[str, float], no_gpus: bool, jobs_per_gpu: int, max
 
 def check_ray_gpus(gpus: str | None) -> None:
     if gpus is not None and gpus.strip().lower() not in ("all", "none"):
-        raise BadValue(f"{{gpus}} {gpus!r}: with {{backend}} ray use all or none (Ray places runs on GPUs)")
+        raise BadValue(f"{arg('gpus')} {gpus!r}: with {arg('backend')} ray use all or none (Ray places runs on GPUs)")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from orchestrator.errors import UserError
+from orchestrator.errors import BadValue, arg
 from orchestrator.report import DEFAULT_BASELINES, SELECTED_ON_VALIDATION, comparison_plan, figures, is_tuned
 from orchestrator.report.collect import Collection
 from orchestrator.report.stats import SUMMARY_METRICS, method_line, phase_summary
@@ -52,9 +52,7 @@ def write_report(col: Collection, out: str | os.PathLike, baselines: Sequence[st
     the best and the worst run drawn. Figures are drawn by ``workers`` processes (default: one per
     CPU, at most 4).
     """
-    check_baselines(baselines, col.sweep, col.schemes)
-    if rank_by not in figures.RANK_METRICS:
-        raise UserError(f"--rank-by: {rank_by!r} is not one of {', '.join(figures.RANK_METRICS)}")
+    check_options(baselines, rank_by, col.sweep, col.schemes)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bounds = col.phase_bounds()
@@ -118,11 +116,14 @@ def baseline_warnings(schemes: Sequence[str], baselines: Sequence[str] | None,
     return []
 
 
-def check_baselines(baselines: Sequence[str] | None, sweep: str, schemes: Sequence[str]) -> None:
-    """UserError unless every one of ``baselines`` is one of the sweep's schemes."""
+def check_options(baselines: Sequence[str] | None, rank_by: str, sweep: str, schemes: Sequence[str]) -> None:
+    """BadValue unless every one of ``baselines`` is one of the sweep's schemes and ``rank_by`` is a metric
+    the figures can rank by (checked before anything is read or written)."""
+    if rank_by not in figures.RANK_METRICS:
+        raise BadValue(f"{arg('rank_by')}: {rank_by!r} is not one of {', '.join(figures.RANK_METRICS)}")
     for baseline in baselines or ():
         if baseline not in schemes:
-            raise UserError(f"--baseline: scheme {baseline!r} is not in sweep '{sweep}' "
+            raise BadValue(f"{arg('baseline')}: scheme {baseline!r} is not in sweep '{sweep}' "
                             f"(its schemes: {', '.join(schemes)})")
 
 

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from orchestrator.errors import UserError
+from orchestrator.errors import BadValue, UserError, arg
 from orchestrator.identity import Planned, plan
 from orchestrator.sweep.schema import Sweep, did_you_mean
 from training.config import RunConfig
@@ -24,9 +24,9 @@ def _parse_only_items(items: Sequence[str]) -> list[tuple[str, str, list[str]]]:
         field = field.strip()
         values = [v.strip() for v in text.split(",") if v.strip()]
         if not sep or not field or not values:
-            raise UserError(f"--only {item!r}: expected FIELD=V1,V2 (e.g. scheme=01,22)")
+            raise BadValue(f"{arg('only')} {item!r}: expected FIELD=V1,V2 (e.g. scheme=01,22)")
         if field not in _ONLY_FIELDS:
-            raise UserError(f"--only {item!r}: unknown field {field!r}{did_you_mean(field, _ONLY_FIELDS)} "
+            raise BadValue(f"{arg('only')} {item!r}: unknown field {field!r}{did_you_mean(field, _ONLY_FIELDS)} "
                             f"(expected one of {', '.join(_ONLY_FIELDS)})")
         parsed.append((item, field, values))
     return parsed
@@ -57,13 +57,13 @@ def _select(runs: list[Planned], only: Sequence[str]) -> list[Planned]:
             if not any(_matches(getattr(r.config, field), value) for r in runs):
                 known = list(dict.fromkeys(str(getattr(r.config, field)) for r in runs))
                 shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
-                raise UserError(f"--only {item!r}: no run has {field} {value}{did_you_mean(value, known)} "
+                raise BadValue(f"{arg('only')} {item!r}: no run has {field} {value}{did_you_mean(value, known)} "
                                 f"(the sweep has {shown})")
     wanted = parse_only(only)
     kept = [r for r in runs
             if all(any(_matches(getattr(r.config, f), v) for v in values) for f, values in wanted.items())]
     if not kept:
-        raise UserError(" ".join(f"--only {item!r}" for item in only) + ": together they select no run")
+        raise BadValue(" ".join(f"{arg('only')} {item!r}" for item in only) + ": together they select no run")
     return kept
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from orchestrator.errors import UserError
+from orchestrator.errors import BadValue, UserError, arg
 from orchestrator.sweep.schema import Sweep, did_you_mean
 
 # ---------------------------------------------------------------------------------------- loading
@@ -65,8 +65,8 @@ def _check_size(doc: Any, where: str) -> None:
         children = [*node.keys(), *node.values()] if isinstance(node, dict) else node if isinstance(node, list) else ()
         count += len(children)  # counted before they are stacked: the stack never outgrows the limit
         if count > MAX_NODES:
-            raise UserError(f"{where}: holds more than {MAX_NODES:,} values once YAML aliases (*name) are "
-                            f"expanded (the limit for a sweep file)")
+            raise BadValue(f"{where}: holds more than {MAX_NODES:,} values once YAML aliases (*name) are "
+                           f"expanded (the limit for a sweep file)")
         stack.extend(children)
 
 
@@ -108,14 +108,14 @@ def _set(doc: dict[str, Any], parts: Sequence[str], value: Any, origin: str) -> 
     for depth, part in enumerate(parts):
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"{origin}: {path} is a list of {len(node)}; {part!r} is not an index into it")
+                raise BadValue(f"{origin}: {path} is a list of {len(node)}; {part!r} is not an index into it")
             key: Any = int(part)
             path += f"[{key}]"
         elif isinstance(node, dict):
             key = part
             path += f".{key}" if path else key
         else:
-            raise UserError(f"{origin}: {path} is {node!r}, not a mapping")
+            raise BadValue(f"{origin}: {path} is {node!r}, not a mapping")
         if depth == len(parts) - 1:
             node[key] = value
         else:
@@ -126,36 +126,36 @@ def _set(doc: dict[str, Any], parts: Sequence[str], value: Any, origin: str) -> 
 
 
 def _apply_set(doc: dict[str, Any], item: str) -> tuple[str, str]:
-    origin = f"--set {item!r}"
+    origin = f"{arg('set')} {item!r}"
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(p.strip() for p in parts):
-        raise UserError(f"{origin}: expected KEY=VALUE (KEY dotted, e.g. train.batch_size=100)")
+        raise BadValue(f"{origin}: expected KEY=VALUE (KEY dotted, e.g. train.batch_size=100)")
     try:
         value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e)
-        raise UserError(f"{origin}: VALUE is not valid YAML: {' '.join(problem.split())}") from None
+        raise BadValue(f"{origin}: VALUE is not valid YAML: {' '.join(problem.split())}") from None
     _check_size(value, origin)
     return _set(doc, [p.strip() for p in parts], value, origin), origin
 
 
 def load_sweep(path: str | Path, sets: Sequence[str] = (), epochs_scale: float | None = None,
                train_subset: int | None = None) -> Sweep:
-    """Read, override (``--set KEY=VALUE``, ``--epochs-scale``, ``--train-subset``) and validate a sweep file."""
+    """Read, override (``sets``: ``KEY=VALUE`` items; ``epochs_scale``, ``train_subset``) and validate a sweep
+    file."""
     where = str(path)
     doc = _read_yaml(Path(path), where)
     origins = [_apply_set(doc, item) for item in sets]
     if sets:  # each value is bounded on its own; so is what they make together
-        _check_size(doc, f"{where} with its --set values")
-    for field, value, flag in (("epochs_scale", epochs_scale, "--epochs-scale"),
-                               ("train_subset", train_subset, "--train-subset")):
+        _check_size(doc, f"{where} with its {arg('set')} values")
+    for field, value in (("epochs_scale", epochs_scale), ("train_subset", train_subset)):
         if value is not None:
-            origins.append((_set(doc, ["train", field], value, flag), f"{flag} {value}"))
+            origins.append((_set(doc, ["train", field], value, arg(field)), f"{arg(field)} {value}"))
     try:
         return Sweep.model_validate(doc)
     except ValidationError as e:
-        raise UserError(f"{where}: {_describe(e, origins)}") from None
+        raise BadValue(f"{where}: {_describe(e, origins)}") from None
 
 
 MAX_ERRORS = 5

@@ -7,7 +7,7 @@ import time
 import uuid
 from pathlib import Path
 
-from orchestrator.errors import BadValue, UserError
+from orchestrator.errors import BadValue, UserError, arg
 from orchestrator.store.claims import SETTLE_S, created_first
 from orchestrator.store.tags import TAG_NOTE, TAG_STUDY, TAG_STUDY_RUN
 from orchestrator.sweep.schema import Sweep, TuneSpace
@@ -47,7 +47,7 @@ def open_storage(storage: str, *, create: bool = True, lease_s: float = DEFAULT_
             except Exception as e:  # noqa: BLE001 - retried, then named
                 last = e
                 time.sleep(0.5 + attempt)
-        raise BadValue(f"{{storage}} {storage}: {type(last).__name__}: {str(last).splitlines()[0][:300]}")
+        raise BadValue(f"{arg('storage')} {storage}: {type(last).__name__}: {str(last).splitlines()[0][:300]}")
     path = Path(storage)
     if not create and not path.exists():
         raise UserError(f"{storage}: no such study journal (run 'adareg tune run FILE' first)")

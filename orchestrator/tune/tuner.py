@@ -38,7 +38,7 @@ from typing import Any
 from orchestrator.dispatch.launch import Launch, LaunchOptions, exit_code
 from orchestrator.dispatch.progress import ended_word
 from orchestrator.dispatch.scheduler import QuietView
-from orchestrator.errors import BadValue
+from orchestrator.errors import BadValue, arg
 from orchestrator.identity import plan
 from orchestrator.run.ending import End, State
 from orchestrator.store.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL
@@ -321,10 +321,10 @@ def run_tune(sweep: Sweep, trials: int, options: LaunchOptions | None = None, *,
     model); safe beside other tuners on the same study and store."""
     space_of(sweep)
     if trial_lease <= 0:
-        raise BadValue(f"{{trial_lease}} {trial_lease:g}: must be > 0 seconds")
+        raise BadValue(f"{arg('trial_lease')} {trial_lease:g}: must be > 0 seconds")
     options = options or LaunchOptions()
     if options.backend != "local":
-        raise BadValue("{backend} " + f"{options.backend!r}: tuning runs its trials on this machine (local)")
+        raise BadValue(f"{arg('backend')} {options.backend!r}: tuning runs its trials on this machine (local)")
     launch = Launch.open(sweep, options, tracking_uri=tracking_uri, runs_dir=runs_dir)
     study = open_study(sweep, storage, lease_s=trial_lease)
     parent = study_run(launch.client, launch.experiment_id, sweep.name)

@@ -7,14 +7,13 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from orchestrator.cli import main
+from orchestrator.cli import flag, main
 from orchestrator.cli.common import (
     load_selection,
     selection_options,
     sweep_file_argument,
     tracking_uri_option,
 )
-from orchestrator.errors import UserError
 from orchestrator.identity import run_key
 from orchestrator.sweep.expand import expand, parse_only
 from orchestrator.sweep.file import MAX_ERRORS, load_sweep
@@ -38,9 +37,12 @@ def table1(tmp_path):
 
 
 def error_of(call, *args, **kwargs) -> str:
+    """The one-line error of ``call`` as the command line shows it (arguments spelled as their flags, as
+    before the library learnt to name its arguments: these messages are unchanged for the user)."""
     with pytest.raises(UserError) as info:
         call(*args, **kwargs)
-    message = str(info.value)
+    e = info.value
+    message = e.spelled(flag) if isinstance(e, BadValue) else str(e)
     assert "\n" not in message
     return message
 
@@ -425,3 +427,18 @@ def _expanded_size(value) -> int:
     if isinstance(value, list):
         return 1 + sum(_expanded_size(v) for v in value)
     return 1
+
+
+def test_the_library_names_arguments_and_the_cli_names_flags(table1, capsys):
+    """A notebook calling the library is told about its arguments, never about flags it did not pass."""
+    with pytest.raises(UserError) as e:
+        load_sweep(table1(), sets=["nonsense"])
+    assert str(e.value).startswith("set 'nonsense': expected KEY=VALUE")
+    with pytest.raises(UserError) as e:
+        expand(load_sweep(table1()), only=["colour=red"])
+    assert str(e.value).startswith("only 'colour=red': unknown field 'colour'")
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "plan", str(table1()), "--set", "nonsense", "--tracking-uri", "sqlite:///unused.db"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --set 'nonsense': expected KEY=VALUE (KEY dotted, e.g. " \
+                                              "train.batch_size=100)"
