@@ -14,6 +14,7 @@ from orchestrator.cli.common import (
     sweep_file_argument,
     tracking_uri_option,
 )
+from orchestrator.errors import BadValue, UserError
 from orchestrator.identity import run_key
 from orchestrator.sweep.expand import expand, parse_only
 from orchestrator.sweep.file import MAX_ERRORS, load_sweep
