@@ -29,7 +29,6 @@ def write_job_spec(task: Task, spec_for: Callable[[Task], WorkerSpec]) -> Path:
     return task.folder.spec
 
 
-
 def jobs_of(pack: int | str, slots: Sequence[Slot], packs_dir: Path, *, calibrate: bool = True,
             note: Callable[[str], None] = lambda message: None) -> Callable[..., list[Task]]:
     """``jobs(tasks, everything=None)``: the tasks as the scheduler's jobs, in packs per ``pack`` (sizes are
@@ -47,7 +46,6 @@ def jobs_of(pack: int | str, slots: Sequence[Slot], packs_dir: Path, *, calibrat
     return jobs
 
 
-
 def checked_pack(pack: int | str) -> int | str:
     """``--pack`` / ``pack:`` as a size N >= 1 or ``auto`` (``off`` is 1); UserError otherwise."""
     from orchestrator.sweep.schema import parse_pack
@@ -57,7 +55,6 @@ def checked_pack(pack: int | str) -> int | str:
     except ValueError:
         raise BadValue(f"{arg('pack')} {pack!r}: expected a pack size >= 1, auto or off") from None
     return 1 if pack == "off" else pack
-
 
 
 def pack_sizes(pack: int | str, configs: Sequence[RunConfig], slots: Sequence[Slot], packs_dir: Path, *,
@@ -80,7 +77,6 @@ def pack_sizes(pack: int | str, configs: Sequence[RunConfig], slots: Sequence[Sl
     for message in notes:
         note(message)
     return sizes
-
 
 
 def form_packs(tasks: Sequence[Task], sizes: dict[tuple, int], packs_dir: Path,

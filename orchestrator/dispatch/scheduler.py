@@ -39,12 +39,11 @@ from orchestrator import diskfault
 from orchestrator.dispatch.backends import Backend, Job
 from orchestrator.dispatch.slots import Slot
 from orchestrator.errors import UserError
-from orchestrator.run.ending import EXIT_BUSY, EXIT_DISK, End, State, Then, leaves
+from orchestrator.run.ending import DEFAULT_RETRIES, EXIT_BUSY, EXIT_DISK, End, State, Then, leaves
 from orchestrator.run.folder import Attempt, RunFolder
 from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S
 from training.config import RunConfig
 
-DEFAULT_RETRIES = 2
 POLL_S = 0.2
 LOCK_WAIT_S = 1.0  # a run locked here is looked at again after this
 BUSY_WAIT_S = 15.0  # a run claimed elsewhere is looked at again after this
@@ -93,7 +92,6 @@ class Task:
         return self.members or [self]
 
 
-
 class View(Protocol):
     """What the scheduler tells the user (see orchestrator.dispatch.progress)."""
 
@@ -101,7 +99,6 @@ class View(Protocol):
     def ended(self, task: Task, slot: Slot) -> None: ...
     def note(self, message: str) -> None: ...
     def update(self, active: Sequence[tuple[Task, Slot]]) -> None: ...
-
 
 
 class TaskSource(Protocol):
@@ -125,7 +122,6 @@ class TaskSource(Protocol):
         ...
 
 
-
 class QuietView:
     def started(self, task, slot): pass
     def ended(self, task, slot): pass
@@ -133,10 +129,8 @@ class QuietView:
     def update(self, active): pass
 
 
-
 class _Abort(Exception):
     """A second signal: stop at once."""
-
 
 
 class StoreWatch:
@@ -176,7 +170,6 @@ class StoreWatch:
             self._thread = threading.Thread(target=run, daemon=True)
             self._thread.start()
         return None
-
 
 
 class Scheduler:
@@ -472,7 +465,6 @@ class Scheduler:
         if waited >= STOP_TIMEOUT_S:
             for _, _, job in self.active.values():
                 job.kill()
-
 
 
 def log_tail(path: Path, limit: int = 8192) -> str:

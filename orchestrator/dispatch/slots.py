@@ -32,7 +32,6 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(count)]
 
 
-
 def parse_gpus(gpus: str | None, visible: Sequence[str]) -> list[str]:
     """``--gpus``: 'all' (or None), 'none', or indices '0,1' into the visible GPUs -> their ids."""
     if gpus is None or gpus.strip().lower() == "all":
@@ -53,7 +52,6 @@ def parse_gpus(gpus: str | None, visible: Sequence[str]) -> list[str]:
     return chosen
 
 
-
 def device_slots(gpus: Sequence[str], jobs_per_gpu: int = 1, max_parallel: int | None = None,
                  cores: int | None = None) -> list[Slot]:
     """K slots per GPU (spread over the GPUs first), capped by ``max_parallel``; without GPUs,
@@ -72,14 +70,12 @@ def device_slots(gpus: Sequence[str], jobs_per_gpu: int = 1, max_parallel: int |
     return [Slot(f"cpu{i}", "cpu", None, threads) for i in range(n)]
 
 
-
 def ray_slots(resources: dict[str, float], no_gpus: bool, jobs_per_gpu: int, max_parallel: int | None
               ) -> list[Slot]:
     """Slots on a Ray cluster: K per cluster GPU (Ray picks the GPU), else CPU slots as locally."""
     n_gpus = 0 if no_gpus else int(resources.get("GPU", 0))
     slots = device_slots([str(i) for i in range(n_gpus)], jobs_per_gpu, max_parallel, int(resources.get("CPU", 1)))
     return [Slot(f"ray-{s.name}", s.device, None, s.threads, s.gpu_fraction) for s in slots]
-
 
 
 def check_ray_gpus(gpus: str | None) -> None:

@@ -30,7 +30,6 @@ class StoreDown(Exception):
     """The tracking store stayed unreachable for the whole outage budget."""
 
 
-
 _TRANSIENT_WORDS = ("failed with exception", "failed with timeout", "database is locked", "connection refused",
                     "connection reset", "could not connect", "server closed the connection", "connection aborted",
                     "max retries exceeded", "temporarily unavailable", "operationalerror", "terminating connection",
@@ -39,7 +38,6 @@ _TRANSIENT_WORDS = ("failed with exception", "failed with timeout", "database is
 
 _TRANSIENT_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED",
                     "ABORTED", "ENDPOINT_NOT_FOUND")
-
 
 
 def is_transient(e: BaseException) -> bool:
@@ -74,7 +72,6 @@ def is_transient(e: BaseException) -> bool:
             return e.get_http_status_code() >= 500
     cause = e.__cause__ or e.__context__
     return cause is not None and cause is not e and is_transient(cause)
-
 
 
 class Store:
@@ -117,7 +114,6 @@ class Store:
                 delay = min(delay * 2, self.max_delay_s)
 
 
-
 def _check_reachable(uri: str, create: bool, transient_errors: bool = False) -> None:
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -138,12 +134,10 @@ def _check_reachable(uri: str, create: bool, transient_errors: bool = False) -> 
             raise UserError(f"no MLflow store at {uri}: nothing has been run there yet (adareg sweep run FILE)")
 
 
-
 class StoreUnreachable(UserError):
     """The tracking store cannot be reached now (try again later): exit 75, not bad input."""
 
     exit_code = 75
-
 
 
 def connect(uri: str | None = None, create: bool = True, transient_errors: bool = False):
@@ -182,9 +176,7 @@ def connect(uri: str | None = None, create: bool = True, transient_errors: bool 
         raise (ConnectionError if transient_errors else StoreUnreachable)(why) from None
 
 
-
 INIT_LOCK_KEY = 0x6164617265670001  # PostgreSQL advisory lock of a store's first use ("adareg" + 1)
-
 
 
 @contextlib.contextmanager
@@ -209,7 +201,6 @@ def _first_use_lock(uri: str, path: Path | None):
         engine.dispose()
 
 
-
 def _create_sqlite(uri: str, path: Path) -> None:
     """A new sqlite store at ``path``, all or nothing: MLflow creates and migrates its schema (dozens of
     migrations, seconds, not one transaction) in ``<name>.adareg-new``, which is then linked to ``path``.
@@ -230,7 +221,6 @@ def _create_sqlite(uri: str, path: Path) -> None:
         if not path.exists():
             os.rename(new, path)
     new.unlink(missing_ok=True)
-
 
 
 def probe(uri: str) -> bool:

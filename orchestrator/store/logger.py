@@ -39,7 +39,6 @@ class AlreadyFinished(Exception):
         self.run_id = run_id
 
 
-
 class RunLogger(Callback):
     """Training callback that mirrors a run into MLflow under a claim.
 

@@ -51,10 +51,8 @@ def ensure_experiment(client, name: str, description: str | None = None) -> str:
         raise UserError(f"tracking store {client.tracking_uri}: {one_line(e)}") from None
 
 
-
 def _active(run) -> bool:
     return not claims.is_superseded(run)
-
 
 
 def find_runs(client, experiment_name: str, run_keys: Iterable[str] | None = None) -> dict[str, Any]:
@@ -66,7 +64,6 @@ def find_runs(client, experiment_name: str, run_keys: Iterable[str] | None = Non
     wanted = set(run_keys) if run_keys is not None else None
     return {key: runs[0] for key, runs in _active_by_key(client, exp.experiment_id).items()
             if wanted is None or key in wanted}
-
 
 
 def _active_by_key(client, experiment_id: str) -> dict[str, list]:
@@ -82,7 +79,6 @@ def _active_by_key(client, experiment_id: str) -> dict[str, list]:
         token = page.token
         if not token:
             return {key: sorted(runs, key=_rank) for key, runs in by_key.items()}
-
 
 
 def end_strays(client, experiment_id: str, lease_s: float = claims.DEFAULT_LEASE_S) -> list[str]:
@@ -104,11 +100,9 @@ def end_strays(client, experiment_id: str, lease_s: float = claims.DEFAULT_LEASE
     return ended
 
 
-
 def _rank(run) -> tuple:
     """Sort key of a key's runs, best first: FINISHED, then the creation race's winner."""
     return (run.info.status != "FINISHED", *claims.creation_order(run))
-
 
 
 def active_runs(client, experiment_id: str, key: str) -> list:
@@ -117,12 +111,10 @@ def active_runs(client, experiment_id: str, key: str) -> list:
     return sorted((r for r in runs if _active(r)), key=_rank)
 
 
-
 def find_run(client, experiment_id: str, key: str):
     """The active run with ``adareg.run_key == key`` (FINISHED preferred), or None."""
     runs = active_runs(client, experiment_id, key)
     return runs[0] if runs else None
-
 
 
 def config_params(config: RunConfig) -> dict[str, str]:
@@ -133,13 +125,11 @@ def config_params(config: RunConfig) -> dict[str, str]:
     return out
 
 
-
 def _metric_rows(epochs: Sequence[tuple[int, dict[str, float]]]):
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     return [Metric(k, float(v), now, int(epoch)) for epoch, metrics in epochs for k, v in metrics.items()]
-
 
 
 def log_epochs(client, run_id: str, epochs: Sequence[tuple[int, dict[str, float]]]) -> None:
@@ -148,7 +138,6 @@ def log_epochs(client, run_id: str, epochs: Sequence[tuple[int, dict[str, float]
     per_call = max(1, MAX_METRICS_PER_BATCH // width)
     for i in range(0, len(epochs), per_call):
         client.log_batch(run_id, metrics=_metric_rows(epochs[i:i + per_call]), synchronous=True)
-
 
 
 def logged_history(client, run) -> dict[str, dict[int, list[float]]]:
@@ -160,7 +149,6 @@ def logged_history(client, run) -> dict[str, dict[int, list[float]]]:
             steps.setdefault(int(m.step), []).append(float(m.value))
         out[name] = steps
     return out
-
 
 
 def produced_by(logged: dict[str, dict[int, list[float]]], history: Sequence[dict[str, float]]) -> str | None:

@@ -13,7 +13,6 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite://`` URI, parsed as SQLAlchemy parses it (query arguments such as
     ``?timeout=60`` and ``%20`` escapes understood); None for other stores and in-memory sqlite."""
@@ -23,7 +22,6 @@ def sqlite_path(uri: str) -> Path | None:
 
     database = make_url(uri).database
     return Path(database) if database and database != ":memory:" else None
-
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -37,12 +35,10 @@ def absolute_tracking_uri(uri: str) -> str:
     return make_url(uri).set(database=str(path.resolve())).render_as_string(hide_password=False)
 
 
-
 def store_exists(uri: str) -> bool:
     """False only for a sqlite store whose file does not exist yet (nothing has been run there)."""
     path = sqlite_path(uri)
     return path is None or path.exists()
-
 
 
 def ui_url(base: str, experiment_id: str | None = None) -> str:
