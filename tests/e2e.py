@@ -209,3 +209,14 @@ def assert_one_training_per_key(store: Store, reference: dict[str, dict], epochs
         assert store.history(run["run_id"]) == reference[key], f"run {key} is not one uninterrupted training"
     for run in store.runs():
         assert run["status"] != "RUNNING", run
+
+
+def assert_trained_once(store: Store, reference: dict[str, dict], epochs: int, runs_dirs: list[Path]) -> None:
+    """Several orchestrators (hosts, containers) shared the store, none killed: besides one training per key
+    (see :func:`assert_one_training_per_key`), no run was trained twice (the run folders' epochs add up to
+    one training of each run), and none was superseded or taken over."""
+    assert_one_training_per_key(store, reference, epochs)
+    superseded = [r for r in store.runs() if r["superseded"]]
+    assert not superseded, f"runs superseded: {superseded}"
+    trained = {str(d): epochs_done(d) for d in runs_dirs}
+    assert sum(trained.values()) == epochs * len(reference), f"epochs trained per runs folder: {trained}"
