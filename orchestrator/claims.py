@@ -34,9 +34,10 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 TAG_OWNER = "adareg.owner"
 TAG_HEARTBEAT = "adareg.heartbeat"

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers such as cifar_archives
 
-pytest_plugins = ["servers"]  # real PostgreSQL, mlflow server and Ray cluster fixtures
+pytest_plugins = ["servers", "containers"]  # real PostgreSQL, mlflow server, Ray cluster; Docker images
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ["ADAREG_NO_DOWNLOAD"] = "1"

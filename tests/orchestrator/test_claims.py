@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.entities import ViewType
-
 from servers import pid1_unavailable, run_as_pid1
 
 from orchestrator import claims, tracking
@@ -89,7 +88,8 @@ def test_the_identity_differs_between_pid_namespaces_and_claims_without_one_stil
         assert claims.identity() == f"{claims.boot_id()}/{os.readlink('/proc/self/ns/pid')}"
     me = claims.Owner.me(ME)
     assert me.identity == claims.identity() and me.same_host() and me.host == claims.hostname()
-    old = '{"id":"ab12","host":"%s","pid":%d,"run_dir":"/r/k","since":1700000000.0}' % (claims.hostname(), os.getpid())
+    old = json.dumps({"id": "ab12", "host": claims.hostname(), "pid": os.getpid(), "run_dir": "/r/k",
+                      "since": 1700000000.0})
     parsed = claims.Owner.from_tag(old)
     assert parsed == claims.Owner("ab12", claims.hostname(), os.getpid(), "/r/k", 1700000000.0, "")
     assert not parsed.same_host()  # an older claim: its pid is never looked up here

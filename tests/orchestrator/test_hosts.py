@@ -37,12 +37,14 @@ def reference(tmp_path_factory) -> dict[str, dict]:
     return {key: store.history(run["run_id"]) for key, run in store.active().items()}
 
 
-def host(name: str | None = None) -> list[str]:
+def host(name: str | None = None, pids_used: int = 0) -> list[str]:
     """A command prefix: PID 1 of a PID namespace of its own (and, given ``name``, a UTS namespace with
-    that hostname), on the same filesystem and loopback: another machine, as far as a process table goes."""
-    if name is None:
-        return ["unshare", "-Urpf", "--mount-proc"]
-    return ["unshare", "-Urpfu", "--mount-proc", "sh", "-c", f'hostname {name} && exec "$@"', "sh"]
+    that hostname), on the same filesystem and loopback: another machine, as far as a process table goes.
+    ``pids_used``: processes run (and gone) first, so that its pids and another fresh namespace's do not
+    coincide (two machines' rarely do): a pid of the other's, looked up here, then names no process."""
+    naming = f"hostname {name} && " if name else ""
+    burn = f"for i in $(seq {pids_used}); do /bin/true; done; " if pids_used else ""
+    return ["unshare", "-Urpf" + ("u" if name else ""), "--mount-proc", "sh", "-c", f'{naming}{burn}exec "$@"', "sh"]
 
 
 def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dict[str, str]] | None = None
@@ -67,13 +69,13 @@ def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dic
 
 def test_two_orchestrators_each_pid1_of_its_own_pid_namespace(tmp_path, reference):
     """Same hostname, same boot, two process tables: neither may judge the other's pids."""
-    store, runs = two_hosts(tmp_path, {"A": host(), "B": host()})
+    store, runs = two_hosts(tmp_path, {"A": host(), "B": host(pids_used=500)})
     assert_trained_once(store, reference, EPOCHS, runs)
 
 
 def test_two_machines_that_share_a_hostname(tmp_path, reference):
     """Cloned machines: a UTS namespace each, both named ``twin``, and a PID namespace each."""
-    store, runs = two_hosts(tmp_path, {"A": host("twin"), "B": host("twin")})
+    store, runs = two_hosts(tmp_path, {"A": host("twin"), "B": host("twin", pids_used=500)})
     assert_trained_once(store, reference, EPOCHS, runs)
 
 
@@ -84,7 +86,8 @@ def test_two_machines_whose_clocks_differ_by_15_minutes(tmp_path, reference):
     may take the other's heartbeats for stale."""
     assert shutil.which("unshare")
     skewed = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": "+15m"}
-    store, runs = two_hosts(tmp_path, {"alpha": host("alpha"), "beta": host("beta")}, env={"beta": skewed})
+    store, runs = two_hosts(tmp_path, {"alpha": host("alpha"), "beta": host("beta", pids_used=500)},
+                            env={"beta": skewed})
     assert_trained_once(store, reference, EPOCHS, runs)
     log = (tmp_path / "orchestrator-beta.log").read_text()
     assert log  # it ran (and so did its clock, 15 minutes ahead: checked below)
