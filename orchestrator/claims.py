@@ -166,7 +166,7 @@ class Sightings:
                 return str(seen["beat"]), float(seen["at"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        return None
+        return self._memory.get(owner_id)  # where the file could not be written
 
     def _store(self, owner_id: str, beat: str, at: float) -> None:
         if self.path is None:

@@ -176,14 +176,14 @@ def clean_checkout(dest: Path) -> Path:
 
 
 def build(checkout: Path, tag: str, dockerfile: str, args: dict[str, str], buildkit: bool,
-          context: str = ".") -> subprocess.CompletedProcess:
+          no_cache: bool = False) -> subprocess.CompletedProcess:
     """``docker build`` as docker/README.md says, plus host networking and test-only build arguments."""
-    cmd = ["build", "--network", "host", "-f", dockerfile, "-t", tag]
+    cmd = ["build", "--network", "host", "-f", dockerfile, "-t", tag, *(["--no-cache"] if no_cache else [])]
     for k, v in args.items():
         cmd += ["--build-arg", f"{k}={v}"]
     if buildkit:
         cmd += ["--progress", "plain"]
-    return docker(*cmd, context, cwd=checkout, timeout=900, env={"DOCKER_BUILDKIT": "1" if buildkit else "0"},
+    return docker(*cmd, ".", cwd=checkout, timeout=900, env={"DOCKER_BUILDKIT": "1" if buildkit else "0"},
                   client=buildkit_client() or "docker" if buildkit else "docker")
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,30 +22,22 @@ from containers import (
     docker,
     docker_unavailable,
 )
-from e2e import Store, assert_trained_once, epochs_done, sweep_cmd, wait_until, write_sweep
+from e2e import Store, assert_trained_once, epochs_done, four_runs, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(docker_unavailable() is not None,
                                                    reason=str(docker_unavailable()))]
 
 USER = 1000  # the image's default user (ADAREG_UID)
-SCHEMES = "wd-1e-4: {weight_decay: 0.0001}\n'01': {weight_decay: [0.0001, 0.0008]}\n"
-EPOCHS = 10
+EPOCHS = 10  # as four_runs_reference
 
 
 def tiny_sweep(path: Path) -> Path:
-    return write_sweep(path, SCHEMES, seeds="[0, 1]", epochs=EPOCHS // 2)
+    return four_runs(path, EPOCHS)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, dict]:
-    """``{run_key: history without timing}`` of the tiny sweep trained once, uninterrupted, on this host."""
-    tmp = tmp_path_factory.mktemp("reference")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    done = subprocess.run(sweep_cmd(tiny_sweep(tmp / "s.yaml"), uri, tmp / "runs"), capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    store = Store(uri)
-    return {key: store.history(run["run_id"]) for key, run in store.active().items()}
+@pytest.fixture
+def reference(four_runs_reference) -> dict[str, dict]:
+    return four_runs_reference
 
 
 def folders(tmp_path: Path, *names: str) -> list[Path]:
@@ -87,7 +78,7 @@ def containers():
     names: list[str] = []
     yield names
     for name in names:
-        docker("rm", "-f", name, check=False)
+        docker("rm", "-f", "-v", name, check=False)
 
 
 def test_the_image_builds_from_a_clean_checkout_with_a_small_context(image):
@@ -107,7 +98,8 @@ def test_buildkit_sends_docker_dockerfile_the_same_small_context(checkout, build
     probe = checkout / "docker" / "context-probe.Dockerfile"
     probe.write_text(f"FROM {build_args['PYTHON_IMAGE']}\nCOPY . /ctx\nRUN cd /ctx && ls -A && du -sb .\n")
     try:
-        done = build(checkout, "adareg-context-probe", "docker/context-probe.Dockerfile", {}, buildkit=True)
+        done = build(checkout, "adareg-context-probe", "docker/context-probe.Dockerfile", {}, buildkit=True,
+                     no_cache=True)
     finally:
         probe.unlink()
     out = done.stdout + done.stderr
@@ -146,8 +138,8 @@ def test_docker_stop_mid_sweep_then_a_second_container_finishes_and_the_report_i
 
     docker(*run_args(store, runs, sweep, "--rm", "-v", f"{report}:/work/report"), image,
            "report", "tiny.yaml", "--out", "report", timeout=300)
-    figures = sorted(p.name for p in report.rglob("*.png"))
-    assert figures and all((report / f).stat().st_size > 1000 for f in figures), sorted(report.rglob("*"))
+    figures = sorted(report.rglob("*.png"))
+    assert figures and all(f.stat().st_size > 1000 for f in figures), sorted(report.rglob("*"))
     assert {p.stat().st_uid for p in report.rglob("*")} == {USER}
 
 

@@ -11,30 +11,22 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import Store, assert_trained_once, run_bg, sweep_cmd, write_sweep
+from e2e import Store, assert_trained_once, four_runs, run_bg, sweep_cmd
 from servers import pid1_unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(pid1_unavailable() is not None, reason=str(pid1_unavailable()))]
 
-SCHEMES = "wd-1e-4: {weight_decay: 0.0001}\n'01': {weight_decay: [0.0001, 0.0008]}\n"
-EPOCHS = 10  # two steps of five: 4 runs of 10 epochs
+EPOCHS = 10  # two steps of five: 4 runs of 10 epochs (as four_runs_reference)
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian's faketime package
 
 
 def tiny_sweep(path: Path) -> Path:
-    return write_sweep(path, SCHEMES, seeds="[0, 1]", epochs=EPOCHS // 2)
+    return four_runs(path, EPOCHS)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, dict]:
-    """``{run_key: history without timing}`` of the sweep trained once, by one orchestrator."""
-    tmp = tmp_path_factory.mktemp("reference")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    done = subprocess.run(sweep_cmd(tiny_sweep(tmp / "s.yaml"), uri, tmp / "runs"), capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    store = Store(uri)
-    return {key: store.history(run["run_id"]) for key, run in store.active().items()}
+@pytest.fixture
+def reference(four_runs_reference) -> dict[str, dict]:
+    return four_runs_reference
 
 
 def host(name: str | None = None, pids_used: int = 0) -> list[str]:
