@@ -19,7 +19,7 @@ from e2e import Store, four_runs
 from servers import free_port
 
 FILES = ["-f", "docker/compose.yaml", "-f", "tests/docker/compose.test.yaml"]
-EPOCHS = 12  # two steps of six; 4 runs
+EPOCHS = 24  # two steps of twelve; 4 runs, two at a time: a stop lands mid-run (the scheduler gives 2 s of grace)
 
 
 def compose_env(base: str, pip_args: dict[str, str], workdir: Path) -> dict[str, str]:
@@ -105,17 +105,18 @@ def test_the_stack_runs_a_sweep_through_a_server_restart_and_a_down_and_up(check
         ui = f"http://127.0.0.1:{env['ADAREG_TEST_MLFLOW_PORT']}"
         with urllib.request.urlopen(ui + "/", timeout=10) as page:  # the UI, on loopback
             assert page.status == 200 and b"<html" in page.read(4096).lower()
-        wait_logged(6)
+        wait_logged(8)
         compose("stop", "mlflow")
         time.sleep(8)  # the runner trains on, buffering its epochs
         compose("start", "mlflow")
-        wait_logged(20)
+        wait_logged(30)
         compose("stop", "runner")  # SIGTERM: its runs end KILLED, resumable
         killed = store.query("SELECT COUNT(*) FROM runs WHERE status = 'KILLED'")[0][0]
         assert killed >= 1 and logged() < 4 * EPOCHS, (killed, logged())
         compose("down")  # volumes stay
         compose("up", "-d")
         assert runner_exit() == 0, tail()
+        store.engine.dispose()  # its pooled connections died with the first PostgreSQL container
         active = store.active()
         assert len(active) == 4 and {r["status"] for r in active.values()} == {"FINISHED"}, active
         assert not any(r["superseded"] for r in store.runs()), store.runs()
