@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # test helpers such as cifar_archives
 
-pytest_plugins = ["servers"]  # real PostgreSQL, mlflow server and Ray cluster fixtures
+pytest_plugins = ["servers", "containers"]  # real PostgreSQL, mlflow server, Ray cluster; Docker images
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ["ADAREG_NO_DOWNLOAD"] = "1"
@@ -23,3 +23,16 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAREG_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path
+
+
+FOUR_RUNS_EPOCHS = 10
+
+
+@pytest.fixture(scope="session")
+def four_runs_reference(tmp_path_factory) -> dict[str, dict]:
+    """``{run_key: history without timing}`` of ``e2e.four_runs`` (10 epochs each) trained once, uninterrupted,
+    by one orchestrator on this host: what several hosts or containers sharing a store must reproduce."""
+    from e2e import four_runs, reference_histories
+
+    tmp = tmp_path_factory.mktemp("four-runs-reference")
+    return reference_histories(tmp, four_runs(tmp / "s.yaml", FOUR_RUNS_EPOCHS))

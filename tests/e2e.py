@@ -209,3 +209,31 @@ def assert_one_training_per_key(store: Store, reference: dict[str, dict], epochs
         assert store.history(run["run_id"]) == reference[key], f"run {key} is not one uninterrupted training"
     for run in store.runs():
         assert run["status"] != "RUNNING", run
+
+
+def assert_trained_once(store: Store, reference: dict[str, dict], epochs: int, runs_dirs: list[Path]) -> None:
+    """Several orchestrators (hosts, containers) shared the store, none killed: besides one training per key
+    (see :func:`assert_one_training_per_key`), no run was trained twice (the run folders' epochs add up to
+    one training of each run), and none was superseded or taken over."""
+    assert_one_training_per_key(store, reference, epochs)
+    superseded = [r for r in store.runs() if r["superseded"]]
+    assert not superseded, f"runs superseded: {superseded}"
+    trained = {str(d): epochs_done(d) for d in runs_dirs}
+    assert sum(trained.values()) == epochs * len(reference), f"epochs trained per runs folder: {trained}"
+
+
+FOUR_RUNS = "wd-1e-4: {weight_decay: 0.0001}\n'01': {weight_decay: [0.0001, 0.0008]}\n"  # x seeds 0, 1
+
+
+def four_runs(path: Path, epochs: int) -> Path:
+    """A sweep file of four tiny digits runs (two schemes, two seeds) of ``epochs`` epochs in two steps."""
+    return write_sweep(path, FOUR_RUNS, seeds="[0, 1]", epochs=epochs // 2)
+
+
+def reference_histories(tmp: Path, sweep: Path) -> dict[str, dict]:
+    """``{run_key: history without timing}`` of ``sweep`` trained once, uninterrupted, by one orchestrator."""
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    done = subprocess.run(sweep_cmd(sweep, uri, tmp / "runs"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    store = Store(uri)
+    return {key: store.history(run["run_id"]) for key, run in store.active().items()}

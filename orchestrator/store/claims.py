@@ -4,12 +4,19 @@ The run folder's lock (``orchestrator.run.folder``) only keeps two processes sha
 orchestrators on different machines, or a tuner beside a sweep, share nothing but the store. So the
 MLflow run of a key carries its owner:
 
-- tag ``adareg.owner``: ``{"id", "host", "pid", "run_dir", "since"}`` of the process training it, and
+- tag ``adareg.owner``: ``{"id", "host", "pid", "run_dir", "since", "identity"}`` of the process training
+  it, and
 - tag ``adareg.heartbeat``: the owner's clock (unix seconds), renewed while it trains.
 
-A claim is *live* while its heartbeat is younger than the lease; a stale claim may be taken over. On the
-owner's own host a claim is stale at once when its process is gone, or when it names the run folder whose
-lock the caller now holds (the kernel dropped the lock: its holder died).
+"This host" is the owner's ``identity`` (:func:`identity`: the kernel's boot id and the PID namespace), not
+its hostname, which is only shown to people: two containers with host networking, two PID namespaces, two
+cloned machines share a hostname but not a process table. Only an owner of the caller's identity shares
+its process table and its clock; its claim is stale when its heartbeat is older than the lease, at once
+when its process is gone, or when it names the run folder whose lock the caller now holds (the kernel
+dropped the lock: its holder died). Any other owner's clock is never compared with the caller's: its
+claim is stale once the caller has seen its heartbeat *unchanged* for a lease of the caller's own
+monotonic time (:class:`Sightings`), as lease protocols do, so clocks may disagree by any amount. Claims
+written without an identity (by older versions) are judged so too.
 
 Races resolve to one winner by writing, waiting ``settle_s`` and reading back: a taken-over claim belongs
 to whoever's owner tag is there after the wait (the other backs off); of two runs created at once for one
@@ -21,12 +28,15 @@ report, so a logged curve is always one training.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from orchestrator.store.tags import TAG_HEARTBEAT, TAG_OWNER, TAG_SUPERSEDED, TAG_SUPERSEDED_BY
@@ -40,7 +50,34 @@ class Busy(Exception):
 
 
 def hostname() -> str:
+    """The name people know this machine by (shown in claims; never used to judge them)."""
     return socket.gethostname()
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def boot_id() -> str:
+    """The kernel's id of this boot (random per boot, so per machine), "" where there is none."""
+    return _read("/proc/sys/kernel/random/boot_id")
+
+
+@functools.cache
+def identity() -> str:
+    """What separates process tables: ``<boot id>/<PID namespace>``. A pid names the same process only for
+    owners of the same identity (two containers on one kernel differ in the namespace, two machines in the
+    boot id, whatever their hostnames). Without /proc (not Linux): the hostname."""
+    try:
+        ns = os.readlink("/proc/self/ns/pid")  # pid:[4026531836]
+    except OSError:
+        ns = ""
+    boot = boot_id()
+    return f"{boot}/{ns}" if boot or ns else f"host:{hostname()}"
 
 
 @dataclass(frozen=True)
@@ -52,10 +89,11 @@ class Owner:
     pid: int
     run_dir: str
     since: float
+    identity: str = ""  # see identity(); "" in claims of older versions: judged by their heartbeat alone
 
     @classmethod
     def me(cls, run_dir: str) -> Owner:
-        return cls(uuid.uuid4().hex[:12], hostname(), os.getpid(), str(run_dir), time.time())
+        return cls(uuid.uuid4().hex[:12], hostname(), os.getpid(), str(run_dir), time.time(), identity())
 
     def tag(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -65,9 +103,15 @@ class Owner:
         if not value:
             return None
         try:
-            return cls(**json.loads(value))
-        except (TypeError, ValueError):
+            data = json.loads(value)
+            known = {f.name for f in fields(cls)}  # fields of newer versions are ignored, not fatal
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError, AttributeError):
             return None
+
+    def same_host(self) -> bool:
+        """Shares this process's process table and clock (same boot, same PID namespace)."""
+        return bool(self.identity) and self.identity == identity()
 
     def describe(self) -> str:
         return f"{self.host} pid {self.pid} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))}"
@@ -81,10 +125,59 @@ class Holder:
     heartbeat: float
     live: bool
     why: str  # why it is live or stale, for the user
+    quiet_s: float = 0.0  # how long the heartbeat has not changed, by the reader's clock (as far as it knows)
 
-    def describe(self, now: float | None = None) -> str:
-        age = max(0.0, (now or time.time()) - self.heartbeat)
-        return f"{self.owner.describe()}, heartbeat {age:.0f}s ago"
+    def describe(self) -> str:
+        return f"{self.owner.describe()}, heartbeat {self.quiet_s:.0f}s ago"
+
+
+SEEN_FILE = "claim-seen.json"  # in the reader's run folder: its Sightings of the run's claim
+
+
+class Sightings:
+    """When the reader first saw a claim's current heartbeat, by its own monotonic clock: the lease of an
+    owner on another host runs on the reader's time, never on the owner's clock. Kept in a small JSON file
+    (the reader's run folder, so that the next worker of the run goes on counting; a sighting from another
+    boot is void, a monotonic clock counts from boot) or, without one, in memory for the process."""
+
+    def __init__(self, path: str | Path | None = None, clock: Callable[[], float] = time.monotonic):
+        self.path = Path(path) if path is not None else None
+        self.clock = clock
+        self._memory: dict[str, tuple[str, float]] = {}
+
+    def unchanged_for(self, owner_id: str, beat: str) -> float:
+        """Seconds of the reader's time for which ``owner_id``'s heartbeat has been ``beat`` (0: new)."""
+        now = self.clock()
+        last = self._load(owner_id)
+        if last is not None and last[0] == beat:
+            return max(0.0, now - last[1])
+        self._store(owner_id, beat, now)
+        return 0.0
+
+    def _load(self, owner_id: str) -> tuple[str, float] | None:
+        if self.path is None:
+            return self._memory.get(owner_id)
+        try:
+            seen = json.loads(self.path.read_text())
+            if seen["owner"] == owner_id and seen["boot"] == boot_id():
+                return str(seen["beat"]), float(seen["at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return self._memory.get(owner_id)  # where the file could not be written
+
+    def _store(self, owner_id: str, beat: str, at: float) -> None:
+        if self.path is None:
+            self._memory[owner_id] = (beat, at)
+            return
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:  # a sighting lost to a crash only restarts the count: no fsync
+            tmp.write_text(json.dumps({"owner": owner_id, "beat": beat, "boot": boot_id(), "at": at}))
+            os.replace(tmp, self.path)
+        except OSError:
+            self._memory[owner_id] = (beat, at)
+
+
+_SEEN = Sightings()  # this process's sightings where the caller keeps none
 
 
 def _pid_alive(pid: int) -> bool:
@@ -98,29 +191,40 @@ def _pid_alive(pid: int) -> bool:
 
 
 def holder(tags: dict[str, str], *, lease_s: float = DEFAULT_LEASE_S, now: float | None = None,
-           my_run_dir: str | None = None) -> Holder | None:
-    """The claim in a run's tags (None: unclaimed). ``my_run_dir``: the folder whose lock the caller holds."""
+           my_run_dir: str | None = None, seen: Sightings | None = None) -> Holder | None:
+    """The claim in a run's tags (None: unclaimed). ``my_run_dir``: the folder whose lock the caller holds
+    (its sightings are kept there); ``seen``: where else to keep them (default: this process's memory);
+    ``now``: this host's clock, compared only with heartbeats written on this host."""
     owner = Owner.from_tag(tags.get(TAG_OWNER))
     if owner is None:
         return None
-    now = time.time() if now is None else now
+    raw = tags.get(TAG_HEARTBEAT) or ""
     try:
-        beat = float(tags.get(TAG_HEARTBEAT) or owner.since)
+        beat = float(raw or owner.since)
     except ValueError:
         beat = owner.since
-    if now - beat > lease_s:
-        return Holder(owner, beat, False, f"no heartbeat for {now - beat:.0f}s (lease {lease_s:.0f}s)")
-    if owner.host == hostname():
+    if owner.same_host():  # one process table, one clock
+        age = max(0.0, (time.time() if now is None else now) - beat)
+        if age > lease_s:
+            return Holder(owner, beat, False, f"no heartbeat for {age:.0f}s (lease {lease_s:.0f}s)", age)
         if my_run_dir is not None and owner.run_dir == str(my_run_dir):
-            return Holder(owner, beat, False, "its worker died (this process holds its run folder's lock)")
+            return Holder(owner, beat, False, "its worker died (this process holds its run folder's lock)", age)
         if owner.pid != os.getpid() and not _pid_alive(owner.pid):
-            return Holder(owner, beat, False, f"process {owner.pid} on this host is gone")
-    return Holder(owner, beat, True, "heartbeat within the lease")
+            return Holder(owner, beat, False, f"process {owner.pid} on this host is gone", age)
+        return Holder(owner, beat, True, "heartbeat within the lease", age)
+    if seen is None:
+        seen = Sightings(Path(my_run_dir) / SEEN_FILE) if my_run_dir is not None else _SEEN
+    quiet = seen.unchanged_for(owner.id, raw or repr(owner.since))
+    if quiet > lease_s:
+        return Holder(owner, beat, False, f"heartbeat unchanged for {quiet:.0f}s of this host's time "
+                                          f"(lease {lease_s:.0f}s)", quiet)
+    return Holder(owner, beat, True, "heartbeat not yet unchanged for a lease", quiet)
 
 
-def live_holder(tags: dict[str, str], lease_s: float = DEFAULT_LEASE_S) -> Holder | None:
+def live_holder(tags: dict[str, str], lease_s: float = DEFAULT_LEASE_S, seen: Sightings | None = None
+                ) -> Holder | None:
     """The claim if it is live (someone is training the run now), else None."""
-    h = holder(tags, lease_s=lease_s)
+    h = holder(tags, lease_s=lease_s, seen=seen)
     return h if h is not None and h.live else None
 
 

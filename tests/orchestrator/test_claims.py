@@ -3,12 +3,16 @@ that create or take over the same run at once, and a logger that never splices t
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.entities import ViewType
+from servers import pid1_unavailable, run_as_pid1
 
 from orchestrator.identity import run_key
 from orchestrator.store import claims
@@ -21,28 +25,89 @@ from training.config import RunConfig
 from training.schedules import plan_for
 
 ME = "/runs/k"
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def owner(host=None, pid=None, run_dir="/elsewhere/k", since=None, oid="x1"):
-    return claims.Owner(oid, host or claims.hostname(), pid or os.getpid(), run_dir, since or time.time())
+def owner(host=None, pid=None, run_dir="/elsewhere/k", since=None, oid="x1", ident=None):
+    return claims.Owner(oid, host or claims.hostname(), pid or os.getpid(), run_dir, since or time.time(),
+                        claims.identity() if ident is None else ident)
 
 
 def tags(o: claims.Owner, beat: float) -> dict[str, str]:
     return {TAG_OWNER: o.tag(), TAG_HEARTBEAT: str(beat)}
 
 
-def test_holder_is_live_within_the_lease_and_stale_when_its_process_is_provably_gone():
+def test_holder_on_this_host_is_live_within_the_lease_and_stale_when_its_process_is_provably_gone():
     now = time.time()
     assert claims.holder({}) is None
-    far = owner(host="gpu-box-7", pid=4242)
-    assert claims.holder(tags(far, now - 10), lease_s=300, now=now).live
-    stale = claims.holder(tags(far, now - 301), lease_s=300, now=now)
-    assert not stale.live and stale.why == "no heartbeat for 301s (lease 300s)"
+    old = claims.holder(tags(owner(), now - 301), lease_s=300, now=now)
+    assert not old.live and old.why == "no heartbeat for 301s (lease 300s)"
     dead = subprocess_pid_that_exited()
-    assert not claims.holder(tags(owner(pid=dead), now), now=now).live  # this host, process gone
+    gone = claims.holder(tags(owner(pid=dead), now), now=now)
+    assert not gone.live and gone.why == f"process {dead} on this host is gone"
     assert claims.holder(tags(owner(), now), now=now).live  # this host, process alive (us)
     mine = claims.holder(tags(owner(run_dir=ME), now), now=now, my_run_dir=ME)
     assert not mine.live and "holds its run folder's lock" in mine.why
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_an_owner_of_another_identity_is_judged_by_its_heartbeat_changing_never_by_its_pid_or_clock(tmp_path):
+    """Same hostname, same pid (ours), but another process table: only a heartbeat seen unchanged for a lease
+    of the reader's own clock makes it stale, however far the owner's clock is from ours."""
+    clock = Clock()
+    seen = claims.Sightings(tmp_path / claims.SEEN_FILE, clock=clock)
+    dead = subprocess_pid_that_exited()
+    twin = owner(pid=dead, run_dir=ME, ident="another-boot/pid:[4026531836]")  # dead pid here, our run folder
+    hour_ago = time.time() - 3600  # its clock an hour behind ours (or its heartbeat an hour old)
+    h = claims.holder(tags(twin, hour_ago), lease_s=300, my_run_dir=ME, seen=seen)
+    assert h.live and h.quiet_s == 0.0
+    clock.t += 299
+    assert claims.holder(tags(twin, hour_ago), lease_s=300, seen=seen).live
+    clock.t += 2
+    stale = claims.holder(tags(twin, hour_ago), lease_s=300, seen=seen)
+    assert not stale.live and stale.why == "heartbeat unchanged for 301s of this host's time (lease 300s)"
+    assert claims.holder(tags(twin, hour_ago + 30), lease_s=300, seen=seen).live  # it beat: the count restarts
+    clock.t += 200
+    assert claims.holder(tags(twin, hour_ago + 30), lease_s=300, seen=seen).live
+    # the count survives the reader (the next worker of the run reads the same file) but not a reboot
+    again = claims.Sightings(tmp_path / claims.SEEN_FILE, clock=clock)
+    clock.t += 101
+    assert not claims.holder(tags(twin, hour_ago + 30), lease_s=300, seen=again).live
+    saved = json.loads((tmp_path / claims.SEEN_FILE).read_text())
+    (tmp_path / claims.SEEN_FILE).write_text(json.dumps({**saved, "boot": "before-the-reboot"}))
+    assert claims.holder(tags(twin, hour_ago + 30), lease_s=300, seen=again).live
+    ahead = owner(oid="x2", ident="a-third-boot/pid:[1]")
+    assert claims.holder(tags(ahead, time.time() + 900), lease_s=300, seen=seen).live  # 15 min ahead: live
+
+
+def test_the_identity_differs_between_pid_namespaces_and_claims_without_one_still_parse():
+    if claims.boot_id():
+        assert claims.identity() == f"{claims.boot_id()}/{os.readlink('/proc/self/ns/pid')}"
+    me = claims.Owner.me(ME)
+    assert me.identity == claims.identity() and me.same_host() and me.host == claims.hostname()
+    old = json.dumps({"id": "ab12", "host": claims.hostname(), "pid": os.getpid(), "run_dir": "/r/k",
+                      "since": 1700000000.0})
+    parsed = claims.Owner.from_tag(old)
+    assert parsed == claims.Owner("ab12", claims.hostname(), os.getpid(), "/r/k", 1700000000.0, "")
+    assert not parsed.same_host()  # an older claim: its pid is never looked up here
+    assert claims.Owner.from_tag(me.tag()[:-1] + ',"later":1}') == me  # fields of later versions are ignored
+    assert claims.Owner.from_tag("[1, 2]") is None and claims.Owner.from_tag("{") is None
+
+
+@pytest.mark.skipif(pid1_unavailable() is not None, reason=str(pid1_unavailable()))
+def test_a_pid_namespace_has_an_identity_of_its_own():
+    code = "from orchestrator.store import claims; print(claims.identity())"
+    inside = run_as_pid1([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.strip() != claims.identity()
+    assert inside.stdout.strip().split("/")[0] == claims.identity().split("/")[0]  # one boot
 
 
 def subprocess_pid_that_exited() -> int:

@@ -53,13 +53,22 @@ def test_classify(run, run_dir, expected):
     assert classify(run, run_dir, retries=2) == expected
 
 
-def test_a_live_claim_elsewhere_is_running_and_a_stale_one_resumable():
+def test_a_live_claim_elsewhere_is_running_and_a_stale_one_resumable(monkeypatch):
+    """Elsewhere, the owner's clock is not ours: its claim is stale once its heartbeat was seen unchanged
+    for the lease by this process's clock, however old the heartbeat looks."""
+    clock = [0.0]
+    monkeypatch.setattr(claims, "_SEEN", claims.Sightings(clock=lambda: clock[0]))
     now = __import__("time").time()
     live = mlflow_run("RUNNING", owner=ELSEWHERE, beat=now - 10)
     state, reason = classify(live, RunDir(checkpoint=True), retries=2)
     assert state == "running" and reason.startswith("running elsewhere: gpu-box-7 pid 4242 since ")
-    stale = mlflow_run("RUNNING", owner=ELSEWHERE, beat=now - 400)
-    assert classify(stale, RunDir(), retries=2) == ("resumable", "running")
+    old = mlflow_run("RUNNING", owner=ELSEWHERE, beat=now - 4000)
+    assert classify(old, RunDir(), retries=2)[0] == "running"
+    clock[0] += 301
+    assert classify(old, RunDir(), retries=2) == ("resumable", "running")
+    clock[0] += 4
+    assert classify(live, RunDir(), retries=2, lease_s=5)[0] == "running"  # it beat meanwhile
+    clock[0] += 6
     assert classify(live, RunDir(), retries=2, lease_s=5) == ("resumable", "running")
 
 

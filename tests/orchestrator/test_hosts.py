@@ -1,0 +1,87 @@
+"""Several "hosts" on one store that share what a hostname would wrongly make them one host by (issue:
+"this host" that separates process tables): orchestrators each PID 1 of its own PID namespace, machines
+that share a hostname, machines whose clocks differ by 15 minutes. Nothing is killed: every run is trained
+exactly once, by one of them, and each curve equals an uninterrupted reference training."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from e2e import Store, assert_trained_once, four_runs, run_bg, sweep_cmd
+from servers import pid1_unavailable
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(pid1_unavailable() is not None, reason=str(pid1_unavailable()))]
+
+EPOCHS = 10  # two steps of five: 4 runs of 10 epochs (as four_runs_reference)
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian's faketime package
+
+
+def tiny_sweep(path: Path) -> Path:
+    return four_runs(path, EPOCHS)
+
+
+@pytest.fixture
+def reference(four_runs_reference) -> dict[str, dict]:
+    return four_runs_reference
+
+
+def host(name: str | None = None, pids_used: int = 0) -> list[str]:
+    """A command prefix: PID 1 of a PID namespace of its own (and, given ``name``, a UTS namespace with
+    that hostname), on the same filesystem and loopback: another machine, as far as a process table goes.
+    ``pids_used``: processes run (and gone) first, so that its pids and another fresh namespace's do not
+    coincide (two machines' rarely do): a pid of the other's, looked up here, then names no process."""
+    naming = f"hostname {name} && " if name else ""
+    burn = f"for i in $(seq {pids_used}); do /bin/true; done; " if pids_used else ""
+    return ["unshare", "-Urpf" + ("u" if name else ""), "--mount-proc", "sh", "-c", f'{naming}{burn}exec "$@"', "sh"]
+
+
+def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dict[str, str]] | None = None
+              ) -> tuple[Store, list[Path]]:
+    """One ``adareg sweep run`` per prefix on one sqlite store, each with its own runs folder, started 3 s
+    apart and left to finish (exit 0 each). The store and the runs folders."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = tiny_sweep(tmp_path / "s.yaml")
+    procs = {}
+    for i, (name, prefix) in enumerate(prefixes.items()):
+        if i:
+            time.sleep(3)
+        extra_env = (env or {}).get(name)
+        procs[name] = run_bg([*prefix, *sweep_cmd(sweep, uri, tmp_path / f"runs-{name}")],
+                             tmp_path / f"orchestrator-{name}.log",
+                             env={**__import__("os").environ, **extra_env} if extra_env else None)
+    for name, proc in procs.items():
+        code = proc.wait(timeout=600)
+        assert code == 0, (name, (tmp_path / f"orchestrator-{name}.log").read_text()[-3000:])
+    return Store(uri), [tmp_path / f"runs-{name}" for name in prefixes]
+
+
+def test_two_orchestrators_each_pid1_of_its_own_pid_namespace(tmp_path, reference):
+    """Same hostname, same boot, two process tables: neither may judge the other's pids."""
+    store, runs = two_hosts(tmp_path, {"A": host(), "B": host(pids_used=500)})
+    assert_trained_once(store, reference, EPOCHS, runs)
+
+
+def test_two_machines_that_share_a_hostname(tmp_path, reference):
+    """Cloned machines: a UTS namespace each, both named ``twin``, and a PID namespace each."""
+    store, runs = two_hosts(tmp_path, {"A": host("twin"), "B": host("twin", pids_used=500)})
+    assert_trained_once(store, reference, EPOCHS, runs)
+
+
+@pytest.mark.skipif(not Path(LIBFAKETIME).exists(), reason=f"libfaketime is not installed ({LIBFAKETIME}: "
+                                                          "apt-get install faketime; .ci/run does)")
+def test_two_machines_whose_clocks_differ_by_15_minutes(tmp_path, reference):
+    """``beta``'s clock runs 15 minutes (three default leases) ahead of ``alpha``'s (libfaketime): neither
+    may take the other's heartbeats for stale."""
+    assert shutil.which("unshare")
+    skewed = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": "+15m"}
+    store, runs = two_hosts(tmp_path, {"alpha": host("alpha"), "beta": host("beta", pids_used=500)},
+                            env={"beta": skewed})
+    assert_trained_once(store, reference, EPOCHS, runs)
+    log = (tmp_path / "orchestrator-beta.log").read_text()
+    assert log  # it ran (and so did its clock, 15 minutes ahead: checked below)
+    ahead = subprocess.run(["date", "+%s"], capture_output=True, text=True, env={**skewed, "PATH": "/usr/bin:/bin"})
+    assert abs(int(ahead.stdout) - time.time() - 900) < 60, ahead
