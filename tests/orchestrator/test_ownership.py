@@ -16,36 +16,30 @@ from e2e import (
     Store,
     assert_one_training_per_key,
     epochs_done,
+    four_runs,
     killed_at_random,
     pause_at_epoch,
+    reference_histories,
     run_bg,
     sweep_cmd,
     wait_until,
-    write_sweep,
 )
 from servers import MlflowServer, RayCluster
 
 pytestmark = pytest.mark.slow
 
-SCHEMES = "wd-1e-4: {weight_decay: 0.0001}\n'01': {weight_decay: [0.0001, 0.0008]}\n"
-SEEDS = "[0, 1]"
 EPOCHS = 8  # two steps of four
 
 
 def tiny_sweep(path: Path) -> Path:
-    return write_sweep(path, SCHEMES, seeds=SEEDS, epochs=EPOCHS // 2)
+    return four_runs(path, EPOCHS)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict[str, dict]:
     """``{run_key: history without timing}`` of the sweep trained once, uninterrupted."""
     tmp = tmp_path_factory.mktemp("reference")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    done = subprocess.run(sweep_cmd(tiny_sweep(tmp / "s.yaml"), uri, tmp / "runs"), capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    store = Store(uri)
-    return {key: store.history(run["run_id"]) for key, run in store.active().items()}
+    return reference_histories(tmp, tiny_sweep(tmp / "s.yaml"))
 
 
 def test_two_orchestrators_on_one_sqlite_store_killed_at_random(tmp_path, reference):
