@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from e2e import (
+    FOUR_RUNS_EPOCHS,
     Store,
     assert_one_training_per_key,
     epochs_done,
     four_runs,
-    reference_histories,
     run_bg,
     sweep_cmd,
     wait_until,
@@ -26,18 +26,16 @@ from smallfs import read_only, remount, small_filesystem
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 8  # two steps of four
+EPOCHS = FOUR_RUNS_EPOCHS  # the session's reference: four runs of 10 epochs, trained once
 
 
 def tiny_sweep(path: Path) -> Path:
     return four_runs(path, EPOCHS)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict[str, dict]:
-    """``{run_key: history without timing}`` of the sweep trained once, uninterrupted, on a roomy disk."""
-    tmp = tmp_path_factory.mktemp("reference")
-    return reference_histories(tmp, tiny_sweep(tmp / "s.yaml"))
+@pytest.fixture
+def reference(four_runs_reference) -> dict[str, dict]:
+    return four_runs_reference
 
 
 def assert_nothing_failed_or_counted(store: Store, runs: Path) -> None:

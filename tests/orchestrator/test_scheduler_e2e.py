@@ -190,7 +190,10 @@ def test_eight_processes_log_to_one_sqlite_store_at_once(tmp_path, store):
     ensure_experiment(connect(uri), "concurrent")
     writers = textwrap.dedent(f"""
         import os, sys, time, traceback
-        from orchestrator.store import claims, tracking
+        from orchestrator.store import claims
+        from orchestrator.store.client import Store
+        from orchestrator.store.logger import RunLogger
+        from orchestrator.store.runs import ensure_experiment
         from training.config import RunConfig
         from training.callbacks import METRICS
         from training.schedules import plan_for
