@@ -111,8 +111,10 @@ def test_the_stack_runs_a_sweep_through_a_server_restart_and_a_down_and_up(check
         compose("start", "mlflow")
         wait_logged(30)
         compose("stop", "runner")  # SIGTERM: its runs end KILLED, resumable
-        killed = store.query("SELECT COUNT(*) FROM runs WHERE status = 'KILLED'")[0][0]
-        assert killed >= 1 and logged() < 4 * EPOCHS, (killed, logged())
+        # stopped mid-sweep: some run is left unfinished (KILLED, or RUNNING where the runner's last word did not
+        # reach the server before the container went), with fewer epochs logged than the sweep has
+        unfinished = store.query("SELECT COUNT(*) FROM runs WHERE status != 'FINISHED'")[0][0]
+        assert unfinished >= 1 and logged() < 4 * EPOCHS, (unfinished, logged())
         compose("down")  # volumes stay
         compose("up", "-d")
         assert runner_exit() == 0, tail()

@@ -125,7 +125,8 @@ def test_docker_stop_mid_sweep_then_a_second_container_finishes_and_the_report_i
 
     plan = docker(*run_args(store, runs, sweep, "--rm"), image, "sweep", "plan", "tiny.yaml", "--format", "json")
     states = [r["state"] for r in json.loads(plan.stdout)]
-    assert len(states) == 4 and set(states) <= {"resumable", "pending"} and "resumable" in states, states
+    # the stopped runs are resumable, none failed (a run may have finished before the stop on a fast machine)
+    assert len(states) == 4 and set(states) <= {"done", "resumable", "pending"} and "resumable" in states, states
 
     docker(*sweep_in("adareg-test-second", store, runs, sweep))
     assert wait_exit("adareg-test-second") == 0, logs("adareg-test-second")
