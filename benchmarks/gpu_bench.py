@@ -41,9 +41,10 @@ from training.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.core import seeded_model  # noqa: E402
 from training.data import Batches, Split  # noqa: E402
+from training.fused import PackedBatches, PackedResNet  # noqa: E402
 from training.graphed import StaticBatches, StaticStep, momentum_buffers, no_autocast_cache  # noqa: E402
 from training.loop import autocast, evaluate, precision_mode, sync, train  # noqa: E402
-from training.packed import PackedBatches, PackedResNet, train_packed  # noqa: E402
+from training.packed import train_packed  # noqa: E402
 from training.regularizers import SparseSGD  # noqa: E402
 
 ARCHS = ("resnet14", "resnet32")

@@ -141,8 +141,8 @@ def operators(arch: str, n: int, device: str, repeats: int = 5, batch: int = 50)
     import torch.nn.functional as F
     from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
+    from training.fused import PackedResNet, stack_states
     from training.models import build_model
-    from training.packed import PackedResNet, stack_states
 
     dev = torch.device(device)
     solos = []

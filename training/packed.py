@@ -2,16 +2,9 @@
 
 Runs that share arch, dataset, learning-rate grid, epochs, batch size, momentum, augmentation, subset
 size and label-noise level differ only in seed, weight-decay taper and sparsity taper. ``train_packed``
-trains them together, fused operator by operator in the spirit of HFTA (Wang et al., MLSys 2021,
-"Horizontally Fused Training Array"):
-
-- every member's batch is stacked along the channel axis, ``[B, N*3, 32, 32]``;
-- a convolution is one grouped convolution over the members (``groups=N``), weights ``[N*Cout, Cin, k, k]``;
-- BatchNorm is one ``BatchNorm2d(N*C)``: per-channel statistics are per-member statistics;
-- option-A shortcuts subsample and zero-pad each member's channels;
-- the classifier is block-diagonal (one batched matmul), logits ``[N, B, classes]``;
-- the loss is the sum of the members' mean losses, so each member's gradient is its own;
-- the optimizer is one SGD (momentum) over the fused parameters with per-member weight decay and masks.
+trains them together as one fused model (``training.fused``: grouped convolutions, per-member BatchNorm
+channels, a block-diagonal classifier); the loss is the sum of the members' mean losses, so each member's
+gradient is its own, and one SGD (momentum) steps the fused parameters with per-member weight decay and masks.
 
 Why not ``torch.func`` (``stack_module_state`` + ``functional_call`` + ``vmap``): measured with
 ``benchmarks/sweep_throughput.py --operators`` on the 2-core CPU, a vmapped forward+backward of
@@ -33,22 +26,29 @@ pack's wall time and its own images, so the members' ``images_per_second`` add u
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from training.callbacks import Callback
 from training.checkpoint import load_checkpoint
 from training.config import SHAPE_FIELDS, ConfigError, RunConfig
 from training.core import EpochWriter, RunRecord, divergence, epoch_seed, seeded_model
-from training.data import PAD, Batches, Split, load_splits
+from training.data import Batches, Split, load_splits
+from training.fused import (
+    PackedBatches,
+    PackedResNet,
+    full_precision,
+    is_shared,
+    member_view,
+    memory_format_of,
+    stack_states,
+)
 from training.graphed import StaticBatches, StaticStep, cudnn_benchmark, momentum_buffers, no_autocast_cache
 from training.loop import TrainResult, autocast, precision_mode, sync
-from training.models import STAGE_CHANNELS
 from training.regularizers import SparseSGD
 
 
@@ -75,184 +75,6 @@ def group_by_epoch(checkpoint_paths: Sequence[str | Path | None]) -> dict[int, l
     for i, path in enumerate(checkpoint_paths):
         groups.setdefault(checkpoint_epoch(path), []).append(i)
     return dict(sorted(groups.items()))
-
-
-# --- fused operators --------------------------------------------------------------------------------
-
-class PackedConv(nn.Module):
-    """N bias-free 3x3 convolutions of one shape as one grouped convolution; weight ``[N*Cout, Cin, 3, 3]``."""
-
-    def __init__(self, members: int, in_channels: int, out_channels: int, stride: int):
-        super().__init__()
-        self.members, self.stride = members, stride
-        self.weight = nn.Parameter(torch.empty(members * out_channels, in_channels, 3, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.weight, None, self.stride, 1, 1, self.members)
-
-
-class PackedShortcutA(nn.Module):
-    """Option A per member: subsample, then zero-pad each member's channels at their end."""
-
-    def __init__(self, members: int, in_channels: int, out_channels: int, stride: int):
-        super().__init__()
-        self.members, self.in_channels, self.stride = members, in_channels, stride
-        self.pad = out_channels - in_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, ::self.stride, ::self.stride]
-        b, _, h, w = x.shape
-        x = F.pad(x.reshape(b, self.members, self.in_channels, h, w), (0, 0, 0, 0, 0, self.pad))
-        return x.reshape(b, -1, h, w).contiguous(memory_format=torch.channels_last)
-
-
-class PackedBlock(nn.Module):
-    def __init__(self, members: int, in_channels: int, out_channels: int, stride: int):
-        super().__init__()
-        self.conv1 = PackedConv(members, in_channels, out_channels, stride)
-        self.bn1 = nn.BatchNorm2d(members * out_channels)
-        self.conv2 = PackedConv(members, out_channels, out_channels, 1)
-        self.bn2 = nn.BatchNorm2d(members * out_channels)
-        changes_shape = stride != 1 or in_channels != out_channels
-        self.shortcut = PackedShortcutA(members, in_channels, out_channels, stride) if changes_shape else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class PackedLinear(nn.Module):
-    """N linear layers as one batched matmul (a block-diagonal classifier): ``[B, N*in]`` -> ``[N, B, out]``."""
-
-    def __init__(self, members: int, in_features: int, out_features: int):
-        super().__init__()
-        self.members, self.in_features = members, in_features
-        self.weight = nn.Parameter(torch.empty(members, out_features, in_features))
-        self.bias = nn.Parameter(torch.empty(members, out_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(x.shape[0], self.members, self.in_features).transpose(0, 1)
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
-
-
-class PackedResNet(nn.Module):
-    """``members`` CIFAR ResNets (``training.models.CifarResNet``) fused; same module names as the solo model.
-
-    Input ``[B, N*3, H, W]`` (member i's images in channels 3i..3i+2), output logits ``[N, B, classes]``.
-    Parameters are uninitialised: load them with ``load_members``.
-    """
-
-    def __init__(self, members: int, blocks_per_stage: int, num_classes: int):
-        super().__init__()
-        self.members = members
-        c0 = STAGE_CHANNELS[0]
-        self.conv = PackedConv(members, 3, c0, 1)
-        self.bn = nn.BatchNorm2d(members * c0)
-        stages, in_channels = [], c0
-        for i, channels in enumerate(STAGE_CHANNELS):
-            blocks = []
-            for b in range(blocks_per_stage):
-                blocks.append(PackedBlock(members, in_channels, channels, 2 if i > 0 and b == 0 else 1))
-                in_channels = channels
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.Sequential(*stages)
-        self.fc = PackedLinear(members, in_channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv(x)))
-        x = self.stages(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
-
-
-SHARED_KEYS = ("num_batches_tracked",)
-
-
-def _shared(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in SHARED_KEYS
-
-
-def stack_states(states: Sequence[dict[str, torch.Tensor]], fused: nn.Module) -> dict[str, torch.Tensor]:
-    """Solo state dicts (solo key names and shapes) -> the fused model's state dict (member-major)."""
-    out = {}
-    for key, target in fused.state_dict().items():
-        if _shared(key):
-            values = {int(s[key]) for s in states}
-            if len(values) != 1:
-                raise ValueError(f"{key}: members differ ({sorted(values)})")
-            out[key] = states[0][key].clone()
-        else:
-            out[key] = torch.stack([s[key].reshape(-1) for s in states]).view(target.shape)
-    return out
-
-
-def member_view(tensor: torch.Tensor, members: int, i: int, solo_shape: torch.Size) -> torch.Tensor:
-    """Member ``i``'s part of a fused (member-major) tensor, shaped as in the solo model (a view)."""
-    return tensor.view(members, *solo_shape)[i]
-
-
-# --- data -------------------------------------------------------------------------------------------
-
-class PackedBatches:
-    """Every member's ``Batches``, fused: ``epoch(generators)`` yields ``x [B, N*3, 32, 32]`` (channels_last)
-    and ``y [N, B]``, member i's part equal to what ``batches[i].epoch(generators[i])`` yields.
-
-    Draws from each member's generator exactly what ``Batches.epoch`` draws (permutation, then crop
-    offsets and flips), then crops, flips and normalises all members' images in one go: a handful of
-    kernels per step instead of a handful per member. Members' distinct images (a ``train_subset``)
-    are concatenated once and the members' splits become views of that one tensor.
-    """
-
-    def __init__(self, batches: Sequence[Batches]):
-        self.batches, first = list(batches), batches[0]
-        self.n = len(first.split)
-        self.shared = all(b.split.images is first.split.images for b in batches)
-        if self.shared:
-            self.images = first.split.images
-        else:
-            self.images = torch.cat([b.split.images for b in batches])
-            for i, b in enumerate(batches):
-                b.split.images = self.images[i * self.n:(i + 1) * self.n]
-        self.labels = torch.cat([b.split.labels for b in batches])
-
-    axis = 1
-    """The position axis of ``draw``'s tensors (members first)."""
-
-    def epoch(self, generators: Sequence[torch.Generator]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        draws = self.draw(generators)
-        for start in range(0, self.n, self.batches[0].batch_size):
-            stop = start + self.batches[0].batch_size
-            yield self.make(*(d[:, start:stop] if d is not None else None for d in draws))
-
-    def draw(self, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, ...]:
-        """Every member's draws (as ``Batches.draw``), stacked on the device: (image index [N, n], label index
-        [N, n], offsets [N, n, 2], flips [N, n]), the last two None without augmentation."""
-        first, k, n = self.batches[0], len(self.batches), self.n
-        device = self.images.device
-        perms, offsets, flips = [], [], []
-        for b, g in zip(self.batches, generators):
-            perms.append(torch.randperm(n, generator=g))
-            if b.augment:
-                offsets.append(torch.randint(0, 2 * PAD + 1, (n, 2), generator=g))
-                flips.append(torch.rand(n, generator=g) < 0.5 if b.flip else torch.zeros(n, dtype=torch.bool))
-        perm = torch.stack(perms)
-        label_index = (perm + torch.arange(k).view(k, 1) * n).to(device)
-        image_index = perm.to(device) if self.shared else label_index
-        offsets_all = flips_all = None
-        if first.augment:
-            offsets_all, flips_all = torch.stack(offsets).to(device), torch.stack(flips).to(device)
-        return image_index, label_index, offsets_all, flips_all
-
-    def make(self, image_index: torch.Tensor, label_index: torch.Tensor, offsets: torch.Tensor | None,
-             flips: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused batch of each member's images ``image_index[i]`` (device ops only)."""
-        first, k, b = self.batches[0], len(self.batches), image_index.shape[1]
-        x = self.images[image_index.reshape(-1)]
-        if first.augment:
-            x = first._crop_flip(x, offsets.reshape(-1, 2), flips.reshape(-1))
-        x = first._normalise(x)
-        x = x.view(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
-        return x.contiguous(memory_format=torch.channels_last), self.labels[label_index]
 
 
 # --- the packed trainer -------------------------------------------------------------------------------
@@ -326,7 +148,7 @@ class _Pack:
                 bufs = [m.momentum[j] for m in self.slots]
                 if all(b is not None for b in bufs):
                     stacked = torch.stack([b.reshape(-1) for b in bufs]).view(p.shape).to(device, p.dtype)
-                    self.opt.state[p]["momentum_buffer"] = stacked.contiguous(memory_format=_format(p))
+                    self.opt.state[p]["momentum_buffer"] = stacked.contiguous(memory_format=memory_format_of(p))
         for m in members:
             m.momentum = None
         self.decay = [torch.zeros_like(p) for p in self.params]
@@ -345,7 +167,7 @@ class _Pack:
 
         def loss(x: torch.Tensor, y: torch.Tensor):
             with no_autocast_cache(precision, self.device):
-                logits = _full(self.run(x.to(self.dtype)))
+                logits = full_precision(self.run(x.to(self.dtype)))
             per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                          reduction="none").view(k, -1).mean(1)
             return per_member.sum(), [per_member.detach() * y.shape[1], (logits.detach().argmax(2) != y).sum(1)]
@@ -396,7 +218,7 @@ class _Pack:
         for j, (p, s) in enumerate(zip(self.params, self.shapes)):
             parts = [m.masks[j].to(self.device, p.dtype).reshape(-1) if m.masks is not None
                      else torch.ones(s.numel(), dtype=p.dtype, device=self.device) for m in self.slots]
-            self.fused_masks.append(torch.stack(parts).view(p.shape).contiguous(memory_format=_format(p)))
+            self.fused_masks.append(torch.stack(parts).view(p.shape).contiguous(memory_format=memory_format_of(p)))
         if self.static is not None:
             self.static.set_masks(self.fused_masks)
 
@@ -413,7 +235,7 @@ class _Pack:
         """Copy member i's weights, BN statistics and momentum into its solo twin (for checkpoint and result)."""
         m = self.members[i]
         fused = self.model.state_dict()
-        solo = {k: (fused[k].clone() if _shared(k) else member_view(fused[k], self.n, i, s).clone().float())
+        solo = {k: (fused[k].clone() if is_shared(k) else member_view(fused[k], self.n, i, s).clone().float())
                 for k, s in self.solo_shapes.items()}
         m.solo.load_state_dict(solo)
         state = m.solo_opt.optimizer.state
@@ -439,14 +261,6 @@ class _Pack:
                 m.momentum.append(None if buf is None else member_view(buf, self.n, i, s).clone())
 
 
-def _format(p: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if p.dim() == 4 else torch.contiguous_format
-
-
-def _full(logits: torch.Tensor) -> torch.Tensor:
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
 @torch.no_grad()
 def _evaluate(pack: _Pack, test: Batches, batch_size: int, precision: str) -> tuple[list[float], list[float]]:
     """Every member's mean cross-entropy and error over the (shared) test split."""
@@ -457,7 +271,7 @@ def _evaluate(pack: _Pack, test: Batches, batch_size: int, precision: str) -> tu
     for x, y in test.ordered(batch_size):
         with autocast(precision, pack.device):
             logits = pack.run(x.to(pack.dtype).repeat(1, n, 1, 1).contiguous(memory_format=torch.channels_last))
-        logits = _full(logits)
+        logits = full_precision(logits)
         flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(n), reduction="none")
         loss_sum += flat.view(n, -1).sum(1)
         wrong += (logits.argmax(2) != y).sum(1)
@@ -542,7 +356,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
                     x = x.to(dtype)
                     with autocast(precision, device):
                         logits = pack.run(x)
-                    logits = _full(logits)
+                    logits = full_precision(logits)
                     per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
                                                  reduction="none").view(k, -1).mean(1)
                     pack.opt.zero_grad(set_to_none=False)
@@ -615,56 +429,3 @@ def _shrink(pack: _Pack, keep: list[int], epoch: int) -> _Pack:
     for i in keep:
         pack.sync_solo(i, 0.0, 0.0)  # weights and BN statistics into the solo twin, the source of the new pack
     return _Pack(survivors, pack.device, pack.dtype)
-
-
-# --- calibration ---------------------------------------------------------------------------------------
-
-def calibrate(arch: str, num_classes: int, batch_size: int, sizes: Sequence[int], *, device: str | torch.device,
-              precision: str = "fp32", steps: int = 10, warmup: int = 3) -> list[dict[str, float]]:
-    """Time ``steps`` training steps (forward, backward, SGD) of packs of each size in ``sizes`` on random
-    images: ``[{"members", "images_per_second" (all members together), "peak_bytes" (CUDA memory the
-    step needed; 0 elsewhere)}]``, in the order given. Stops at the first size that runs out of memory."""
-    device = torch.device(device)
-    blocks = (int(arch.removeprefix("resnet")) - 2) // 6
-    out: list[dict[str, float]] = []
-    with precision_mode(precision, device):
-        for n in sizes:
-            try:
-                out.append(_time_pack(n, blocks, num_classes, batch_size, device, precision, steps, warmup))
-            except torch.OutOfMemoryError:
-                break
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    return out
-
-
-def _time_pack(n: int, blocks: int, num_classes: int, batch_size: int, device: torch.device, precision: str,
-               steps: int, warmup: int) -> dict[str, float]:
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    gen = torch.Generator().manual_seed(n)
-    model = PackedResNet(n, blocks, num_classes)
-    for p in model.parameters():
-        p.data.normal_(0.0, 0.05, generator=gen)
-    model = model.to(device, memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
-    x = torch.randn(batch_size, 3 * n, 32, 32, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, num_classes, (n, batch_size), generator=gen).to(device)
-    t0 = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync(device)
-            t0 = time.perf_counter()
-        with autocast(precision, device):
-            logits = model(x)
-        loss = F.cross_entropy(_full(logits).reshape(-1, num_classes), y.reshape(-1), reduction="none")
-        opt.zero_grad(set_to_none=False)
-        loss.view(n, -1).mean(1).sum().backward()
-        opt.step()
-    sync(device)
-    seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
-    return {"members": n, "images_per_second": n * batch_size * steps / seconds, "peak_bytes": int(peak)}

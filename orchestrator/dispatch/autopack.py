@@ -3,7 +3,7 @@
 On the CPU: one run per process (packs measured 0.77-0.84x of separate processes on the 2-core CPU, see
 ``benchmarks/sweep_throughput.py``). On GPUs: a short calibration per shape (arch, classes, batch size,
 precision) on the first GPU slot's device, in a subprocess so the orchestrator never holds a CUDA
-context: ``training.packed.calibrate`` times a few training steps of packs of 1, 2, 5, 10, 25 and 50
+context: ``training.calibrate.calibrate`` times a few training steps of packs of 1, 2, 5, 10, 25 and 50
 members (up to the runs there are per slot) and records the memory each needed. The chosen size is the
 smallest whose throughput is within 5 % of the best among those that fit, all jobs of one GPU together,
 in 80 % of the GPU's free memory. Measurements are kept in ``<runs dir>/packs/calibration.json`` per
@@ -47,7 +47,7 @@ def choose(measured: Sequence[dict], free_bytes: int | None, jobs_per_gpu: int, 
 def measure(shape: tuple[str, int, int, str], sizes: Sequence[int], device: str, gpu: str | None,
             steps: int = 10, warmup: int = 3) -> dict:
     """Run the calibration in a fresh process on ``device`` (``gpu``: its CUDA_VISIBLE_DEVICES): ``{"device",
-    "free_bytes" (None on the CPU), "torch", "results": training.packed.calibrate's}``. RuntimeError if it fails."""
+    "free_bytes" (None on the CPU), "torch", "results": training.calibrate.calibrate's}``. RuntimeError if it fails."""
     arch, classes, batch, precision = shape
     args = json.dumps({"arch": arch, "num_classes": classes, "batch_size": batch, "precision": precision,
                        "sizes": list(sizes), "device": device, "steps": steps, "warmup": warmup})
@@ -123,7 +123,7 @@ def main(argv: Sequence[str]) -> int:
     """``python -P -m orchestrator.dispatch.autopack '<json>'``: calibrate, print one JSON line (see ``measure``)."""
     import torch
 
-    from training.packed import calibrate
+    from training.calibrate import calibrate
 
     args = json.loads(argv[0])
     device = torch.device(args["device"])

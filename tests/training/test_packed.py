@@ -12,9 +12,10 @@ from training import Callback, RunConfig, train
 from training.callbacks import metric_names
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import Batches, Split, load_splits
+from training.fused import PackedBatches
 from training.loop import CheckpointMismatch, epoch_seed
 from training.models import build_model
-from training.packed import PackedBatches, group_by_epoch, train_packed
+from training.packed import group_by_epoch, train_packed
 from training.regularizers import SparseSGD, draw_masks, mask_seed
 from training.schedules import plan_for
 

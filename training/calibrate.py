@@ -1,0 +1,63 @@
+"""Calibration: how fast packs of each size train here (``orchestrator.dispatch.autopack`` picks from it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from training.fused import PackedResNet, full_precision
+from training.loop import autocast, precision_mode, sync
+
+
+def calibrate(arch: str, num_classes: int, batch_size: int, sizes: Sequence[int], *, device: str | torch.device,
+              precision: str = "fp32", steps: int = 10, warmup: int = 3) -> list[dict[str, float]]:
+    """Time ``steps`` training steps (forward, backward, SGD) of packs of each size in ``sizes`` on random
+    images: ``[{"members", "images_per_second" (all members together), "peak_bytes" (CUDA memory the
+    step needed; 0 elsewhere)}]``, in the order given. Stops at the first size that runs out of memory."""
+    device = torch.device(device)
+    blocks = (int(arch.removeprefix("resnet")) - 2) // 6
+    out: list[dict[str, float]] = []
+    with precision_mode(precision, device):
+        for n in sizes:
+            try:
+                out.append(_time_pack(n, blocks, num_classes, batch_size, device, precision, steps, warmup))
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return out
+
+
+def _time_pack(n: int, blocks: int, num_classes: int, batch_size: int, device: torch.device, precision: str,
+               steps: int, warmup: int) -> dict[str, float]:
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    gen = torch.Generator().manual_seed(n)
+    model = PackedResNet(n, blocks, num_classes)
+    for p in model.parameters():
+        p.data.normal_(0.0, 0.05, generator=gen)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    x = torch.randn(batch_size, 3 * n, 32, 32, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (n, batch_size), generator=gen).to(device)
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        with autocast(precision, device):
+            logits = model(x)
+        loss = F.cross_entropy(full_precision(logits).reshape(-1, num_classes), y.reshape(-1), reduction="none")
+        opt.zero_grad(set_to_none=False)
+        loss.view(n, -1).mean(1).sum().backward()
+        opt.step()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
+    return {"members": n, "images_per_second": n * batch_size * steps / seconds, "peak_bytes": int(peak)}
