@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -84,6 +85,23 @@ def device_options(func: F) -> F:
     for option in reversed(_DEVICES):
         func = option(func)
     return func
+
+
+LAUNCH_FIELDS = ("gpus", "jobs_per_gpu", "max_parallel", "stall_timeout", "store_timeout", "claim_lease",
+                 "disk_timeout", "pack")
+"""The options ``launch_options`` adds: fields of ``orchestrator.dispatch.launch.LaunchOptions``."""
+
+
+def launch_options(func: F) -> F:
+    """Add what every command that launches runs takes (``--gpus``, ``--jobs-per-gpu``, ``--max-parallel``,
+    the watch options, ``--pack``); the command receives them as one keyword, ``launch``: a dict of
+    ``LaunchOptions`` fields (``LaunchOptions(**launch, ...)``), so an option added here reaches every launch."""
+    @functools.wraps(func)
+    def command(*args, **kwargs):
+        kwargs["launch"] = {name: kwargs.pop(name) for name in LAUNCH_FIELDS}
+        return func(*args, **kwargs)
+
+    return device_options(watch_options(pack_option(command)))
 
 
 def selection_options(func: F) -> F:

@@ -11,14 +11,12 @@ from pathlib import Path
 import click
 
 from orchestrator.cli.common import (
-    device_options,
+    launch_options,
     load_selection,
-    pack_option,
     runs_dir_option,
     selection_options,
     sweep_file_argument,
     tracking_uri_option,
-    watch_options,
 )
 from orchestrator.errors import UserError
 from orchestrator.run.ending import End, State
@@ -65,7 +63,7 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
 @sweep.command("run")
 @sweep_file_argument
 @selection_options
-@device_options
+@launch_options
 @click.option("--retries", type=int, default=2, show_default=True, metavar="N",
               help="Retry a failed run N times from its last checkpoint (a diverged run is never retried).")
 @click.option("--retry-failed", is_flag=True, help="Also retry runs that failed in earlier sweeps (not diverged).")
@@ -76,14 +74,11 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
                    "http(s)/postgresql tracking URI and --shared-runs-dir.")
 @click.option("--shared-runs-dir", is_flag=True,
               help="Vouch that --runs-dir is on storage every Ray node mounts at the same path.")
-@watch_options
-@pack_option
 @runs_dir_option
 @tracking_uri_option
 @click.pass_context
-def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, jobs_per_gpu, max_parallel, retries,
-                retry_failed, backend, ray_address, shared_runs_dir, stall_timeout, store_timeout, claim_lease,
-                disk_timeout, pack, runs_dir, tracking_uri):
+def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, launch, retries, retry_failed, backend,
+                ray_address, shared_runs_dir, runs_dir, tracking_uri):
     """Run every run of the sweep that is not finished: resume interrupted ones, retry failures.
 
     Ctrl-C (or SIGTERM) stops the workers, whose runs stay resumable; a second Ctrl-C stops at once.
@@ -95,10 +90,8 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, gpus, j
     from orchestrator.dispatch.launch import LaunchOptions, run_sweep
     from orchestrator.dispatch.progress import make_view, summary_table, wide_console
 
-    options = LaunchOptions(gpus=gpus, jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel, retries=retries,
-                            backend=backend, ray_address=ray_address, shared_runs_dir=shared_runs_dir,
-                            stall_timeout=stall_timeout, store_timeout=store_timeout, claim_lease=claim_lease,
-                            disk_timeout=disk_timeout, pack=pack)
+    options = LaunchOptions(**launch, retries=retries, backend=backend, ray_address=ray_address,
+                            shared_runs_dir=shared_runs_dir)
     sweep_, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     console = wide_console()
     result = run_sweep(sweep_, planned, options, tracking_uri=tracking_uri, runs_dir=_runs_dir(runs_dir),

@@ -10,14 +10,12 @@ from pathlib import Path
 import click
 
 from orchestrator.cli.common import (
-    device_options,
+    launch_options,
     load_selection,
-    pack_option,
     runs_dir_option,
     selection_options,
     sweep_file_argument,
     tracking_uri_option,
-    watch_options,
 )
 from orchestrator.tune.study import DEFAULT_TRIAL_LEASE_S
 
@@ -72,19 +70,16 @@ class TuneView:
 @tune.command("run")
 @sweep_file_argument
 @click.option("--trials", type=click.IntRange(min=1), default=10, show_default=True, help="Trials to run now.")
-@device_options
+@launch_options
 @click.option("--trial-lease", type=float, default=DEFAULT_TRIAL_LEASE_S, show_default=True, metavar="SECONDS",
               help="A running trial whose tuner has not heartbeaten for this long is failed and enqueued again.")
-@watch_options
-@pack_option
 @storage_option
 @selection_options
 @runs_dir_option
 @tracking_uri_option
 @click.pass_context
-def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial_lease, stall_timeout, store_timeout,
-                claim_lease, disk_timeout, pack, storage, set_, only, epochs_scale, train_subset, runs_dir,
-                tracking_uri):
+def run_command(ctx, sweep_file, trials, launch, trial_lease, storage, set_, only, epochs_scale, train_subset,
+                runs_dir, tracking_uri):
     """Run TRIALS more trials; each trains the sweep's first dataset and arch over ``tune.seeds`` seeds with a
     sampled taper, scored by the mean validation metric. Several of these commands (or machines) may share
     one study: each proposes its own tapers, and the trials of a tuner that died are run again."""
@@ -93,9 +88,7 @@ def run_command(ctx, sweep_file, trials, gpus, jobs_per_gpu, max_parallel, trial
     from orchestrator.tune.export import best_sweep
     from orchestrator.tune.tuner import run_tune
 
-    options = LaunchOptions(gpus=gpus, jobs_per_gpu=jobs_per_gpu, max_parallel=max_parallel,
-                            stall_timeout=stall_timeout, store_timeout=store_timeout, claim_lease=claim_lease,
-                            disk_timeout=disk_timeout, pack=pack)
+    options = LaunchOptions(**launch)
     sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     result = run_tune(sweep, trials, options, storage=storage, tracking_uri=tracking_uri,
                       runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), trial_lease=trial_lease,

@@ -64,7 +64,7 @@ class LaunchOptions:
         for name in ("stall_timeout", "store_timeout", "claim_lease", "disk_timeout"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise BadValue(f"{{arg('name')}} {value:g}: must be > 0 seconds")
+                raise BadValue(f"{arg(name)} {value:g}: must be > 0 seconds")
         if self.backend not in ("local", "ray"):
             raise BadValue(f"{arg('backend')} {self.backend!r}: expected local or ray")
         if self.pack is not None:

@@ -77,6 +77,8 @@ def test_bad_sweep_file_is_one_error_line_and_runs_nothing(isolated, capsys, cas
     (["--gpus", "99"], "--gpus '99': GPU 99 is not visible"),
     (["--gpus", "none", "--max-parallel", "0"], "--max-parallel 0: must be at least 1"),
     (["--gpus", "none", "--retries", "-1"], "--retries -1: must be >= 0"),
+    (["--gpus", "none", "--store-timeout", "-1"], "--store-timeout -1: must be > 0 seconds"),
+    (["--gpus", "none", "--claim-lease", "0"], "--claim-lease 0: must be > 0 seconds"),
     (["--backend", "ray", "--gpus", "0"], "--gpus '0': with --backend ray use all or none"),
     (["--backend", "ray", "--ray-address", "10.1.2.3:6379"], "is a remote cluster, but tracking URI sqlite:///"),
 ])
@@ -85,6 +87,32 @@ def test_bad_run_options_are_one_error_line_and_run_nothing(isolated, capsys, ar
     assert code != 0 and "Traceback" not in out + err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert not Path("mlflow.db").exists() and not Path("runs").exists()
+
+
+@pytest.mark.parametrize("command", [("sweep", "run"), ("tune", "run")])
+def test_every_launch_option_reaches_the_launch(isolated, capsys, monkeypatch, command):
+    """``sweep run`` and ``tune run`` share one option set (``launch_options``): each of its options is a
+    ``LaunchOptions`` field and arrives there as given."""
+    import dataclasses
+
+    from orchestrator.cli.common import LAUNCH_FIELDS
+    from orchestrator.dispatch import launch
+
+    assert set(LAUNCH_FIELDS) <= {f.name for f in dataclasses.fields(launch.LaunchOptions)}
+    seen = {}
+
+    def record(self):
+        seen.update(dataclasses.asdict(self))
+        raise SystemExit(42)  # launch nothing
+
+    monkeypatch.setattr(launch.LaunchOptions, "__post_init__", record)
+    given = {"gpus": "none", "jobs_per_gpu": "3", "max_parallel": "2", "stall_timeout": "11",
+             "store_timeout": "12", "claim_lease": "13", "disk_timeout": "14", "pack": "off"}
+    args = [a for name, value in given.items() for a in (f"--{name.replace('_', '-')}", value)]
+    with pytest.raises(SystemExit) as e:
+        main([*command, TABLE1, "--set", "datasets=[digits]", *args])
+    assert e.value.code == 42
+    assert {name: str(seen[name]).removesuffix(".0") for name in LAUNCH_FIELDS} == given
 
 
 def test_missing_sweep_file(isolated, capsys):
