@@ -26,10 +26,10 @@ def isolated(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def four_runs_reference(tmp_path_factory) -> dict[str, dict]:
+def reference(tmp_path_factory) -> dict[str, dict]:
     """``{run_key: history without timing}`` of ``e2e.four_runs`` (10 epochs each) trained once, uninterrupted,
     by one orchestrator on this host: what several hosts or containers sharing a store must reproduce."""
-    from e2e import FOUR_RUNS_EPOCHS, four_runs, reference_histories
+    from e2e import four_runs, reference_histories
 
     tmp = tmp_path_factory.mktemp("four-runs-reference")
-    return reference_histories(tmp, four_runs(tmp / "s.yaml", FOUR_RUNS_EPOCHS))
+    return reference_histories(tmp, four_runs(tmp / "s.yaml"))

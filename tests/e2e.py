@@ -222,11 +222,11 @@ def assert_trained_once(store: Store, reference: dict[str, dict], epochs: int, r
     assert sum(trained.values()) == epochs * len(reference), f"epochs trained per runs folder: {trained}"
 
 
-FOUR_RUNS_EPOCHS = 10  # the session's reference (conftest.four_runs_reference): two steps of five
+FOUR_RUNS_EPOCHS = 10  # the session's reference (the ``reference`` fixture, tests/conftest.py): two steps of five
 FOUR_RUNS = "wd-1e-4: {weight_decay: 0.0001}\n'01': {weight_decay: [0.0001, 0.0008]}\n"  # x seeds 0, 1
 
 
-def four_runs(path: Path, epochs: int) -> Path:
+def four_runs(path: Path, epochs: int = FOUR_RUNS_EPOCHS) -> Path:
     """A sweep file of four tiny digits runs (two schemes, two seeds) of ``epochs`` epochs in two steps."""
     return write_sweep(path, FOUR_RUNS, seeds="[0, 1]", epochs=epochs // 2)
 

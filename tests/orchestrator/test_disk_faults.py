@@ -26,17 +26,6 @@ from smallfs import read_only, remount, small_filesystem
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = FOUR_RUNS_EPOCHS  # the session's reference: four runs of 10 epochs, trained once
-
-
-def tiny_sweep(path: Path) -> Path:
-    return four_runs(path, EPOCHS)
-
-
-@pytest.fixture
-def reference(four_runs_reference) -> dict[str, dict]:
-    return four_runs_reference
-
 
 def assert_nothing_failed_or_counted(store: Store, runs: Path) -> None:
     assert all(r["status"] != "FAILED" for r in store.runs()), store.runs()
@@ -48,7 +37,7 @@ def test_a_full_runs_folder_stops_the_sweep_resumable_and_a_rerun_finishes_it(tm
     """A 1.6 MB file system: two ResNet-8 checkpoints (~630 KB each) fit, a third copy (the temp file of the
     next epoch's) does not, so both first runs hit ENOSPC at their second checkpoint."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    sweep = tiny_sweep(tmp_path / "s.yaml")
+    sweep = four_runs(tmp_path / "s.yaml")
     with small_filesystem(tmp_path / "disk", "1600k") as disk:
         runs = disk / "runs"
         cmd = sweep_cmd(sweep, uri, runs, "--disk-timeout", "6")
@@ -73,13 +62,13 @@ def test_a_full_runs_folder_stops_the_sweep_resumable_and_a_rerun_finishes_it(tm
         remount(disk, "size=200m")
         again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert_one_training_per_key(store, reference, EPOCHS)
+        assert_one_training_per_key(store, reference, FOUR_RUNS_EPOCHS)
         assert_nothing_failed_or_counted(store, runs)
 
 
 def test_a_runs_folder_made_read_only_mid_sweep_stops_it_resumable(tmp_path, reference):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    sweep = tiny_sweep(tmp_path / "s.yaml")
+    sweep = four_runs(tmp_path / "s.yaml")
     with small_filesystem(tmp_path / "disk", "200m") as disk:
         runs = disk / "runs"
         cmd = sweep_cmd(sweep, uri, runs, "--disk-timeout", "6")
@@ -99,5 +88,5 @@ def test_a_runs_folder_made_read_only_mid_sweep_stops_it_resumable(tmp_path, ref
                 proc.kill()
         again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert_one_training_per_key(store, reference, EPOCHS)
+        assert_one_training_per_key(store, reference, FOUR_RUNS_EPOCHS)
         assert_nothing_failed_or_counted(store, runs)

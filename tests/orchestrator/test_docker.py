@@ -22,22 +22,12 @@ from containers import (
     docker,
     docker_unavailable,
 )
-from e2e import Store, assert_trained_once, epochs_done, four_runs, wait_until
+from e2e import FOUR_RUNS_EPOCHS, Store, assert_trained_once, epochs_done, four_runs, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(docker_unavailable() is not None,
                                                    reason=str(docker_unavailable()))]
 
 USER = 1000  # the image's default user (ADAREG_UID)
-EPOCHS = 10  # as four_runs_reference
-
-
-def tiny_sweep(path: Path) -> Path:
-    return four_runs(path, EPOCHS)
-
-
-@pytest.fixture
-def reference(four_runs_reference) -> dict[str, dict]:
-    return four_runs_reference
 
 
 def folders(tmp_path: Path, *names: str) -> list[Path]:
@@ -112,7 +102,7 @@ def test_buildkit_sends_docker_dockerfile_the_same_small_context(checkout, build
 def test_docker_stop_mid_sweep_then_a_second_container_finishes_and_the_report_is_written(image, tmp_path,
                                                                                           containers):
     store, runs, report = folders(tmp_path, "store", "runs", "report")
-    sweep = tiny_sweep(tmp_path / "tiny.yaml")
+    sweep = four_runs(tmp_path / "tiny.yaml")
     containers += ["adareg-test-first", "adareg-test-second"]
     docker(*sweep_in("adareg-test-first", store, runs, sweep))
     wait_until(lambda: epochs_done(runs) >= 4, 300, "four epochs in the first container")
@@ -134,7 +124,7 @@ def test_docker_stop_mid_sweep_then_a_second_container_finishes_and_the_report_i
     active = db.active()
     assert len(active) == 4 and {r["status"] for r in active.values()} == {"FINISHED"}, active
     for run in active.values():
-        db.assert_once_per_epoch(run["run_id"], EPOCHS)
+        db.assert_once_per_epoch(run["run_id"], FOUR_RUNS_EPOCHS)
     assert all(r["status"] != "RUNNING" for r in db.runs())
 
     docker(*run_args(store, runs, sweep, "--rm", "-v", f"{report}:/work/report"), image,
@@ -148,14 +138,14 @@ def test_two_containers_with_host_networking_share_one_store(image, tmp_path, re
     """Host networking gives both containers the host's hostname but not its process table: neither may
     take the other's runs for dead."""
     store, runs_a, runs_b = folders(tmp_path, "store", "runs-a", "runs-b")
-    sweep = tiny_sweep(tmp_path / "tiny.yaml")
+    sweep = four_runs(tmp_path / "tiny.yaml")
     containers += ["adareg-test-a", "adareg-test-b"]
     docker(*sweep_in("adareg-test-a", store, runs_a, sweep))
     wait_until(lambda: epochs_done(runs_a) >= 1, 300, "an epoch in the first container")  # the store exists
     docker(*sweep_in("adareg-test-b", store, runs_b, sweep))
     for name in containers:
         assert wait_exit(name) == 0, logs(name)
-    assert_trained_once(Store(f"sqlite:///{store}/mlflow.db"), reference, EPOCHS, [runs_a, runs_b])
+    assert_trained_once(Store(f"sqlite:///{store}/mlflow.db"), reference, FOUR_RUNS_EPOCHS, [runs_a, runs_b])
 
 
 def test_gpus_all_is_harmless_with_the_nvidia_runtime_and_explained_without_it(image):

@@ -11,22 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e import Store, assert_trained_once, four_runs, run_bg, sweep_cmd
+from e2e import FOUR_RUNS_EPOCHS, Store, assert_trained_once, four_runs, run_bg, sweep_cmd
 from servers import pid1_unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(pid1_unavailable() is not None, reason=str(pid1_unavailable()))]
 
-EPOCHS = 10  # two steps of five: 4 runs of 10 epochs (as four_runs_reference)
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"  # Debian's faketime package
-
-
-def tiny_sweep(path: Path) -> Path:
-    return four_runs(path, EPOCHS)
-
-
-@pytest.fixture
-def reference(four_runs_reference) -> dict[str, dict]:
-    return four_runs_reference
 
 
 def host(name: str | None = None, pids_used: int = 0) -> list[str]:
@@ -44,7 +34,7 @@ def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dic
     """One ``adareg sweep run`` per prefix on one sqlite store, each with its own runs folder, started 3 s
     apart and left to finish (exit 0 each). The store and the runs folders."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    sweep = tiny_sweep(tmp_path / "s.yaml")
+    sweep = four_runs(tmp_path / "s.yaml")
     procs = {}
     for i, (name, prefix) in enumerate(prefixes.items()):
         if i:
@@ -62,13 +52,13 @@ def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dic
 def test_two_orchestrators_each_pid1_of_its_own_pid_namespace(tmp_path, reference):
     """Same hostname, same boot, two process tables: neither may judge the other's pids."""
     store, runs = two_hosts(tmp_path, {"A": host(), "B": host(pids_used=500)})
-    assert_trained_once(store, reference, EPOCHS, runs)
+    assert_trained_once(store, reference, FOUR_RUNS_EPOCHS, runs)
 
 
 def test_two_machines_that_share_a_hostname(tmp_path, reference):
     """Cloned machines: a UTS namespace each, both named ``twin``, and a PID namespace each."""
     store, runs = two_hosts(tmp_path, {"A": host("twin"), "B": host("twin", pids_used=500)})
-    assert_trained_once(store, reference, EPOCHS, runs)
+    assert_trained_once(store, reference, FOUR_RUNS_EPOCHS, runs)
 
 
 @pytest.mark.skipif(not Path(LIBFAKETIME).exists(), reason=f"libfaketime is not installed ({LIBFAKETIME}: "
@@ -80,7 +70,7 @@ def test_two_machines_whose_clocks_differ_by_15_minutes(tmp_path, reference):
     skewed = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": "+15m"}
     store, runs = two_hosts(tmp_path, {"alpha": host("alpha"), "beta": host("beta", pids_used=500)},
                             env={"beta": skewed})
-    assert_trained_once(store, reference, EPOCHS, runs)
+    assert_trained_once(store, reference, FOUR_RUNS_EPOCHS, runs)
     log = (tmp_path / "orchestrator-beta.log").read_text()
     assert log  # it ran (and so did its clock, 15 minutes ahead: checked below)
     ahead = subprocess.run(["date", "+%s"], capture_output=True, text=True, env={**skewed, "PATH": "/usr/bin:/bin"})

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from e2e import (
@@ -28,34 +27,23 @@ from servers import MlflowServer, RayCluster
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = FOUR_RUNS_EPOCHS  # the session's reference: four runs of 10 epochs, trained once
-
-
-def tiny_sweep(path: Path) -> Path:
-    return four_runs(path, EPOCHS)
-
-
-@pytest.fixture
-def reference(four_runs_reference) -> dict[str, dict]:
-    return four_runs_reference
-
 
 def test_two_orchestrators_on_one_sqlite_store_killed_at_random(tmp_path, reference):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    history = killed_at_random(tmp_path, tiny_sweep(tmp_path / "s.yaml"), uri, seed=int(time.time()) % 10_000,
+    history = killed_at_random(tmp_path, four_runs(tmp_path / "s.yaml"), uri, seed=int(time.time()) % 10_000,
                                extra=("--claim-lease", "60"))
     try:
-        assert_one_training_per_key(Store(uri), reference, EPOCHS)
+        assert_one_training_per_key(Store(uri), reference, FOUR_RUNS_EPOCHS)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{history}") from None
 
 
 def test_two_orchestrators_on_an_mlflow_server_on_postgresql_killed_at_random(tmp_path, postgres_uri, reference):
     with MlflowServer(postgres_uri, workdir=tmp_path / "server") as server:
-        history = killed_at_random(tmp_path, tiny_sweep(tmp_path / "s.yaml"), server.uri,
+        history = killed_at_random(tmp_path, four_runs(tmp_path / "s.yaml"), server.uri,
                                    seed=int(time.time()) % 10_000 + 1, extra=("--claim-lease", "60"))
     try:
-        assert_one_training_per_key(Store(postgres_uri), reference, EPOCHS)
+        assert_one_training_per_key(Store(postgres_uri), reference, FOUR_RUNS_EPOCHS)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{history}") from None
 
@@ -64,7 +52,7 @@ def test_a_lost_run_folder_restarts_in_a_fresh_run_and_supersedes_the_old(tmp_pa
     """The run folder is deleted (a cleaned scratch disk, a new machine) after the run was killed at epoch
     >= 3: the re-run trains from epoch 1 in a fresh MLflow run; the old one is kept, tagged superseded."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    sweep = tiny_sweep(tmp_path / "s.yaml")
+    sweep = four_runs(tmp_path / "s.yaml")
     runs = tmp_path / "runs"
     proc = run_bg(sweep_cmd(sweep, uri, runs, "--only", "seed=0"), tmp_path / "sweep.log")
     pause_at_epoch(runs, 2, 3)
@@ -79,7 +67,7 @@ def test_a_lost_run_folder_restarts_in_a_fresh_run_and_supersedes_the_old(tmp_pa
     active = store.active()
     for key, old_id in killed.items():
         assert active[key]["run_id"] != old_id and active[key]["status"] == "FINISHED"
-        store.assert_once_per_epoch(active[key]["run_id"], EPOCHS)
+        store.assert_once_per_epoch(active[key]["run_id"], FOUR_RUNS_EPOCHS)
         assert store.history(active[key]["run_id"]) == reference[key]
         (old,) = [r for r in store.runs() if r["run_id"] == old_id]
         assert old["superseded"].startswith("MLflow holds epoch 1 of "), old
@@ -103,7 +91,7 @@ def test_a_ray_worker_node_lost_mid_sweep(tmp_path):
     cluster = RayCluster(workers=2, num_cpus=1, head_cpus=0)
     try:
         uri = f"sqlite:///{tmp_path}/mlflow.db"
-        sweep = tiny_sweep(tmp_path / "s.yaml")
+        sweep = four_runs(tmp_path / "s.yaml")
         runs = tmp_path / "runs"
         cmd = sweep_cmd(sweep, uri, runs, "--only", "scheme=wd-1e-4", "--backend", "ray", "--ray-address",
                         cluster.address)
@@ -120,5 +108,5 @@ def test_a_ray_worker_node_lost_mid_sweep(tmp_path):
     active = store.active()
     assert len(active) == 2 and {r["status"] for r in active.values()} == {"FINISHED"}
     for run in active.values():
-        store.assert_once_per_epoch(run["run_id"], EPOCHS)
+        store.assert_once_per_epoch(run["run_id"], FOUR_RUNS_EPOCHS)
     assert "retry 1 of 2" in out, out  # the lost node's run
