@@ -11,8 +11,10 @@
                     of starts and of attempts that ended in an error
     stop            a request to stop after the current epoch (a pruned trial)
     worker.log      the worker's stdout and stderr
+    claim-seen.json when this host first saw another host's claim of the run unchanged
+                    (``orchestrator.store.claims.Sightings``, on this host's monotonic clock)
 
-Every JSON file is written atomically (temp file, fsync, rename).
+Every JSON file is written atomically (temp file, fsync, rename; ``claim-seen.json`` without fsync).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from typing import Any
 from orchestrator.run.ending import End, Then
 from training.atomic import atomic_write
 
-SPEC, LOCK, CHECKPOINT, PROGRESS, RESULT, STOP, LOG = (
-    "spec.json", "lock", "checkpoint.pt", "progress.json", "result.json", "stop", "worker.log")
+SPEC, LOCK, CHECKPOINT, PROGRESS, RESULT, STOP, LOG, SIGHTINGS = (
+    "spec.json", "lock", "checkpoint.pt", "progress.json", "result.json", "stop", "worker.log", "claim-seen.json")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -94,6 +96,7 @@ class RunFolder:
     result_path = property(lambda self: self.path / RESULT)
     stop_path = property(lambda self: self.path / STOP)
     log = property(lambda self: self.path / LOG)
+    sightings_path = property(lambda self: self.path / SIGHTINGS)
 
     # -- the lock: exclusive, non-blocking flock; the kernel drops it when the process dies
     def acquire(self) -> bool:

@@ -131,9 +131,6 @@ class Holder:
         return f"{self.owner.describe()}, heartbeat {self.quiet_s:.0f}s ago"
 
 
-SEEN_FILE = "claim-seen.json"  # in the reader's run folder: its Sightings of the run's claim
-
-
 class Sightings:
     """When the reader first saw a claim's current heartbeat, by its own monotonic clock: the lease of an
     owner on another host runs on the reader's time, never on the owner's clock. Kept in a small JSON file
@@ -192,8 +189,9 @@ def _pid_alive(pid: int) -> bool:
 
 def holder(tags: dict[str, str], *, lease_s: float = DEFAULT_LEASE_S, now: float | None = None,
            my_run_dir: str | None = None, seen: Sightings | None = None) -> Holder | None:
-    """The claim in a run's tags (None: unclaimed). ``my_run_dir``: the folder whose lock the caller holds
-    (its sightings are kept there); ``seen``: where else to keep them (default: this process's memory);
+    """The claim in a run's tags (None: unclaimed). ``my_run_dir``: the folder whose lock the caller holds;
+    ``seen``: the caller's sightings of other hosts' claims (a worker keeps them in its run folder; default:
+    this process's memory);
     ``now``: this host's clock, compared only with heartbeats written on this host."""
     owner = Owner.from_tag(tags.get(TAG_OWNER))
     if owner is None:
@@ -212,9 +210,7 @@ def holder(tags: dict[str, str], *, lease_s: float = DEFAULT_LEASE_S, now: float
         if owner.pid != os.getpid() and not _pid_alive(owner.pid):
             return Holder(owner, beat, False, f"process {owner.pid} on this host is gone", age)
         return Holder(owner, beat, True, "heartbeat within the lease", age)
-    if seen is None:
-        seen = Sightings(Path(my_run_dir) / SEEN_FILE) if my_run_dir is not None else _SEEN
-    quiet = seen.unchanged_for(owner.id, raw or repr(owner.since))
+    quiet = (seen or _SEEN).unchanged_for(owner.id, raw or repr(owner.since))
     if quiet > lease_s:
         return Holder(owner, beat, False, f"heartbeat unchanged for {quiet:.0f}s of this host's time "
                                           f"(lease {lease_s:.0f}s)", quiet)
@@ -228,9 +224,10 @@ def live_holder(tags: dict[str, str], lease_s: float = DEFAULT_LEASE_S, seen: Si
     return h if h is not None and h.live else None
 
 
-def claim(client, run, me: Owner, *, lease_s: float = DEFAULT_LEASE_S, settle_s: float | None = None):
+def claim(client, run, me: Owner, *, lease_s: float = DEFAULT_LEASE_S, settle_s: float | None = None,
+          seen: Sightings | None = None):
     """Take ``run`` for ``me`` (free or stale claims only); the run as read back. Busy otherwise."""
-    h = holder(run.data.tags, lease_s=lease_s, my_run_dir=me.run_dir)
+    h = holder(run.data.tags, lease_s=lease_s, my_run_dir=me.run_dir, seen=seen)
     if h is not None and h.live and h.owner.id != me.id:
         raise Busy(f"running elsewhere: {h.describe()}")
     client.set_tag(run.info.run_id, TAG_OWNER, me.tag())

@@ -52,8 +52,9 @@ class RunLogger(Callback):
 
     def __init__(self, store: Store, experiment_id: str, sweep: str | None = None, tags: dict[str, str] | None = None,
                  *, owner: claims.Owner, lease_s: float = claims.DEFAULT_LEASE_S,
-                 note: Callable[[str], None] | None = None):
+                 note: Callable[[str], None] | None = None, seen: claims.Sightings | None = None):
         self.store, self.experiment_id, self.sweep = store, experiment_id, sweep
+        self.seen = seen  # the worker's sightings of other hosts' claims (kept in its run folder)
         self.tags = dict(tags or {})
         self.owner, self.lease_s = owner, lease_s
         self.note = note or (lambda message: None)
@@ -99,7 +100,7 @@ class RunLogger(Callback):
         if run is not None and run.info.status == "FINISHED":
             raise AlreadyFinished(run.info.run_id)
         if run is not None:
-            run = claims.claim(client, run, self.owner, lease_s=self.lease_s)
+            run = claims.claim(client, run, self.owner, lease_s=self.lease_s, seen=self.seen)
             logged = logged_history(client, run)
             why = produced_by(logged, history) if any(logged.values()) else None
             if why is not None:
@@ -202,7 +203,7 @@ class RunLogger(Callback):
         (resumable) unless a live process holds it now."""
         client = self.store.client
         run = client.get_run(run_id)
-        h = claims.holder(run.data.tags, lease_s=self.lease_s, my_run_dir=self.owner.run_dir)
+        h = claims.holder(run.data.tags, lease_s=self.lease_s, my_run_dir=self.owner.run_dir, seen=self.seen)
         if run.info.status == "RUNNING" and (h is None or not h.live or h.owner.id == self.owner.id):
             client.set_terminated(run_id, status="KILLED")
 

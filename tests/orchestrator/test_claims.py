@@ -15,6 +15,7 @@ from mlflow.entities import ViewType
 from servers import pid1_unavailable, run_as_pid1
 
 from orchestrator.identity import run_key
+from orchestrator.run.folder import SIGHTINGS
 from orchestrator.store import claims
 from orchestrator.store.client import Store, connect
 from orchestrator.store.logger import RunLogger
@@ -62,7 +63,7 @@ def test_an_owner_of_another_identity_is_judged_by_its_heartbeat_changing_never_
     """Same hostname, same pid (ours), but another process table: only a heartbeat seen unchanged for a lease
     of the reader's own clock makes it stale, however far the owner's clock is from ours."""
     clock = Clock()
-    seen = claims.Sightings(tmp_path / claims.SEEN_FILE, clock=clock)
+    seen = claims.Sightings(tmp_path / SIGHTINGS, clock=clock)
     dead = subprocess_pid_that_exited()
     twin = owner(pid=dead, run_dir=ME, ident="another-boot/pid:[4026531836]")  # dead pid here, our run folder
     hour_ago = time.time() - 3600  # its clock an hour behind ours (or its heartbeat an hour old)
@@ -77,11 +78,11 @@ def test_an_owner_of_another_identity_is_judged_by_its_heartbeat_changing_never_
     clock.t += 200
     assert claims.holder(tags(twin, hour_ago + 30), lease_s=300, seen=seen).live
     # the count survives the reader (the next worker of the run reads the same file) but not a reboot
-    again = claims.Sightings(tmp_path / claims.SEEN_FILE, clock=clock)
+    again = claims.Sightings(tmp_path / SIGHTINGS, clock=clock)
     clock.t += 101
     assert not claims.holder(tags(twin, hour_ago + 30), lease_s=300, seen=again).live
-    saved = json.loads((tmp_path / claims.SEEN_FILE).read_text())
-    (tmp_path / claims.SEEN_FILE).write_text(json.dumps({**saved, "boot": "before-the-reboot"}))
+    saved = json.loads((tmp_path / SIGHTINGS).read_text())
+    (tmp_path / SIGHTINGS).write_text(json.dumps({**saved, "boot": "before-the-reboot"}))
     assert claims.holder(tags(twin, hour_ago + 30), lease_s=300, seen=again).live
     ahead = owner(oid="x2", ident="a-third-boot/pid:[1]")
     assert claims.holder(tags(ahead, time.time() + 900), lease_s=300, seen=seen).live  # 15 min ahead: live

@@ -259,3 +259,30 @@ def test_trains_on_cifar_archives_from_data_dir(isolated, capsys):
     run_id = finished_run(isolated / "mlflow.db")
     assert_each_metric_once_per_epoch(isolated / "mlflow.db", run_id, 15)
     assert (isolated / "data" / "cifar-10-batches-py" / "data_batch_5").exists()
+
+
+def test_a_claim_of_another_host_is_kept_out_and_its_sighting_kept_in_the_run_folder(isolated, capsys):
+    """A worker that finds the run claimed by an owner of another identity (another machine, container or PID
+    namespace) stays out, and records when it first saw that heartbeat in its run folder (``claim-seen.json``),
+    so that the run's next worker goes on counting the lease instead of starting it again."""
+    from mlflow import MlflowClient
+
+    from orchestrator.run.folder import SIGHTINGS
+    from orchestrator.store import claims
+    from orchestrator.store.tags import TAG_HEARTBEAT, TAG_OWNER
+
+    args = [*BASE, "--epochs-scale", "0.02", "--train-subset", "100", "--threads", "1", "--sweep", TABLE1]
+    assert cli(capsys, *args).returncode == 0
+    db = isolated / "mlflow.db"
+    (run_id, _), = runs(db)
+    client = MlflowClient(f"sqlite:///{db}")
+    client.update_run(run_id, status="RUNNING")
+    other = claims.Owner("0ther", "elsewhere", 1, "/elsewhere/k", time.time() - 5000, "another-boot/pid:[1]")
+    client.set_tag(run_id, TAG_OWNER, other.tag())
+    client.set_tag(run_id, TAG_HEARTBEAT, "1700000000.000")  # its clock, not ours
+    for _ in range(2):
+        busy = cli(capsys, *args)
+        assert_one_error_line(busy, "running elsewhere", "elsewhere")
+    seen, = (isolated / "runs").glob(f"*/{SIGHTINGS}")
+    assert json.loads(seen.read_text())["owner"] == "0ther"
+    assert json.loads(seen.read_text())["beat"] == "1700000000.000"
