@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.dispatch.backends import LocalBackend  # noqa: E402
-from orchestrator.dispatch.scheduler import QuietView, Scheduler, Task  # noqa: E402
+from orchestrator.dispatch.scheduler import Scheduler  # noqa: E402
 from orchestrator.dispatch.slots import Slot  # noqa: E402
+from orchestrator.dispatch.task import QuietView, Task  # noqa: E402
 from orchestrator.run.ending import State  # noqa: E402
 from orchestrator.run.spec import WorkerSpec  # noqa: E402
 from orchestrator.store.client import connect  # noqa: E402

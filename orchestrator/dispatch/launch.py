@@ -20,8 +20,9 @@ from pathlib import Path
 from orchestrator.diskfault import disk_fault
 from orchestrator.dispatch.backends import Backend, LocalBackend, RayBackend, check_shared
 from orchestrator.dispatch.packs import PACKS, checked_pack, jobs_of, write_job_spec
-from orchestrator.dispatch.scheduler import QuietView, Scheduler, Task, TaskSource, View
+from orchestrator.dispatch.scheduler import Scheduler
 from orchestrator.dispatch.slots import Slot, check_ray_gpus, device_slots, parse_gpus, ray_slots, visible_gpus
+from orchestrator.dispatch.task import QuietView, Task, TaskSource, View
 from orchestrator.errors import BadValue, arg
 from orchestrator.identity import Planned
 from orchestrator.run.ending import (

@@ -11,8 +11,8 @@ import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from orchestrator.dispatch.scheduler import Task
 from orchestrator.dispatch.slots import Slot
+from orchestrator.dispatch.task import Task
 from orchestrator.errors import BadValue, arg
 from orchestrator.run.spec import PackSpec, WorkerSpec
 from training.config import RunConfig

@@ -17,8 +17,8 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from orchestrator.dispatch.launch import SweepResult
-from orchestrator.dispatch.scheduler import Task
 from orchestrator.dispatch.slots import Slot
+from orchestrator.dispatch.task import Task
 from orchestrator.run.ending import STATES, End, State
 from orchestrator.sweep.reconcile import RunState, counts
 

@@ -31,18 +31,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from orchestrator import diskfault
 from orchestrator.dispatch.backends import Backend, Job
 from orchestrator.dispatch.slots import Slot
+from orchestrator.dispatch.storewatch import StoreWatch
+from orchestrator.dispatch.task import QuietView, Task, TaskSource, View
 from orchestrator.errors import UserError
 from orchestrator.run.ending import DEFAULT_RETRIES, EXIT_BUSY, EXIT_DISK, End, State, Then, leaves
-from orchestrator.run.folder import Attempt, RunFolder
+from orchestrator.run.folder import Attempt
 from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S
-from training.config import RunConfig
 
 POLL_S = 0.2
 LOCK_WAIT_S = 1.0  # a run locked here is looked at again after this
@@ -52,124 +51,11 @@ GRACE_S = 2.0  # after the first signal, before SIGTERM goes to workers that did
 STOP_TIMEOUT_S = 120.0  # after the first signal, before stragglers are SIGKILLed
 MIN_STALL_S = 1200.0  # the default stall timeout: max(20 min, STALL_EPOCHS x the slowest epoch seen)
 STALL_EPOCHS = 5
-PROBE_EVERY_S = 5.0
 DISK_NOTE_EVERY_S = 60.0  # while the runs folder is full: how often the progress output says so again
-
-
-@dataclass
-class Task:
-    """One run the scheduler owes: its attempts and how it ended in this sweep."""
-
-    key: str
-    config: RunConfig
-    run_dir: Path
-    total_epochs: int = 0
-    failures: int = 0  # attempts in this scheduler that counted against the run
-    starts: int = 0
-    not_before: float = 0.0
-    end: End | None = None  # how its last attempt ended
-    state: State | None = None  # where it leaves its run once it ended for good here; None: not yet
-    message: str = ""
-    started_at: float = 0.0
-    dispatched_at: float = 0.0  # wall clock: a result.json older than this is an earlier attempt's
-    waiting_for: int | None = None  # pid holding the run's lock
-    busy: str = ""  # why the last attempt found the run held elsewhere
-    progress_epoch: int = -1
-    progress_at: float = 0.0
-    slowest_epoch: float = 0.0
-    stalled: str = ""
-    notes_seen: int = 0
-    members: list[Task] = field(default_factory=list)  # a pack: its runs (``run_dir`` is the pack's folder)
-    pack_size: int = 0  # a pack: its size as formed from the whole sweep (members: those still to train)
-
-    @property
-    def folder(self) -> RunFolder:
-        return RunFolder(self.run_dir)
-
-    @property
-    def runs(self) -> list[Task]:
-        """The runs this job trains: the pack's members, or the run itself."""
-        return self.members or [self]
-
-
-class View(Protocol):
-    """What the scheduler tells the user (see orchestrator.dispatch.progress)."""
-
-    def started(self, task: Task, slot: Slot) -> None: ...
-    def ended(self, task: Task, slot: Slot) -> None: ...
-    def note(self, message: str) -> None: ...
-    def update(self, active: Sequence[tuple[Task, Slot]]) -> None: ...
-
-
-class TaskSource(Protocol):
-    """Where more tasks come from once the queue is empty (ask-and-tell: a tuner hands out trials)."""
-
-    def more(self) -> list[Task]:
-        """Tasks to queue now that a slot is free and the queue is empty; [] when there are none (yet)."""
-        ...
-
-    def running(self) -> bool:
-        """Whether the source may still hand out tasks (the scheduler ends once it is False and idle)."""
-        ...
-
-    def progress(self, task: Task, progress: dict) -> None:
-        """Each poll, a running task's progress.json (this attempt's)."""
-        ...
-
-    def ended(self, task: Task) -> None:
-        """A task ended for good in this scheduler (``task.state`` and ``task.end`` say how); not called for
-        requeued ones."""
-        ...
-
-
-class QuietView:
-    def started(self, task, slot): pass
-    def ended(self, task, slot): pass
-    def note(self, message): pass
-    def update(self, active): pass
 
 
 class _Abort(Exception):
     """A second signal: stop at once."""
-
-
-class StoreWatch:
-    """Whether the tracking store answers, probed in the background while it is thought down."""
-
-    def __init__(self, probe: Callable[[], bool] | None, every_s: float = PROBE_EVERY_S):
-        self.probe, self.every_s = probe, every_s
-        self.down_since: float | None = None  # monotonic
-        self._thread: threading.Thread | None = None
-        self._last = 0.0
-        self._ok = False
-
-    def mark_down(self) -> bool:
-        """Note an outage; True if it is news."""
-        if self.down_since is not None:
-            return False
-        self.down_since = time.monotonic()
-        return True
-
-    def poll(self) -> bool | None:
-        """While down: start a probe now and then; True once the store answers again."""
-        if self.down_since is None or self.probe is None:
-            return None
-        if self._thread is not None and not self._thread.is_alive():
-            self._thread = None
-            if self._ok:
-                self.down_since = None
-                return True
-        now = time.monotonic()
-        if self._thread is None and now - self._last >= self.every_s:
-            self._last, self._ok = now, False
-
-            def run() -> None:
-                with contextlib.suppress(Exception):
-                    self._ok = bool(self.probe())
-
-            self._thread = threading.Thread(target=run, daemon=True)
-            self._thread.start()
-        return None
 
 
 class Scheduler:

@@ -37,7 +37,7 @@ from typing import Any
 
 from orchestrator.dispatch.launch import Launch, LaunchOptions, exit_code
 from orchestrator.dispatch.progress import ended_word
-from orchestrator.dispatch.scheduler import QuietView
+from orchestrator.dispatch.task import QuietView
 from orchestrator.errors import BadValue, arg
 from orchestrator.identity import plan
 from orchestrator.run.ending import End, State

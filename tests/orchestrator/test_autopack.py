@@ -11,8 +11,8 @@ import pytest
 
 from orchestrator.dispatch import autopack
 from orchestrator.dispatch.packs import checked_pack, form_packs, pack_sizes
-from orchestrator.dispatch.scheduler import Task
 from orchestrator.dispatch.slots import Slot, device_slots
+from orchestrator.dispatch.task import Task
 from orchestrator.errors import UserError
 from training.config import RunConfig, shape_of
 

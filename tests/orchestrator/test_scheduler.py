@@ -12,8 +12,9 @@ import pytest
 from orchestrator.dispatch.backends import check_shared, is_local_address, slot_env
 from orchestrator.dispatch.launch import to_run
 from orchestrator.dispatch.progress import ended_word
-from orchestrator.dispatch.scheduler import Scheduler, Task, log_tail
+from orchestrator.dispatch.scheduler import Scheduler, log_tail
 from orchestrator.dispatch.slots import Slot, device_slots, parse_gpus, ray_slots
+from orchestrator.dispatch.task import Task
 from orchestrator.errors import UserError
 from orchestrator.identity import run_key
 from orchestrator.run.folder import Attempt, RunFolder

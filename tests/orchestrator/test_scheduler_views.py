@@ -8,8 +8,8 @@ from rich.console import Console
 
 from orchestrator.dispatch.launch import SweepResult
 from orchestrator.dispatch.progress import LiveView, PlainView, make_view, status_view, summary_table
-from orchestrator.dispatch.scheduler import Task
 from orchestrator.dispatch.slots import Slot
+from orchestrator.dispatch.task import Task
 from orchestrator.identity import run_key
 from orchestrator.run.ending import End, State
 from orchestrator.sweep.reconcile import RunState

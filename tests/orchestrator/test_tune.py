@@ -18,7 +18,7 @@ import pytest
 import yaml
 from servers import postgres, postgres_uri  # noqa: F401, F811 (fixtures)
 
-from orchestrator.dispatch.scheduler import Task
+from orchestrator.dispatch.task import Task
 from orchestrator.errors import UserError
 from orchestrator.sweep.file import load_sweep
 from orchestrator.tune.export import best_sweep, export_sweep

@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from orchestrator.dispatch.progress import ended_word
-from orchestrator.dispatch.scheduler import Task
+from orchestrator.dispatch.task import Task
 from orchestrator.run.folder import RunFolder
 from training.config import RunConfig
 
