@@ -39,7 +39,7 @@ from orchestrator.dispatch.slots import Slot
 from orchestrator.dispatch.storewatch import StoreWatch
 from orchestrator.dispatch.task import QuietView, Task, TaskSource, View
 from orchestrator.errors import UserError
-from orchestrator.run.ending import DEFAULT_RETRIES, EXIT_BUSY, EXIT_DISK, End, State, Then, leaves
+from orchestrator.run.ending import DEFAULT_RETRIES, EXIT_BUSY, EXIT_DISK, End, State, Then, leaves, out_of_retries
 from orchestrator.run.folder import Attempt
 from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S
 
@@ -329,7 +329,7 @@ class Scheduler:
             task.failures += 1
             if end not in (End.ERROR, End.CRASHED, End.STALLED):
                 task.message = f"{end}: {task.message}"
-            if task.failures <= self.retries:
+            if not out_of_retries(task.failures, self.retries):
                 task.not_before = now + self.retry_delay_s
                 self.view.note(f"{task.key}: attempt failed ({task.message}); retry {task.failures} of "
                                f"{self.retries} from its last checkpoint")

@@ -9,7 +9,12 @@ progress views, the sweep's summary and exit code, and the tuner:
   derives it from MLflow and the run folder; the scheduler derives it from an attempt's ``End``
   (``End.leaves``), so both speak of a run in one word.
 
-What the scheduler does after an attempt (``End.then``) is the retry policy, in one table below.
+What the scheduler does after an attempt (``End.then``) is the retry policy, in one table below, and
+``out_of_retries`` is when failed attempts end a run for good. Failed attempts are counted where each
+reader can see them: the run folder's ``result.json`` (``failures``: errors the worker caught, across
+sweeps, ``End.counted_in_folder``), the MLflow run's ``adareg.attempts`` tag (its starts, for readers on
+other machines) and the scheduler's task (every retried end in this sweep, crashes too); all three are
+judged by ``out_of_retries``.
 """
 
 from __future__ import annotations
@@ -107,6 +112,11 @@ _EXIT = {End.DIVERGED: EXIT_DIVERGED, End.BAD_INPUT: EXIT_USER, End.ERROR: EXIT_
 _MLFLOW = {End.FINISHED: "FINISHED", End.DIVERGED: "FAILED", End.ERROR: "FAILED", End.BAD_INPUT: "FAILED",
            End.KILLED: "KILLED", End.STOPPED: "KILLED", End.STORE_DOWN: "KILLED", End.DISK_FULL: "KILLED"}
 assert set(_THEN) == set(End), "every End needs a policy"
+
+
+def out_of_retries(failed_attempts: int, retries: int) -> bool:
+    """Whether ``failed_attempts`` exhaust a run's ``1 + retries`` tries (``--retries``)."""
+    return failed_attempts >= 1 + retries
 
 
 def leaves(then: Then) -> State:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.identity import Planned
-from orchestrator.run.ending import DEFAULT_RETRIES, STATES, State
+from orchestrator.run.ending import DEFAULT_RETRIES, STATES, State, out_of_retries
 from orchestrator.run.folder import Attempt, RunFolder
 from orchestrator.store import claims
 from orchestrator.store.client import connect
@@ -90,7 +90,7 @@ def classify(run: Any, run_dir: RunDir, retries: int = DEFAULT_RETRIES,
     attempt = run_dir.attempt
     folder_failures = attempt.failures if attempt is not None else 0
     if run is None:
-        if folder_failures >= 1 + retries:
+        if out_of_retries(folder_failures, retries):
             return State.FAILED, f"{attempt.message or 'error'} (after {folder_failures} failed attempts)"
         return (State.RESUMABLE, "checkpoint without an MLflow run") if run_dir.checkpoint else (State.PENDING, "")
     tags = run.data.tags
@@ -98,9 +98,9 @@ def classify(run: Any, run_dir: RunDir, retries: int = DEFAULT_RETRIES,
     if status == "FAILED" and failure == "diverged":
         return State.FAILED, reason or "diverged"
     attempts = _int(tags.get(TAG_ATTEMPTS))
-    if status == "FAILED" and attempts >= 1 + retries:
+    if status == "FAILED" and out_of_retries(attempts, retries):
         return State.FAILED, f"{reason or 'error'} (after {attempts} attempts)"
-    if folder_failures >= 1 + retries:
+    if out_of_retries(folder_failures, retries):
         return State.FAILED, f"{attempt.message or reason or 'error'} (after {folder_failures} failed attempts)"
     return State.RESUMABLE, f"{status.lower()}" + (f": {reason}" if status == "FAILED" and reason else "")
 
