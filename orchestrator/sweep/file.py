@@ -5,6 +5,7 @@ culprit's dotted path, e.g. ``sweeps/x.yaml: schemes.01.weight_decay[2]: must be
 
 from __future__ import annotations
 
+import copy
 import re
 import types
 import typing
@@ -16,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.errors import BadValue, UserError, arg
-from orchestrator.sweep.schema import Sweep, did_you_mean
+from orchestrator.sweep.schema import Range, Sweep, did_you_mean
 
 # ---------------------------------------------------------------------------------------- loading
 
@@ -153,9 +154,63 @@ def load_sweep(path: str | Path, sets: Sequence[str] = (), epochs_scale: float |
         if value is not None:
             origins.append((_set(doc, ["train", field], value, arg(field)), f"{arg(field)} {value}"))
     try:
-        return Sweep.model_validate(doc)
+        sweep = Sweep.model_validate(doc)
     except ValidationError as e:
         raise BadValue(f"{where}: {_describe(e, origins)}") from None
+    if sweep.tune is not None and sweep.tune.space is not None:
+        _check_tune_space(sweep, where)
+    return sweep
+
+
+# --- a tuning space over any field of a scheme ---------------------------------------------------------------
+
+TRIAL_SCHEME = "trial"
+"""The name a trial's scheme is checked under."""
+
+
+def base_scheme(sweep: Sweep) -> dict[str, Any]:
+    """``tune.scheme`` as a sweep-file document (a scheme of the file by name, or written in place)."""
+    chosen = sweep.tune.scheme
+    if isinstance(chosen, dict):
+        return copy.deepcopy(chosen)
+    name = chosen if chosen is not None else next(iter(sweep.schemes))
+    if name not in sweep.schemes:
+        raise BadValue(f"tune.scheme: unknown scheme {name!r}{did_you_mean(name, sweep.schemes)} "
+                       f"(this sweep has {', '.join(sweep.schemes)})")
+    return sweep.schemes[name].model_dump(mode="json", exclude_none=True)
+
+
+def scheme_with(sweep: Sweep, values: dict[str, Any]) -> dict[str, Any]:
+    """``base_scheme`` with each dotted field of ``values`` set (``{"weight_decay.alpha": 0.4}``)."""
+    scheme = base_scheme(sweep)
+    for path, value in values.items():
+        _set(scheme, path.split("."), value, f"tune.space.{path}")
+    return scheme
+
+
+def sweep_of_scheme(sweep: Sweep, name: str, scheme: dict[str, Any]) -> Sweep:
+    """The sweep with ``scheme`` (a document) as its only scheme, ``name``, validated as a file would be."""
+    doc = sweep.model_dump(mode="json", exclude={"tune"}, exclude_none=True)
+    doc["schemes"] = {name: scheme}
+    return Sweep.model_validate(doc)
+
+
+def _check_tune_space(sweep: Sweep, where: str) -> None:
+    """Every field of ``tune.space`` at both ends of its range (the others at their low end) must make a
+    scheme that trains: else one line naming the field, the end and the scheme's complaint."""
+    space = sweep.tune.space
+    low = {path: (v.low if isinstance(v, Range) else v) for path, v in space.items()}
+    for path, value in space.items():
+        ends = (("low", value.low), ("high", value.high)) if isinstance(value, Range) else (("value", value),)
+        for end, bound in ends:
+            try:
+                sweep_of_scheme(sweep, TRIAL_SCHEME, scheme_with(sweep, {**low, path: bound}))
+            except BadValue as e:
+                raise BadValue(f"{where}: {e.template}") from None
+            except ValidationError as e:
+                reason = _describe(e, []).replace(f"schemes.{TRIAL_SCHEME}.", "")
+                raise BadValue(f"{where}: tune.space.{path}: at its {end} {bound:g} the scheme is invalid: "
+                               f"{reason}") from None
 
 
 MAX_ERRORS = 5

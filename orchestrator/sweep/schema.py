@@ -103,12 +103,26 @@ class Range(BaseModel):
     """Sample on a log scale (needs low > 0)."""
 
 
+LEGACY_SPACE = ("weight_decay_base", "weight_decay_peak", "grad_sparsity")
+"""The Table 1-shaped space's parameters (the space of a ``tune`` section without ``space``)."""
+
+
 class TuneSpace(BaseModel):
-    """What ``adareg tune`` searches: Table 1-shaped tapers. Weight decay per step of every phase is
-    ``[base, base, peak / 2, peak, peak]`` (schemes 01 and 02 have this shape); gradient sparsity is
-    ``s`` in steps 3-5 of phase 1 and 0 elsewhere (schemes 21-23). A number fixes a value."""
+    """What ``adareg tune`` searches: any numeric field of a scheme (``space``), or, without ``space``,
+    Table 1-shaped tapers: weight decay per step of every phase ``[base, base, peak / 2, peak, peak]``
+    (schemes 01 and 02 have this shape); gradient sparsity ``s`` in steps 3-5 of phase 1 and 0 elsewhere
+    (schemes 21-23). A number fixes a value."""
 
     model_config = _MODELS
+
+    scheme: str | dict[str, Any] | None = None
+    """The scheme a trial starts from, whose fields ``space`` varies: a name in ``schemes``, or a scheme
+    written here (default: the sweep's first scheme)."""
+    space: dict[str, Range | float] | None = None
+    """What a trial samples: dotted fields of ``scheme`` -> a range (or a number: fixed), e.g.
+    ``weight_decay.alpha: {low: -1, high: 1}``. Every field is checked at both ends of its range when the
+    file is read. Without it: the Table 1 shape (``weight_decay_base``, ``weight_decay_peak``,
+    ``grad_sparsity``)."""
 
     objective: Literal["val_error", "val_loss"] = "val_error"
     """Validation metric minimised: its mean over the trial's seeds at the last epoch (the test split is never
@@ -131,7 +145,23 @@ class TuneSpace(BaseModel):
 
     @model_validator(mode="after")
     def _ranges_are_sane(self) -> TuneSpace:
-        for name in ("weight_decay_base", "weight_decay_peak", "grad_sparsity"):
+        if self.space is not None:
+            if given := [name for name in LEGACY_SPACE if name in self.model_fields_set]:
+                raise at(f"tune.{given[0]}", "give either tune.space or the Table 1 shape "
+                                             f"({', '.join(LEGACY_SPACE)}), not both")
+            if not self.space:
+                raise at("tune.space", "is empty: name at least one field of the scheme to search")
+            for path, value in self.space.items():
+                if not re.fullmatch(r"[A-Za-z_]\w*(\.\w+)*", path):
+                    raise at(f"tune.space.{path}", "expected a dotted field of the scheme, e.g. weight_decay.alpha")
+                if isinstance(value, Range) and not value.low < value.high:
+                    raise at(f"tune.space.{path}.high", f"must be greater than low ({value.low}), got {value.high}")
+                if isinstance(value, Range) and value.log and value.low <= 0:
+                    raise at(f"tune.space.{path}.low", f"must be > 0 on a log scale, got {value.low}")
+            return self
+        if self.scheme is not None:
+            raise at("tune.scheme", "needs tune.space (the Table 1 shape starts from no scheme)")
+        for name in LEGACY_SPACE:
             value = getattr(self, name)
             if not isinstance(value, Range):
                 continue

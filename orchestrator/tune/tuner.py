@@ -43,7 +43,7 @@ from orchestrator.identity import plan
 from orchestrator.run.ending import End, State
 from orchestrator.store.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL
 from orchestrator.sweep.schema import Sweep
-from orchestrator.tune.space import space_of, suggest, trial_configs, variant_of
+from orchestrator.tune.space import parameters, space_of, suggest, trial_configs, variant_of
 from orchestrator.tune.study import DEFAULT_TRIAL_LEASE_S, MAX_RETRY, heartbeat_enabled, open_study, study_run
 
 ATTR_VARIANT = "variant"  # user attr of a trial: the variant of its runs (kept by a retry)
@@ -168,8 +168,7 @@ class Tuner:
             variant = frozen.user_attrs.get(ATTR_VARIANT) or variant_of(self.sweep.name, trial.number)
             number = int(variant.rsplit("-", 1)[1])
             trial.set_user_attr(ATTR_VARIANT, variant)
-            params = {name: suggest(trial, name, getattr(self.space, name))
-                      for name in ("weight_decay_base", "weight_decay_peak", "grad_sparsity")}
+            params = {name: suggest(trial, name, value) for name, value in parameters(self.space).items()}
             tasks = {}
             for config in trial_configs(self.sweep, params, variant, number):
                 task = self.launch.task(plan(config))

@@ -105,6 +105,71 @@ def test_space_errors_name_the_problem():
         load_sweep(TUNE, ["tune.validation=0"])
 
 
+def space_file(path: Path, tune: str, schemes: str | None = None) -> Path:
+    """sweeps/tune.yaml with its ``tune`` section replaced by ``tune`` (YAML; and ``schemes`` if given)."""
+    doc = yaml.safe_load(Path(TUNE).read_text())
+    doc["tune"] = yaml.safe_load(tune)
+    if schemes is not None:
+        doc["schemes"] = yaml.safe_load(schemes)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def test_a_space_over_any_field_of_a_scheme_varies_that_field_only(tmp_path):
+    path = space_file(tmp_path / "t.yaml", """
+        scheme: '01'
+        seeds: 2
+        space:
+          weight_decay: {low: 1.0e-5, high: 1.0e-2, log: true}
+          grad_sparsity: 0.25
+    """)
+    sweep = load_sweep(path)
+    scheme = trial_scheme(sweep, {"weight_decay": 3e-3})
+    assert scheme == {"weight_decay": 3e-3, "grad_sparsity": 0.25}  # scheme 01 with both fields replaced
+    configs = trial_configs(sweep, {"weight_decay": 3e-3}, variant_of(sweep.name, 4), 4)
+    assert [c.seed for c in configs] == [0, 1]
+    assert {(c.weight_decay, c.grad_sparsity, c.scheme, c.validation, c.variant) for c in configs} == {
+        (((3e-3,) * 5,) * 3, ((0.25,) * 5,) * 3, "trial-4", 0.1, "tune-digits/trial-4")}
+    inline = load_sweep(space_file(tmp_path / "i.yaml", """
+        scheme: {weight_decay: [0.0001, 0.0001, 0.0008, 0.0016, 0.0016]}
+        space: {grad_sparsity: {low: 0, high: 0.5}}
+    """))
+    assert trial_scheme(inline, {"grad_sparsity": 0.5}) == {
+        "weight_decay": [0.0001, 0.0001, 0.0008, 0.0016, 0.0016], "grad_sparsity": 0.5}
+
+
+def test_the_table1_shape_is_the_space_without_one():
+    """Today's three-number space is what a ``tune`` section without ``space`` searches, under the same
+    Optuna parameter names (so its studies go on)."""
+    from orchestrator.sweep.schema import Range
+    from orchestrator.tune.space import parameters
+
+    names = parameters(space_of(load_sweep(TUNE)))
+    assert list(names) == ["weight_decay_base", "weight_decay_peak", "grad_sparsity"]
+    assert names["grad_sparsity"] == Range(low=0.0, high=0.8)
+
+
+@pytest.mark.parametrize("tune, schemes, message", [
+    ("{space: {weight_decya: {low: 0, high: 1}}}", None,
+     "tune.space.weight_decya: at its low 0 the scheme is invalid: weight_decya: unknown key (did you mean "
+     "'weight_decay'?)"),
+    ("{space: {weight_decay: {low: -1, high: 1}}}", None, "tune.space.weight_decay: at its low -1 the scheme is "
+                                                           "invalid: weight_decay: must be >= 0, got -1.0"),
+    ("{space: {grad_sparsity: {low: 0, high: 1}}}", None, "tune.space.grad_sparsity: at its high 1 the scheme"),
+    ("{space: {weight_decay: {low: 0.01, high: 0.001}}}", None, "tune.space.weight_decay.high: must be greater"),
+    ("{space: {weight_decay: {low: 0, high: 0.1, log: true}}}", None, "tune.space.weight_decay.low: must be > 0"),
+    ("{space: {weight_decay.alpha: {low: 0, high: 1}}}", None, "tune.space.weight_decay.alpha: weight_decay is "),
+    ("{space: {weight_decay: 0.1}, weight_decay_base: 0.001}", None, "tune.weight_decay_base: give either"),
+    ("{space: {}}", None, "tune.space: is empty"),
+    ("{scheme: '99', space: {weight_decay: {low: 0, high: 1}}}", None, "tune.scheme: unknown scheme '99'"),
+    ("{scheme: '01'}", None, "tune.scheme: needs tune.space"),
+])
+def test_a_bad_space_is_one_error_naming_the_field(tmp_path, tune, schemes, message):
+    with pytest.raises(UserError) as e:
+        load_sweep(space_file(tmp_path / "t.yaml", tune, schemes))
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 class FakeTrial:
     number, _trial_id = 3, 3
 
