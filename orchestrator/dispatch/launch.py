@@ -19,7 +19,7 @@ from pathlib import Path
 
 from orchestrator.diskfault import disk_fault
 from orchestrator.dispatch.backends import Backend, LocalBackend, RayBackend, check_shared
-from orchestrator.dispatch.packs import PACKS, checked_pack, jobs_of, write_job_spec
+from orchestrator.dispatch.packs import PACKS, Jobs, checked_pack, write_job_spec
 from orchestrator.dispatch.scheduler import Scheduler
 from orchestrator.dispatch.slots import Slot, check_ray_gpus, device_slots, parse_gpus, ray_slots, visible_gpus
 from orchestrator.dispatch.task import QuietView, Task, TaskSource, View
@@ -123,10 +123,9 @@ class Launch:
                 raise
         return task
 
-    def jobs(self, note: Callable[[str], None]) -> Callable[..., list[Task]]:
+    def jobs(self, note: Callable[[str], None]) -> Jobs:
         """``jobs(tasks, everything=None)``: tasks as the scheduler's jobs, packed per this launch's pack."""
-        return jobs_of(self.pack, self.slots, self.runs_dir / PACKS, calibrate=self.options.backend == "local",
-                       note=note)
+        return Jobs(self.pack, self.slots, self.runs_dir / PACKS, calibrate=self.options.backend == "local", note=note)
 
     def backend(self) -> Backend:
         """The backend to run workers on (for Ray, the slots are the cluster's)."""

@@ -29,21 +29,34 @@ def write_job_spec(task: Task, spec_for: Callable[[Task], WorkerSpec]) -> Path:
     return task.folder.spec
 
 
-def jobs_of(pack: int | str, slots: Sequence[Slot], packs_dir: Path, *, calibrate: bool = True,
-            note: Callable[[str], None] = lambda message: None) -> Callable[..., list[Task]]:
+class Jobs:
     """``jobs(tasks, everything=None)``: the tasks as the scheduler's jobs, in packs per ``pack`` (sizes are
-    decided once per shape: ``pack_sizes``; layout: ``form_packs``)."""
-    from training.config import shape_of
+    decided once per shape: ``pack_sizes``; layout: ``form_packs``). ``size(config)``: the pack size of a
+    config's shape (how many runs one job of that shape trains)."""
 
-    sizes: dict[tuple, int] = {}
+    def __init__(self, pack: int | str, slots: Sequence[Slot], packs_dir: Path, *, calibrate: bool = True,
+                 note: Callable[[str], None] = lambda message: None):
+        self.pack, self.slots, self.packs_dir, self.calibrate, self.note = pack, slots, packs_dir, calibrate, note
+        self.sizes: dict[tuple, int] = {}
 
-    def jobs(tasks: Sequence[Task], everything: dict[str, RunConfig] | None = None) -> list[Task]:
-        configs = list(everything.values()) if everything is not None else [t.config for t in tasks]
-        if not {shape_of(c) for c in configs} <= sizes.keys():
-            sizes.update(pack_sizes(pack, configs, slots, packs_dir, calibrate=calibrate, note=note))
-        return form_packs(tasks, sizes, packs_dir, everything) if max(sizes.values(), default=1) > 1 else list(tasks)
+    def _decide(self, configs: Sequence[RunConfig]) -> None:
+        from training.config import shape_of
 
-    return jobs
+        if not {shape_of(c) for c in configs} <= self.sizes.keys():
+            self.sizes.update(pack_sizes(self.pack, configs, self.slots, self.packs_dir, calibrate=self.calibrate,
+                                         note=self.note))
+
+    def size(self, config: RunConfig) -> int:
+        from training.config import shape_of
+
+        self._decide([config])
+        return self.sizes[shape_of(config)]
+
+    def __call__(self, tasks: Sequence[Task], everything: dict[str, RunConfig] | None = None) -> list[Task]:
+        self._decide(list(everything.values()) if everything is not None else [t.config for t in tasks])
+        if max(self.sizes.values(), default=1) > 1:
+            return form_packs(tasks, self.sizes, self.packs_dir, everything)
+        return list(tasks)
 
 
 def checked_pack(pack: int | str) -> int | str:

@@ -1,4 +1,4 @@
-"""``adareg tune``: Optuna search over Table 1-shaped taper schedules, scored on a validation split.
+"""``adareg tune``: Optuna search over taper schedules (any field of a scheme), scored on a validation split.
 
 ask -> a taper (``TuneSpace`` of the sweep file) -> one RunConfig per tuning seed (``tune.seeds``, with
 ``validation`` = ``tune.validation``, so the test split is never read) -> the same ``Scheduler``, backends and
@@ -7,8 +7,9 @@ pruner once every seed reached the epoch (read from ``progress.json`` and MLflow
 stopped through their run folders -> tell (the mean over seeds of the objective at the last epoch).
 
 The tuner is a ``TaskSource`` of the scheduler (ask-and-tell): whenever a slot is free and the queue is
-empty it asks for the next trial, so one command keeps every local slot busy. Several tuners (terminals or
-machines) may share a study:
+empty it asks for the next trial, so one command keeps every local slot busy; with ``--pack N`` it asks for
+as many trials as one pack holds (N // ``tune.seeds``) and their runs train as one fused model. Several
+tuners (terminals or machines) may share a study:
 
 - each process seeds its TPE sampler with ``tune.sampler_seed`` mixed with a random number, and TPE runs
   with ``constant_liar`` (running trials count as bad guesses), so they propose different tapers;
@@ -74,7 +75,7 @@ class Tuner:
                  lease_s: float = DEFAULT_TRIAL_LEASE_S, note=None):
         self.sweep, self.study, self.client, self.budget = sweep, study, client, trials
         self.launch = launch
-        self.jobs = launch.jobs(note or (lambda message: None))  # a trial's runs -> jobs (its seeds packed, or not)
+        self.jobs = launch.jobs(note or (lambda message: None))  # trials' runs -> jobs (packed, or not)
         self.space = space_of(sweep)
         self.parent_run_id, self.lease_s = parent_run_id, lease_s
         self.note = note or (lambda message: None)
@@ -157,9 +158,21 @@ class Tuner:
         return self.asked < self.budget and not self.halted
 
     def more(self) -> list:
+        """The next trials' runs as jobs: as many trials as one pack of their shape holds (``--pack N`` with
+        ``tune.seeds`` S: N // S trials, their runs trained as one fused model), else one trial."""
         if not self.running():
             return []
         self.recover()
+        tasks = self._ask()
+        per_job = self.jobs.size(tasks[0].config) // len(tasks)
+        for _ in range(per_job - 1):
+            if not self.running():
+                break
+            tasks += self._ask()
+        return self.jobs(tasks)
+
+    def _ask(self) -> list:
+        """Ask Optuna for one trial: its runs, one per tuning seed."""
         trial = self.study.ask()
         self.asked += 1
         with self.lock:
@@ -183,7 +196,7 @@ class Tuner:
             self.by_key.update({k: runs for k in tasks})
         retried = f" (retry of trial {number})" if number != trial.number else ""
         self.note(f"trial {trial.number}{retried}: {', '.join(f'{k} {v:.3g}' for k, v in params.items())}")
-        return self.jobs(list(tasks.values()))
+        return list(tasks.values())
 
     def progress(self, task, progress: dict) -> None:
         with self.lock:

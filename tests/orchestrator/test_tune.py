@@ -405,6 +405,49 @@ def test_a_trials_seeds_train_as_one_pack(tmp_path):
         assert t.value == pytest.approx(sum(r["metrics"]["val_error"][5] for r in seeds) / 2, abs=1e-12)
 
 
+SPACE = {"scheme": "01", "space": {"weight_decay": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+                                   "grad_sparsity": {"low": 0.0, "high": 0.5}}}
+
+
+@pytest.mark.slow
+def test_trials_of_one_shape_train_as_one_pack_and_the_best_exports(tmp_path):
+    """``tune run --pack 4`` with two tuning seeds and a space over the scheme's fields: two trials are asked
+    at once and their four runs train as one fused model in one worker; each trial is told the mean of its
+    own seeds; the test split is never read; ``tune best --export`` writes the best trial's scheme beside
+    the baselines."""
+    path = tune_file(tmp_path / "t.yaml", seeds=2)
+    doc = yaml.safe_load(path.read_text())
+    doc["tune"] = {**{k: v for k, v in doc["tune"].items() if k not in ("weight_decay_base", "weight_decay_peak",
+                                                                       "grad_sparsity")}, **SPACE}
+    path.write_text(yaml.safe_dump(doc))
+    env, journal = env_for(tmp_path), str(tmp_path / "s.journal")
+    done = subprocess.run(tune_cmd(path, journal, "--trials", "2", "--max-parallel", "1", "--pack", "4"),
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert len(list((tmp_path / "runs" / "packs").iterdir())) == 1  # one worker for both trials
+    assert os.listdir(tmp_path / "marks")  # the guard (test split never loaded) was in the worker
+    runs = trial_runs(tmp_path)
+    assert len(runs) == 4 and {r["status"] for r in runs.values()} == {"FINISHED"}
+    assert len({r["tags"]["adareg.pack"] for r in runs.values()}) == 1
+    assert {r["tags"]["adareg.pack"].endswith("/4") for r in runs.values()} == {True}
+    study = load_study(journal)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for t in study.trials:
+        seeds = [r for r in runs.values() if r["tags"]["adareg.trial"] == str(t.number)]
+        assert len(seeds) == 2 and "test_error" not in seeds[0]["metrics"]
+        assert t.value == pytest.approx(sum(r["metrics"]["val_error"][5] for r in seeds) / 2, abs=1e-12)
+        assert set(t.params) == {"weight_decay", "grad_sparsity"}
+    best = subprocess.run([ADAREG, "tune", "best", str(path), "--storage", journal, "--export",
+                           str(tmp_path / "best.yaml")], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=120)
+    assert best.returncode == 0, best.stderr
+    exported = load_sweep(tmp_path / "best.yaml")
+    winner = min(study.trials, key=lambda t: t.value)
+    assert exported.schemes["tuned"].model_dump(exclude_none=True) == {
+        "weight_decay": winner.params["weight_decay"], "grad_sparsity": winner.params["grad_sparsity"]}
+    assert {"wd-1e-4", "wd-1e-3", "wd-8e-3", "01"} <= set(exported.schemes)
+
+
 def test_tune_run_refuses_bad_input_in_one_line(tmp_path):
     path = tune_file(tmp_path / "t.yaml", seeds=1)
     text = textwrap.dedent
