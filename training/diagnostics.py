@@ -32,6 +32,7 @@ A pack (``training.packed``) reads every member's norms from the fused tensors a
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 
@@ -39,19 +40,18 @@ import torch
 
 from training.callbacks import DIAGNOSTICS, NO_DECAY, STAGES
 
-_STAGE = re.compile(r"stages\.(\d+)\.\d+\.conv\d+\.weight")
+_NAME = re.compile(r"(?:.*\.)?(?:(conv)|(fc)|stages\.(\d+)\.\d+\.conv\d+)\.weight")
 
 
 def stage_of(name: str) -> str | None:
     """The part of the network a parameter of ``training.models.CifarResNet`` (or the fused model, which has
-    the same names) belongs to for the diagnostics: ``stem``, ``stage1``..``stage3`` for convolution weights,
-    ``fc`` for the classifier's weight, None for anything else (BatchNorm, biases)."""
-    if name == "conv.weight":
-        return "stem"
-    if name == "fc.weight":
-        return "fc"
-    m = _STAGE.fullmatch(name)
-    return f"stage{int(m.group(1)) + 1}" if m else None
+    the same names; or either inside a wrapper, ``model.conv.weight``) belongs to for the diagnostics:
+    ``stem``, ``stage1``..``stage3`` for convolution weights, ``fc`` for the classifier's weight, None for
+    anything else (BatchNorm, biases)."""
+    m = _NAME.fullmatch(name)
+    if m is None:
+        return None
+    return "stem" if m.group(1) else "fc" if m.group(2) else f"stage{int(m.group(3)) + 1}"
 
 
 def decay_epochs(lr: float, weight_decay: float, momentum: float, steps_per_epoch: int,
@@ -74,7 +74,7 @@ def stage_metrics(stages: Sequence[str], squared_norms: Sequence[float], *, lr: 
         if stage != "fc":
             steps[stage].append(lr / sq)
     out = {f"weight_norm_{s}": total[s] ** 0.5 for s in (*STAGES, "fc")}
-    out.update({f"effective_lr_{s}": sum(v) / len(v) for s, v in steps.items()})
+    out.update({f"effective_lr_{s}": sum(v) / len(v) if v else math.nan for s, v in steps.items()})
     out["decay_epochs"] = decay_epochs(lr, weight_decay, momentum, steps_per_epoch, decoupled)
     return {name: out[name] for name in DIAGNOSTICS}
 
@@ -87,7 +87,7 @@ def squared_norms(tensors: Sequence[torch.Tensor], members: int = 1) -> list[lis
     for t in tensors:
         q = t.detach().unflatten(0, (members, -1)).double()
         rows.append(q.square().sum(dim=tuple(range(1, q.dim()))))
-    return torch.stack(rows, dim=1).tolist()
+    return torch.stack(rows, dim=1).tolist() if rows else [[] for _ in range(members)]
 
 
 def _tracked(names: Iterable[str]) -> list[tuple[int, str]]:

@@ -23,6 +23,8 @@ def test_names_are_metrics_and_every_stage_is_read():
     assert {s: stages.count(s) for s in set(stages)} == {"stem": 1, "stage1": 4, "stage2": 4, "stage3": 4, "fc": 1,
                                                           None: len(names) - 14}
     assert [n for n, s in zip(names, stages) if s is None and not n.split(".")[-2].startswith("bn")] == ["fc.bias"]
+    assert [stage_of(f"model.{n}") for n in names] == stages  # inside a wrapper too
+    assert [stage_of(n) for n in ("stages.0.0.bn1.weight", "convx.weight", "xfc.weight", "conv.bias")] == [None] * 4
 
 
 def test_decay_timescale_of_table1_scheme_01():
