@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -9,9 +10,28 @@ if TYPE_CHECKING:
     from training.config import RunConfig
     from training.schedules import EpochPlan
 
+STAGES = ("stem", "stage1", "stage2", "stage3")
+"""The parts of a CIFAR ResNet whose convolutions (each followed by BatchNorm) the diagnostics read: the
+first convolution and the three stages of 16, 32 and 64 channels (``training.models``)."""
+
+DIAGNOSTICS = (
+    *(f"weight_norm_{s}" for s in STAGES), "weight_norm_fc",
+    *(f"effective_lr_{s}" for s in STAGES),
+    "decay_epochs",
+)
+"""Per-epoch diagnostics of what the regularizers do (``training.diagnostics``), after the epoch's last step:
+``weight_norm_<stage>`` the L2 norm of the stage's convolution weights (``_fc`` the classifier's weight),
+``effective_lr_<stage>`` the mean over the stage's convolutions of lr / ||w||^2 (the step of a weight that
+BatchNorm makes scale-invariant), ``decay_epochs`` the weight-decay timescale in epochs (``NO_DECAY``
+without decay)."""
+
+NO_DECAY = sys.float_info.max
+"""``decay_epochs`` of an epoch without weight decay: the infinite timescale as a finite number (the largest
+float, which is also what MLflow stores for +inf), so that the metric has a value every epoch."""
+
 METRICS = (
     "train_loss", "train_error", "test_loss", "test_error", "lr", "weight_decay", "grad_sparsity",
-    "updated_fraction", "epoch_seconds", "images_per_second",
+    "updated_fraction", "epoch_seconds", "images_per_second", *DIAGNOSTICS,
 )
 """Per-epoch metrics of a run without a validation split, in this order; errors are fractions."""
 

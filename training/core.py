@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from training.callbacks import Callback, eval_names
+from training.callbacks import DIAGNOSTICS, Callback, eval_names
 from training.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from training.config import RunConfig
 from training.models import build_model
@@ -104,8 +104,10 @@ class RunRecord:
         return True
 
     def metrics(self, epoch: int, *, train_loss: float, train_error: float, eval_loss: float, eval_error: float,
-                updated_fraction: float, epoch_seconds: float, images_per_second: float) -> dict[str, float]:
-        """The epoch's metrics, in the order of ``training.callbacks.metric_names(config)``."""
+                updated_fraction: float, epoch_seconds: float, images_per_second: float,
+                diagnostics: dict[str, float]) -> dict[str, float]:
+        """The epoch's metrics, in the order of ``training.callbacks.metric_names(config)``; ``diagnostics``
+        are ``training.diagnostics``' of the epoch."""
         step = self.plan[epoch - 1]
         return {
             "train_loss": train_loss,
@@ -118,6 +120,7 @@ class RunRecord:
             "updated_fraction": updated_fraction,
             "epoch_seconds": epoch_seconds,
             "images_per_second": images_per_second,
+            **{name: diagnostics[name] for name in DIAGNOSTICS},
         }
 
     def payload(self, epoch: int, model_state: dict[str, Any], optimizer_state: dict[str, Any],

@@ -30,6 +30,7 @@ from training.checkpoint import CHECKPOINT_VERSION, CheckpointError
 from training.config import RunConfig
 from training.core import Diverged, EpochWriter, RunRecord, divergence, epoch_seed, seeded_model
 from training.data import Batches, load_splits
+from training.diagnostics import model_diagnostics
 from training.graphed import StaticBatches, StaticStep, cudnn_benchmark, momentum_buffers, no_autocast_cache
 from training.regularizers import SparseSGD
 
@@ -183,6 +184,8 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
             if (diverged := divergence(epoch, [("train_loss", train_loss)])) is not None:
                 raise diverged
             changed = int(sum((p.detach() != b).sum() for p, b in zip(params, before)))
+            diagnostics = model_diagnostics(model.named_parameters(), lr=step.lr, weight_decay=step.weight_decay,
+                                            momentum=config.momentum, steps_per_epoch=len(train_batches))
             eval_loss, eval_error = evaluate(run, eval_batches, config.eval_batch_size, config.precision)
             diverged = divergence(epoch, [(record.eval_loss_name, eval_loss), (record.eval_error_name, eval_error)])
             if diverged is not None:
@@ -191,7 +194,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
                                      eval_loss=eval_loss, eval_error=eval_error,
                                      updated_fraction=changed / total_weights,
                                      epoch_seconds=time.perf_counter() - t0,
-                                     images_per_second=n_train / train_seconds)
+                                     images_per_second=n_train / train_seconds, diagnostics=diagnostics)
             record.end_epoch(writer, epoch, metrics, lambda: (model.state_dict(), opt.state_dict()))
     finally:
         writer.close()

@@ -38,6 +38,7 @@ from training.checkpoint import load_checkpoint
 from training.config import SHAPE_FIELDS, ConfigError, RunConfig
 from training.core import EpochWriter, RunRecord, divergence, epoch_seed, seeded_model
 from training.data import Batches, Split, load_splits
+from training.diagnostics import packed_diagnostics
 from training.fused import (
     PackedBatches,
     PackedResNet,
@@ -376,6 +377,10 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
             changed = torch.zeros(k, dtype=torch.long, device=device)
             for p, b in zip(pack.params, before):
                 changed += (p.detach() != b).reshape(k, -1).sum(1)
+            diagnostics = packed_diagnostics(pack.names, pack.params, k, lr=step.lr,
+                                             weight_decays=[s.weight_decay for s in steps],
+                                             momentum=configs[0].momentum,
+                                             steps_per_epoch=len(pack.members[0].train_batches))
             test_loss, test_error = _evaluate(pack, test_batches, eval_batch_size, precision)
             train_losses, train_wrong, changed = loss_sum.tolist(), wrong.tolist(), changed.tolist()
             epoch_seconds = time.perf_counter() - t0
@@ -394,7 +399,8 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
                 m.metrics = record.metrics(epoch, train_loss=train_loss, train_error=train_wrong[i] / n_train,
                                            eval_loss=test_loss[i], eval_error=test_error[i],
                                            updated_fraction=changed[i] / total_weights, epoch_seconds=epoch_seconds,
-                                           images_per_second=n_train / train_seconds)
+                                           images_per_second=n_train / train_seconds,
+                                           diagnostics=diagnostics[i])
                 state = pack.solo_state(i, steps[i].lr, steps[i].weight_decay) if record.checkpoint_path else None
                 record.save(writer, epoch, m.metrics, state)
             if len(keep) < len(pack.members):

@@ -36,14 +36,14 @@ def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out
     """Draw the paper's figures (per warm-restart phase: the mean over seeds and the best and worst
     run) and write per-phase seed statistics with paired differences to baselines (95% CI,
     Holm-adjusted p), for the runs of sweep FILE. Deleted and superseded runs are left out."""
-    from orchestrator.report.collect import REPORT_METRICS, collect
+    from orchestrator.report.collect import MECHANISM_METRICS, REPORT_METRICS, collect
     from orchestrator.report.render import check_options, log_report, write_report
 
     sweep, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     check_options(baselines or None, rank_by, sweep.name, list(sweep.schemes))
     uri = resolve_tracking_uri(tracking_uri)
     client = connect(uri, create=False)
-    metrics = REPORT_METRICS + (("train_loss",) if train_loss else ())
+    metrics = REPORT_METRICS + MECHANISM_METRICS + (("train_loss",) if train_loss else ())
     col = collect(client, uri, sweep, planned, metrics, sweep_file=sweep_file)
     rep = write_report(col, out or f"report-{sweep.name}", baselines=baselines or None, train_loss=train_loss,
                        paired=not unpaired, envelope=envelope, rank_by=rank_by)

@@ -22,10 +22,12 @@ from orchestrator.errors import UserError
 from orchestrator.identity import Planned
 from orchestrator.store.runs import find_runs
 from orchestrator.store.tags import TAG_SUPERSEDED
+from training.callbacks import DIAGNOSTICS
 from training.config import RunConfig
 from training.schedules import EpochPlan, phase_bounds, plan_for
 
 REPORT_METRICS = ("test_loss", "test_error")  # what the figures and tables show (train_loss on request)
+MECHANISM_METRICS = DIAGNOSTICS  # what the mechanism figures show beside them (training.diagnostics)
 HISTORY_COLUMNS = ["run_id", "metric", "step", "timestamp", "value"]
 FRAME_COLUMNS = ["run_key", "group_key", "dataset", "arch", "scheme", "seed", "epoch", "phase", "metric", "value"]
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")

@@ -39,6 +39,8 @@ class Report:
     picks: pd.DataFrame | None = None
     """figures.pick_runs' frame: the best and worst run drawn per dataset, arch, scheme and phase."""
     rank_by: str = "test_error"
+    mechanism: list[figures.FigureSpec] = field(default_factory=list)
+    """The figures that also have a mechanism figure (runs that logged the diagnostics)."""
 
 
 def write_report(col: Collection, out: str | os.PathLike, baselines: Sequence[str] | None = None,
@@ -66,6 +68,7 @@ def write_report(col: Collection, out: str | os.PathLike, baselines: Sequence[st
     bands = figures.seed_bands(col.frame, metrics)
     picks = figures.pick_runs(col.frame, bounds, rank_by)
     curves = figures.picked_curves(col.frame, picks, metrics)
+    mechanism = figures.seed_bands(col.frame, figures.MECHANISM_METRICS)
     palette = figures.scheme_palette(col.schemes)
     jobs = []
     for spec in figures.figure_specs(present, col.schemes, rep.plan):
@@ -73,9 +76,13 @@ def write_report(col: Collection, out: str | os.PathLike, baselines: Sequence[st
         plans = {s: col.scheme_plan(spec.dataset, spec.arch, s) for s in spec.schemes}
         b, p, c = (of_spec(df, spec) for df in (bands, picks, curves))
         jobs.append(figures.FigureJob(spec, b, plans, labels, palette, metrics, p, c, rank_by, envelope))
+        if figures.has_mechanism(of_spec(col.frame, spec)):
+            jobs.append(figures.FigureJob(spec, of_spec(mechanism, spec), plans, labels, palette,
+                                          figures.MECHANISM_METRICS, p.iloc[:0], c.iloc[:0], mechanism=True))
     for paths in figures.render_all(jobs, out / "figures", workers):
         rep.files += [p.relative_to(out) for p in paths]
-    rep.figures = [job.spec for job in jobs]
+    rep.figures = [job.spec for job in jobs if not job.mechanism]
+    rep.mechanism = [job.spec for job in jobs if job.mechanism]
     rep.picks = picks
     rep.rank_by = rank_by
     write_text(out / "phase_summary.csv", rep.summary.to_csv(index=False))
@@ -243,6 +250,10 @@ def report_markdown(rep: Report, col: Collection) -> str:
         out += [f"### {spec.title}\n", f"![{spec.stem}](figures/{spec.stem}.png)\n",
                 f"[PNG](figures/{spec.stem}.png) · [PDF](figures/{spec.stem}.pdf)\n"]
         out += picks_table(rep.picks, spec)
+        if spec in rep.mechanism:
+            stem = figures.mechanism_stem(spec)
+            out += [f"Does the taper act? {MECHANISM_TEXT}\n", f"![{stem}](figures/{stem}.png)\n",
+                    f"[PNG](figures/{stem}.png) · [PDF](figures/{stem}.pdf)\n"]
     out += ["## Tables\n",
             "- [phase_summary.csv](phase_summary.csv) and [phase_summary.md](phase_summary.md): per dataset, arch, "
             "scheme, phase, metric and baseline, the seed statistics at the phase's last epoch and the difference "
@@ -250,6 +261,14 @@ def report_markdown(rep: Report, col: Collection) -> str:
             "- [runs.csv](runs.csv): every run of the selection, its MLflow run id, status and last epoch", ""]
     out += headline(rep.summary, rep.paired)
     return "\n".join(out) + "\n"
+
+
+MECHANISM_TEXT = (
+    "Beside test loss and error, the mean over seeds of what weight decay does: the weight norm ‖w‖ of each stage's "
+    "convolutions (BatchNorm follows each, so decay acts only through this norm), their effective step "
+    "lr/‖w‖² (mean over the stage's convolutions) and the decay timescale (1 − momentum) / (lr · wd · steps per "
+    "epoch), the epochs decay alone takes to shrink the weights by e. A taper whose timescale is far longer "
+    "than its step barely moves the norm: it cannot act there. Without decay the timescale is infinite (not drawn).")
 
 
 def max_pairs(summary: pd.DataFrame) -> int | None:

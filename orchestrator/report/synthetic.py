@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from orchestrator.store.runs import MAX_METRICS_PER_BATCH as BATCH
+from training.callbacks import DIAGNOSTICS, STAGES
 from training.callbacks import METRICS as ALL_METRICS
 from training.config import RunConfig
 from training.schedules import plan_for
@@ -41,7 +42,7 @@ def curves(cfg: RunConfig, epochs: int | None = None) -> dict[str, np.ndarray]:
         train[i] = max(fit * (1 + offset) + rng.normal(0, 0.015 * hard), 0.01)
         test[i] = fit * (1 + offset) + 0.12 * hard + overfit + rng.normal(0, 0.02 * hard)
     test = np.maximum(test, 0.02)
-    return {
+    return {**diagnostics(cfg, plan), **{
         "train_loss": train,
         "train_error": np.clip(0.28 * train / (1 + 0.1 * train), 0, 1),
         "test_loss": test,
@@ -52,7 +53,29 @@ def curves(cfg: RunConfig, epochs: int | None = None) -> dict[str, np.ndarray]:
         "updated_fraction": np.array([1 - e.grad_sparsity for e in plan]),
         "epoch_seconds": 30 + rng.normal(0, 1, len(plan)),
         "images_per_second": 1500 + rng.normal(0, 20, len(plan)),
-    }
+    }}
+
+
+def diagnostics(cfg: RunConfig, plan) -> dict[str, np.ndarray]:
+    """``training.callbacks.DIAGNOSTICS`` of ``plan``: the decay timescale as the trainer computes it, and a
+    squared weight norm per stage that relaxes towards the equilibrium of gradient growth and decay
+    (~ sqrt(lr / wd)), slowly when the timescale is long."""
+    from training.diagnostics import decay_epochs
+
+    steps = math.ceil((cfg.train_subset or 1297) / cfg.batch_size)
+    convs = [1] + [2 * ((int(cfg.arch.removeprefix("resnet")) - 2) // 6)] * (len(STAGES) - 1)  # per stage
+    out = {name: np.empty(len(plan)) for name in DIAGNOSTICS}
+    sq = [4.0 * (j + 1) for j in range(len(STAGES))]
+    for i, e in enumerate(plan):
+        tau = decay_epochs(e.lr, e.weight_decay, cfg.momentum, steps)
+        for j, s in enumerate(STAGES):
+            level = 0.02 * (j + 1) * math.sqrt(e.lr / max(e.weight_decay, 1e-6))
+            sq[j] += (level - sq[j]) * min(1.0, 1.0 / tau)
+            out[f"weight_norm_{s}"][i] = math.sqrt(sq[j])
+            out[f"effective_lr_{s}"][i] = e.lr * convs[j] / sq[j]  # each convolution holds 1/convs of the norm
+        out["weight_norm_fc"][i] = 1.5 + 0.01 * i
+        out["decay_epochs"][i] = tau
+    return out
 
 
 def log_run(client, experiment_id: str, cfg: RunConfig, sweep: str, epochs: int | None = None,

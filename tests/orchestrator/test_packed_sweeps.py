@@ -49,7 +49,7 @@ def test_the_demo_packed_and_unpacked_gives_the_same_runs(tmp_path):
                               text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
     files = {pack: sorted(str(p.relative_to(out)) for p in out.rglob("*")) for pack, out in outs.items()}
-    assert files["5"] == files["off"] and sum(f.endswith(".png") for f in files["5"]) == 2
+    assert files["5"] == files["off"] and sum(f.endswith(".png") for f in files["5"]) == 4  # 2 + 2 mechanism
     for name in (f for f in files["5"] if f.endswith(".csv")):
         a, b = (pd.read_csv(outs[pack] / name) for pack in ("5", "off"))
         keys = [c for c in a.columns if not pd.api.types.is_numeric_dtype(a[c]) and c != "run_id"]  # scheme, metric

@@ -23,13 +23,22 @@ import orchestrator.report.collect as collect_mod
 from orchestrator.errors import UserError
 from orchestrator.identity import plan, run_key
 from orchestrator.report import figures
-from orchestrator.report.collect import FRAME_COLUMNS, REPORT_METRICS, collect, read_histories, read_sql
+from orchestrator.report.collect import (
+    FRAME_COLUMNS,
+    MECHANISM_METRICS,
+    REPORT_METRICS,
+    collect,
+    read_histories,
+    read_sql,
+)
 from orchestrator.report.stats import holm, method_line
 from orchestrator.report.synthetic import log_run
 from orchestrator.store.runs import find_runs
 from orchestrator.store.tags import TAG_GROUP_KEY, TAG_RUN_KEY, TAG_SUPERSEDED
 from orchestrator.sweep.expand import expand
 from orchestrator.sweep.file import load_sweep
+from training.callbacks import METRICS as ALL_METRICS
+from training.callbacks import NO_DECAY, STAGES
 from training.schedules import phase_bounds, plan_for
 
 SWEEP = """
@@ -161,7 +170,7 @@ def test_sql_client_and_rest_paths_give_the_same_frame(store, stale, monkeypatch
     client, uri, _, sweep, _ = store
     runs = list(find_runs(client, sweep.experiment).values())
     sql = read_histories(client, uri, runs, None, "sql")
-    assert len(sql) == (13 * 20 + 12) * 10
+    assert len(sql) == (13 * 20 + 12) * len(ALL_METRICS)  # every metric the trainer logs
     pd.testing.assert_frame_equal(sql, read_histories(client, uri, runs, None, "client"))
     pd.testing.assert_frame_equal(sql, read_histories(client, uri, runs + stale, None, "sql"))
     pd.testing.assert_frame_equal(sql, read_histories(client, uri, runs + stale, None, "client"))
@@ -330,6 +339,45 @@ def test_figures_draw_the_runs_the_table_names_best_and_worst(col):
     assert list(run.get_ydata()) == theirs["value"].tolist()
 
 
+def test_mechanism_figure_draws_each_stage_and_the_decay_timescale(store):
+    """Rows: test loss, test error, weight norm, effective step, decay timescale; a line per scheme (and per stage
+    in rows 3-4, in the stage's style), each the mean over seeds; the timescale of an epoch without decay is
+    not drawn."""
+    client, uri, _, sweep, planned = store
+    col = collect(client, uri, sweep, planned, REPORT_METRICS + MECHANISM_METRICS)
+    assert set(col.frame["metric"].astype(str)) == set(REPORT_METRICS + MECHANISM_METRICS)
+    spec = figures.FigureSpec("digits", "resnet14", "weight-decay", ("wd-1e-4", "01"))
+    plans = {s: col.scheme_plan("digits", "resnet14", s) for s in spec.schemes}
+    bands = figures.seed_bands(col.frame, figures.MECHANISM_METRICS)
+    bands.loc[(bands["scheme"] == "01") & (bands["metric"] == "decay_epochs") & (bands["epoch"] == 3),
+              "mean"] = NO_DECAY
+    palette = figures.scheme_palette(col.schemes)
+    fig = figures.draw_mechanism(spec, bands, plans, {s: s for s in spec.schemes}, palette)
+    axes = fig.axes
+    assert len(axes) == 15
+    assert [axes[i].get_ylabel() for i in range(0, 15, 3)] == [
+        "test loss (log)", "test error", "weight norm ‖w‖ (log)", "effective step lr/‖w‖² (log)",
+        "decay timescale (epochs) (log)"]
+    assert [ax.get_yscale() for ax in axes[::3]] == ["log", "linear", "log", "log", "log"]
+
+    def curves(ax):
+        return [ln for ln in ax.lines if not ln.get_label().startswith("_")]
+
+    assert [ln.get_label() for ln in curves(axes[6])] == [
+        f"{s}: weight_norm_{st}, mean of {n}" for s, n in (("wd-1e-4", 3), ("01", 2)) for st in STAGES]
+    styles = [ln.get_linestyle() for ln in curves(axes[9])]
+    assert styles[:4] == styles[4:] and len(set(styles[:4])) == 4  # one style per stage
+    f = col.frame
+    for ax, metric in ((axes[7], "weight_norm_stage2"), (axes[10], "effective_lr_stage2")):  # phase 2
+        line = next(ln for ln in curves(ax) if ln.get_label().startswith(f"01: {metric}"))
+        one = f[(f["scheme"] == "01") & (f["metric"] == metric) & (f["phase"] == 2)]
+        assert list(line.get_ydata()) == pytest.approx(one.groupby("epoch")["value"].mean().tolist(), rel=1e-12)
+    decay = next(ln for ln in curves(axes[12]) if ln.get_label().startswith("01:"))
+    assert math.isnan(decay.get_ydata()[2]) and not np.isnan(np.delete(decay.get_ydata(), 2)).any()
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "first convolution", "stage 1 (16 ch.)", "stage 2 (32 ch.)", "stage 3 (64 ch.)"]
+
+
 def cli(capsys, *args: str) -> subprocess.CompletedProcess:
     from orchestrator.cli import main
 
@@ -356,8 +404,13 @@ def test_cli_report_writes_figures_tables_and_logs_them_to_mlflow(store, tmp_pat
         assert png.info["dpi"][0] >= 150
         assert png.size[1] == round(160 * (3 * 2.3 + 0.95 + 0.65 + 0.25 * (legend_rows + 1)))  # 3 rows: train loss
         assert (out / "figures" / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
+    for stem in stems:  # the mechanism figures: 5 rows; the schemes' labels fit on one row, and the stages' key
+        png = Image.open(out / "figures" / f"{stem}-mechanism.png")
+        assert png.size[1] == round(160 * (5 * 2.3 + 0.95 + 0.65 + 0.25 * 2))
+        assert (out / "figures" / f"{stem}-mechanism.pdf").read_bytes().startswith(b"%PDF")
     report_md = (out / "report.md").read_text()
-    for link in [f"figures/{s}.{ext}" for s in stems for ext in ("png", "pdf")] + [
+    assert report_md.count("Does the taper act?") == 3
+    for link in [f"figures/{s}{m}.{ext}" for s in stems for m in ("", "-mechanism") for ext in ("png", "pdf")] + [
             "phase_summary.csv", "phase_summary.md", "runs.csv"]:
         assert f"]({link})" in report_md
     assert "1 of 3 seeds not in MLflow (seed 2)" in report_md
@@ -373,7 +426,7 @@ def test_cli_report_writes_figures_tables_and_logs_them_to_mlflow(store, tmp_pat
     assert len(runs) == 1 and runs[0].info.run_name == "report" and runs[0].info.status == "FINISHED"
     logged = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
     assert logged == {"figures", "phase_summary.csv", "phase_summary.md", "report.md", "runs.csv"}
-    assert len(client.list_artifacts(runs[0].info.run_id, "figures")) == 6
+    assert len(client.list_artifacts(runs[0].info.run_id, "figures")) == 12  # 3 figures + 3 mechanism, PNG + PDF
 
 
 def test_cli_report_of_a_selection_and_bad_baseline(store, tmp_path, capsys):
@@ -382,6 +435,7 @@ def test_cli_report_of_a_selection_and_bad_baseline(store, tmp_path, capsys):
                "--only", "scheme=wd-1e-4,22", "--baseline", "22", "--envelope")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "digits-resnet14-sparsity-mechanism.pdf", "digits-resnet14-sparsity-mechanism.png",
         "digits-resnet14-sparsity.pdf", "digits-resnet14-sparsity.png"]
     png = Image.open(tmp_path / "figures" / "digits-resnet14-sparsity.png")
     assert png.size[1] == round(160 * (2 * 2.3 + 0.95 + 0.65 + 0.25 * 3))  # 2 rows; 2 schemes and the key

@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from training import Callback, RunConfig, train
+from training.callbacks import DIAGNOSTICS
 from training.checkpoint import load_checkpoint
 from training.core import epoch_seed, seeded_model
 from training.data import Batches, load_splits
+from training.diagnostics import model_diagnostics
 from training.graphed import StaticBatches, StaticStep, momentum_buffers
 from training.packed import train_packed
 from training.regularizers import SparseSGD, draw_masks
@@ -160,6 +162,10 @@ def assert_graphed_run_resumes_identically(device, tmp_path):
     assert without_timing(resumed.history) == without_timing(whole.history)
     for (key, a), b in zip(resumed.model.state_dict().items(), whole.model.state_dict().values()):
         assert torch.equal(a, b), key
+    # the diagnostics read the weights the static step trained (97 images at batch 50: 2 steps an epoch)
+    last = model_diagnostics(whole.model.named_parameters(), lr=0.02, weight_decay=2e-3, momentum=0.9,
+                             steps_per_epoch=2)
+    assert {k: whole.history[-1][k] for k in DIAGNOSTICS} == last
     return whole
 
 

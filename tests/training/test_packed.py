@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from stops import Stop, StopAfter
 
 from training import Callback, RunConfig, train
-from training.callbacks import metric_names
+from training.callbacks import DIAGNOSTICS, metric_names
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import Batches, Split, load_splits
+from training.diagnostics import model_diagnostics
 from training.fused import PackedBatches
 from training.loop import CheckpointMismatch, epoch_seed
 from training.models import build_model
@@ -104,6 +105,11 @@ def test_three_steps_match_solo_in_float64(tmp_path):
         state = load_checkpoint(path)
         assert state["epoch"] == 1
         assert math.isclose(state["history"][0]["train_loss"], sum(losses) / 3, rel_tol=1e-5)
+        first = plan_for(config)[0]
+        diagnostics = model_diagnostics(model.named_parameters(), lr=first.lr, weight_decay=first.weight_decay,
+                                        momentum=config.momentum, steps_per_epoch=3)
+        for name, value in diagnostics.items():
+            assert math.isclose(state["history"][0][name], value, rel_tol=1e-9), name
         reference = model.state_dict()
         assert state["model"].keys() == reference.keys()
         for key, value in reference.items():
@@ -128,6 +134,17 @@ def test_one_epoch_metrics_match_solo(runs):
         assert math.isclose(p["test_loss"], s["test_loss"], rel_tol=1e-3)
         assert abs(p["test_error"] - s["test_error"]) * 500 <= 2
         assert (p["lr"], p["weight_decay"], p["grad_sparsity"]) == (s["lr"], s["weight_decay"], s["grad_sparsity"])
+
+
+def test_diagnostics_match_solo_every_epoch(runs):
+    """Weight norms and effective steps per stage to the packed trainer's tolerance (the weights differ in
+    float32 rounding), the decay timescale exactly, in every epoch."""
+    for solo, member in zip(runs["solo"], runs["pack"].members):
+        assert len(member.history) == len(solo.history) == 3
+        for s, p in zip(solo.history, member.history):
+            assert p["decay_epochs"] == s["decay_epochs"]
+            for name in DIAGNOSTICS:
+                assert math.isclose(p[name], s[name], rel_tol=1e-3), (name, p["epoch"])
         assert abs(p["updated_fraction"] - s["updated_fraction"]) < 1e-3
 
 
