@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from training.callbacks import Callback, eval_names
+from training.callbacks import Callback, eval_names, taper_metrics
 from training.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from training.config import RunConfig
 from training.models import build_model
@@ -107,6 +107,7 @@ class RunRecord:
                 updated_fraction: float, epoch_seconds: float, images_per_second: float) -> dict[str, float]:
         """The epoch's metrics, in the order of ``training.callbacks.metric_names(config)``."""
         step = self.plan[epoch - 1]
+        tapered = {name: float(getattr(step, name)) for name in taper_metrics(self.config)}
         return {
             "train_loss": train_loss,
             "train_error": train_error,
@@ -118,6 +119,7 @@ class RunRecord:
             "updated_fraction": updated_fraction,
             "epoch_seconds": epoch_seconds,
             "images_per_second": images_per_second,
+            **tapered,
         }
 
     def payload(self, epoch: int, model_state: dict[str, Any], optimizer_state: dict[str, Any],
