@@ -215,7 +215,8 @@ def member_losses(logits: torch.Tensor, y: torch.Tensor, smoothing: Sequence[flo
     label smoothing ``smoothing[i]`` (as ``F.cross_entropy(..., label_smoothing=...)`` computes it)."""
     k = logits.shape[0]
     if not any(smoothing):
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(k, -1).mean(1)
+        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+        return flat.view(k, -1).mean(1)
     logp = F.log_softmax(logits, -1)
     nll = -logp.gather(2, y.unsqueeze(2)).squeeze(2)
     uniform = -logp.mean(2)

@@ -43,8 +43,8 @@ from training.fused import (
     PackedResNet,
     full_precision,
     is_shared,
-    member_view,
     member_losses,
+    member_view,
     memory_format_of,
     stack_states,
 )
@@ -241,7 +241,8 @@ class _Pack:
         if self.fused_masks is not None:
             torch._foreach_mul_(grads, self.fused_masks)
         if self.any_decoupled:
-            shrink = self.decoupled if self.fused_masks is None else torch._foreach_mul(self.decoupled, self.fused_masks)
+            masks = self.fused_masks
+            shrink = self.decoupled if masks is None else torch._foreach_mul(self.decoupled, masks)
             torch._foreach_addcmul_(self.params, self.params, shrink, value=-1)
         self.opt.step()
 

@@ -169,13 +169,13 @@ def resolve(name: str, spec: Mapping[str, Any], lrs: Sequence[tuple[int, int, fl
         if low > high:
             raise TaperError(f"{name}.max", f"must be >= min ({low:g}), got {high:g}")
 
-        def value(rate: float) -> float:
+        def value(rate: float, epoch: int) -> float:
             v = ref if alpha == 0 else ref * (rate / ref_lr) ** -alpha
             return min(max(v, low), high)
     else:
         table = _table(name, spec.get("values"))
 
-        def value(rate: float) -> float:
+        def value(rate: float, epoch: int) -> float:
             for key, v in reversed(table):  # smallest listed rate first
                 if key >= rate * (1 - 1e-9):
                     return v
@@ -183,7 +183,7 @@ def resolve(name: str, spec: Mapping[str, Any], lrs: Sequence[tuple[int, int, fl
                                                f"{epoch}: the table's largest lr is {table[0][0]:g}")
     out = []
     for epoch, (phase, _, rate) in enumerate(lrs, start=1):
-        out.append(canonical(otherwise if cycles is not None and phase not in cycles else value(rate)))
+        out.append(canonical(otherwise if cycles is not None and phase not in cycles else value(rate, epoch)))
     return out
 
 

@@ -13,7 +13,8 @@ PINNED = [
     (RunConfig(arch="resnet32", dataset="cifar10", seed=3, train_subset=100, label_noise=0.3, epochs_scale=0.1,
                weight_decay=8e-3), "7cdf170ddcb7", "98ded14abbf2"),
 ]
-NEW_FIELDS = {"validation": 0.1, "variant": "study-a/trial-3", "precision": "bf16", "warmup_epochs": 2, "weight_decay_mode": "decoupled"}
+NEW_FIELDS = {"validation": 0.1, "variant": "study-a/trial-3", "precision": "bf16", "warmup_epochs": 2,
+              "weight_decay_mode": "decoupled"}
 NORMALISED_FIELDS = {  # issue 15: set in a normalised form (a grid, per-epoch values), tested in test_tapers.py
     "lr_family", "lr_min", "dropout", "label_smoothing", "batch_sizes", "per_epoch"}
 
