@@ -306,12 +306,17 @@ class RunConfig:
                 raise ConfigError("per_epoch", f"{name!r} is not a tapered field (expected {', '.join(TAPERED)})")
         per_epoch: dict[str, tuple[float, ...]] = {}
         for name in TAPERED:
-            value = getattr(self, name)
-            if name in given:
-                values = given[name]
-                if not isinstance(values, (list, tuple)) or len(values) != len(lrs):
+            value, values = getattr(self, name), None
+            if name in given and not is_taper(value):
+                listed = given[name]
+                if not isinstance(listed, (list, tuple)) or len(listed) != len(lrs):
                     raise ConfigError(f"per_epoch.{name}", f"needs one value for each of the {len(lrs)} epochs")
-                values = [float(v) for v in values]
+                listed = [float(v) for v in listed]
+                # a grid changed (``replace``) after the values were resolved wins over them
+                if value is None or _grid_or_none(value, phases, steps) == fold(listed, lrs, [steps] * phases)[0]:
+                    values = listed
+            if values is not None:
+                pass
             elif is_taper(value):
                 try:
                     values = resolve(name, value, lrs, peak)
@@ -393,6 +398,13 @@ class RunConfig:
 _RANGES = {"weight_decay": (0.0, math.inf, "must be >= 0"), "grad_sparsity": (0.0, 1.0, "must be in [0, 1)"),
            "dropout": (0.0, 1.0, "must be in [0, 1)"), "label_smoothing": (0.0, 1.0, "must be in [0, 1)"),
            "batch_sizes": (1.0, math.inf, "must be a whole number >= 1")}
+
+
+def _grid_or_none(value: Any, phases: int, steps: int) -> Grid | None:
+    try:
+        return to_grid("", value, phases, steps)
+    except ConfigError:
+        return None
 
 
 def _check_range(name: str, v: float, where: str, suffix: str = "") -> None:

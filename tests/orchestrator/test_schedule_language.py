@@ -150,3 +150,17 @@ def test_bad_schedule_input_is_one_error_line_exit_2_nothing_written(sweep_file,
         assert err.startswith(f"error: {path}: ") and err.count("\n") == 1, err
         assert says in err, err
     assert sorted(p.name for p in isolated.rglob("*")) == before
+
+
+def test_per_epoch_values_of_a_long_run_fit_in_mlflow_params():
+    from orchestrator.store.runs import PARAM_LENGTH, config_params
+    from training.config import RunConfig
+
+    config = RunConfig(lr={"family": "cosine", "max": 0.1, "min": 0.0}, epochs_per_step=[250, 100, 100],
+                       grad_sparsity=0.0, weight_decay={"taper": "power", "ref": 1e-4, "alpha": 0.7},
+                       dropout={"taper": "power", "ref": 0.01, "alpha": 0.3, "max": 0.5})
+    assert len(dict(config.per_epoch)["weight_decay"]) == 450
+    params = config_params(config)
+    assert max(len(v) for v in params.values()) <= PARAM_LENGTH
+    assert "characters, sha256 " in params["per_epoch"]
+    assert params["lr_family"] == "cosine"

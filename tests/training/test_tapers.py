@@ -306,3 +306,12 @@ def test_a_pack_of_different_tapers_reports_what_its_solo_runs_do():
             assert math.isclose(b["test_loss"], a["test_loss"], rel_tol=tolerance)
             names = ("lr", "weight_decay", "dropout", "label_smoothing")
             assert [b.get(n) for n in names] == [a.get(n) for n in names]
+
+
+def test_a_grid_replaced_after_resolution_wins_over_the_resolved_values():
+    cosine = {"family": "cosine", "max": 0.1, "min": 0.001}
+    tapered = RunConfig(lr=cosine, epochs_per_step=[4, 4], grad_sparsity=0.0,
+                        weight_decay={"taper": "power", "ref": 1e-4, "alpha": 1})
+    assert RunConfig.from_dict(tapered.to_dict()) == tapered
+    changed = tapered.replace(weight_decay=5e-4)
+    assert changed.per_epoch == () and {e.weight_decay for e in plan_for(changed)} == {5e-4}
