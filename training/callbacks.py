@@ -37,6 +37,15 @@ METRICS = (
 
 VALIDATION_NAMES = {"test_loss": "val_loss", "test_error": "val_error"}
 
+TAPER_METRICS = {"dropout": "dropout", "label_smoothing": "label_smoothing", "batch_size": "batch_sizes"}
+"""Metrics a run reports after ``METRICS`` when it tapers them (metric name -> RunConfig field): the value in
+force that epoch."""
+
+
+def taper_metrics(config: RunConfig) -> tuple[str, ...]:
+    """The ``TAPER_METRICS`` ``config``'s run reports (those whose field it sets)."""
+    return tuple(name for name, field in TAPER_METRICS.items() if getattr(config, field) is not None)
+
 
 def eval_names(config: RunConfig) -> tuple[str, str]:
     """The names of the evaluated loss and error: ``test_loss`` / ``test_error``, or with a validation split
@@ -47,10 +56,10 @@ def eval_names(config: RunConfig) -> tuple[str, str]:
 
 def metric_names(config: RunConfig) -> tuple[str, ...]:
     """The per-epoch metrics ``config``'s run reports, in order: ``METRICS``, or with a validation split
-    the same with ``val_loss`` / ``val_error`` in place of ``test_loss`` / ``test_error``."""
-    if not config.validation:
-        return METRICS
-    return tuple(VALIDATION_NAMES.get(m, m) for m in METRICS)
+    the same with ``val_loss`` / ``val_error`` in place of ``test_loss`` / ``test_error``; then the
+    ``taper_metrics`` of a run that tapers dropout, label smoothing or the batch size."""
+    names = METRICS if not config.validation else tuple(VALIDATION_NAMES.get(m, m) for m in METRICS)
+    return names + taper_metrics(config)
 
 
 class Callback:

@@ -5,6 +5,11 @@ Every taper is stored as a grid ``phases x steps``: phase p (a warm-restart cycl
 Callers may pass a scalar (same value everywhere), a list of per-step values (same in every
 phase) or a list of per-phase lists; construction normalises all three to tuples of tuples.
 
+Learning-rate families (cosine with warm restarts, linear warm-up) and tapers given as functions of the
+learning rate (``training.tapers``) are resolved here, at construction, to one value per epoch: values
+constant within every step become the grid fields themselves, the rest are kept in ``per_epoch``. So two
+spellings of one schedule are one config (and one run key), and one that says today's grid is today's.
+
 Fields whose ``metadata["identity"]`` is False (labels, paths, evaluation batch size) do not change
 the result; the orchestrator leaves them out of the run key. Fields marked ``"if_set"`` (added after
 runs were logged) count only when they differ from their default, so adding them changed no key.
@@ -16,9 +21,23 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from training.tapers import (
+    LR_FAMILIES,
+    TAPERED,
+    WEIGHT_DECAY_MODES,
+    TaperError,
+    epoch_lrs,
+    fold,
+    is_taper,
+    lr_spec,
+    resolve,
+    warmup_length,
+)
 
 ARCH_PATTERN = re.compile(r"^resnet(\d+)$")
 DATASETS = ("cifar10", "cifar100", "digits")
@@ -147,6 +166,27 @@ class RunConfig:
     CUDA graph and replay it (``training.graphed``), with ``cudnn.benchmark``; the same numbers up to float
     rounding, so not part of the run's identity. Elsewhere the same static-buffer step runs eagerly. Off by
     default until a GPU run has passed its correctness check (``benchmarks/gpu_check.sh``)."""
+    lr_family: str = field(default="step", metadata={"identity": "if_set"})
+    """``step`` (each step trains at its ``lr``) or ``cosine`` (each phase is an SGDR cycle annealed from its
+    peak ``lr[p][0]`` to ``lr_min``, restarted at the next phase; ``training.tapers``)."""
+    lr_min: float = field(default=0.0, metadata={"identity": "if_set"})
+    """The rate every cosine cycle anneals to (``lr_family`` cosine)."""
+    warmup_epochs: int = field(default=0, metadata={"identity": "if_set"})
+    """Linear warm-up over the run's first W epochs (scaled like a step): epoch e <= W trains at e/W of its
+    planned rate (0 = none)."""
+    weight_decay_mode: str = field(default="coupled", metadata={"identity": "if_set"})
+    """``coupled`` (L2 in the gradient, as torch.optim.SGD: each step shrinks weights by about lr x wd) or
+    ``decoupled`` (w <- w - wd x w every step, independent of the learning rate)."""
+    dropout: Grid | None = field(default=None, metadata={"identity": "if_set"})
+    """Dropout rate before the classifier per phase and step, in [0, 1) (None = no dropout)."""
+    label_smoothing: Grid | None = field(default=None, metadata={"identity": "if_set"})
+    """Label smoothing of the training loss per phase and step, in [0, 1) (None = none)."""
+    batch_sizes: Grid | None = field(default=None, metadata={"identity": "if_set"})
+    """Mini-batch size per phase and step, whole numbers >= 1 (None = ``batch_size`` throughout)."""
+    per_epoch: tuple[tuple[str, tuple[float, ...]], ...] = field(default=(), metadata={"identity": "if_set"})
+    """Per-epoch values of the tapered fields that vary within a step (resolved from tapers of the learning
+    rate; name -> one value per epoch). Set by construction; the grid of such a field holds each step's first
+    epoch's value."""
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -166,24 +206,28 @@ class RunConfig:
         set_("epochs_per_step", tuple(eps))
         phases = len(eps)
         lr = self.lr
+        if isinstance(lr, Mapping):
+            try:
+                spec = lr_spec(lr, phases)
+            except TaperError as e:
+                raise ConfigError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+            for k, v in spec.items():
+                set_(k, v)
+            lr = self.lr
         steps = len(lr[0]) if isinstance(lr, (list, tuple)) and lr and isinstance(lr[0], (list, tuple)) else (
             len(lr) if isinstance(lr, (list, tuple)) else 5)
         if steps < 1:
             raise ConfigError("lr", "needs at least one step")
-        for name in ("lr", "weight_decay", "grad_sparsity"):
-            set_(name, to_grid(name, getattr(self, name), phases, steps))
+        set_("lr", to_grid("lr", lr, phases, steps))
         for p, row in enumerate(self.lr):
             for s, v in enumerate(row):
                 if v <= 0:
                     raise ConfigError(f"lr[{p}][{s}]", f"must be > 0, got {v}")
-        for p, row in enumerate(self.weight_decay):
-            for s, v in enumerate(row):
-                if v < 0:
-                    raise ConfigError(f"weight_decay[{p}][{s}]", f"must be >= 0, got {v}")
-        for p, row in enumerate(self.grad_sparsity):
-            for s, v in enumerate(row):
-                if not 0 <= v < 1:
-                    raise ConfigError(f"grad_sparsity[{p}][{s}]", f"must be in [0, 1), got {v}")
+        es = self.epochs_scale
+        if isinstance(es, bool) or not isinstance(es, (int, float)) or not math.isfinite(es) or es <= 0:
+            raise ConfigError("epochs_scale", f"must be > 0, got {es!r}")
+        set_("epochs_scale", float(es))
+        self._resolve_tapers(phases, steps)
         if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
             raise ConfigError("momentum", f"must be in [0, 1), got {self.momentum!r}")
         set_("momentum", float(self.momentum))
@@ -191,10 +235,6 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(name, f"must be a positive integer, got {v!r}")
-        es = self.epochs_scale
-        if isinstance(es, bool) or not isinstance(es, (int, float)) or not math.isfinite(es) or es <= 0:
-            raise ConfigError("epochs_scale", f"must be > 0, got {es!r}")
-        set_("epochs_scale", float(es))
         ts = self.train_subset
         if ts is None:
             ts = 0
@@ -218,6 +258,110 @@ class RunConfig:
         if not isinstance(self.variant, str):
             raise ConfigError("variant", f"must be a string, got {self.variant!r}")
         set_("data_dir", str(Path(self.data_dir).expanduser()))
+        if self.graph:
+            used = [name for name, on in (("dropout", self.dropout is not None),
+                                          ("label_smoothing", self.label_smoothing is not None),
+                                          ("batch_sizes", self.batch_sizes is not None),
+                                          ("weight_decay_mode", self.weight_decay_mode != "coupled")) if on]
+            if used:
+                raise ConfigError("graph", f"the CUDA-graph step does not support {used[0].replace('_', ' ')} "
+                                           "yet: turn graph off for this run")
+
+    def _resolve_tapers(self, phases: int, steps: int) -> None:
+        """Validate the learning-rate family and resolve every tapered field to its grid (and, where it varies
+        within a step, its per-epoch values)."""
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.lr_family not in LR_FAMILIES:
+            raise ConfigError("lr_family", f"unknown family {self.lr_family!r} (expected one of "
+                                           f"{', '.join(LR_FAMILIES)})")
+        lo = self.lr_min
+        if isinstance(lo, bool) or not isinstance(lo, (int, float)) or not math.isfinite(lo) or lo < 0:
+            raise ConfigError("lr_min", f"must be >= 0, got {lo!r}")
+        set_("lr_min", float(lo) if self.lr_family == "cosine" else 0.0)  # the step family has no use for it
+        if self.lr_family == "cosine":
+            for p, row in enumerate(self.lr):
+                if any(v != row[0] for v in row):
+                    raise ConfigError(f"lr[{p}]", "a cosine cycle has one peak: give one rate per phase")
+                if lo > row[0]:
+                    raise ConfigError("lr_min", f"must not exceed the peak {row[0]:g}, got {lo:g}")
+        w = self.warmup_epochs
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ConfigError("warmup_epochs", f"must be a whole number >= 0, got {w!r}")
+        if self.weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ConfigError("weight_decay_mode", f"unknown mode {self.weight_decay_mode!r} (expected one of "
+                                                   f"{', '.join(WEIGHT_DECAY_MODES)})")
+        lrs = epoch_lrs(self.lr, self.epochs_per_step, self.epochs_scale, self.lr_family, self.lr_min, w)
+        if warmup_length(w, self.epochs_scale) > len(lrs):
+            raise ConfigError("warmup_epochs", f"is longer than the run ({len(lrs)} epochs)")
+        peak = max(v for row in self.lr for v in row)
+        given = self.per_epoch
+        if isinstance(given, Mapping):
+            given = tuple(given.items())
+        if not isinstance(given, (list, tuple)) or not all(isinstance(g, (list, tuple)) and len(g) == 2
+                                                           for g in given):
+            raise ConfigError("per_epoch", f"expected (name, values) pairs, got {given!r}")
+        given = dict(given)
+        for name in given:
+            if name not in TAPERED:
+                raise ConfigError("per_epoch", f"{name!r} is not a tapered field (expected {', '.join(TAPERED)})")
+        per_epoch: dict[str, tuple[float, ...]] = {}
+        for name in TAPERED:
+            value, values = getattr(self, name), None
+            if name in given and not is_taper(value):
+                listed = given[name]
+                if not isinstance(listed, (list, tuple)) or len(listed) != len(lrs):
+                    raise ConfigError(f"per_epoch.{name}", f"needs one value for each of the {len(lrs)} epochs")
+                listed = [float(v) for v in listed]
+                # a grid changed (``replace``) after the values were resolved wins over them
+                if value is None or _grid_or_none(value, phases, steps) == fold(listed, lrs, [steps] * phases)[0]:
+                    values = listed
+            if values is not None:
+                pass
+            elif is_taper(value):
+                try:
+                    values = resolve(name, value, lrs, peak)
+                except TaperError as e:
+                    raise ConfigError(e.field, str(e).removeprefix(f"{e.field}: ")) from None
+                if name == "batch_sizes" and value.get("taper") == "power":
+                    values = [float(max(1, round(v))) for v in values]
+            elif value is None:
+                continue
+            else:
+                grid = to_grid(name, value, phases, steps)
+                for p, row in enumerate(grid):
+                    for s, v in enumerate(row):
+                        _check_range(name, v, f"{name}[{p}][{s}]")
+                set_(name, grid)
+                continue
+            for e, v in enumerate(values, start=1):
+                _check_range(name, v, name, f" at epoch {e}")
+            grid, exact = fold(values, lrs, [len(row) for row in self.lr])
+            set_(name, grid)
+            if not exact:
+                per_epoch[name] = tuple(values)
+        # canonical forms: an unused regularizer is None, a constant batch schedule is batch_size
+        for name in ("dropout", "label_smoothing"):
+            if getattr(self, name) is not None and name not in per_epoch and not any(
+                    v for row in getattr(self, name) for v in row):
+                set_(name, None)
+        if self.batch_sizes is not None:
+            set_("batch_sizes", tuple(tuple(int(v) for v in row) for row in self.batch_sizes))
+            if "batch_sizes" in per_epoch:
+                per_epoch["batch_sizes"] = tuple(int(v) for v in per_epoch["batch_sizes"])
+            flat = per_epoch.get("batch_sizes") or [v for row in self.batch_sizes for v in row]
+            set_("batch_size", int(flat[0]))
+            if all(v == flat[0] for v in flat):
+                set_("batch_sizes", None)
+                per_epoch.pop("batch_sizes", None)
+        set_("per_epoch", tuple(sorted(per_epoch.items())))
+
+    @property
+    def batch_schedule(self) -> tuple[int, ...]:
+        """The training batch size of every epoch when it changes (a batch-size taper), else ()."""
+        if self.batch_sizes is None:
+            return ()
+        from training.schedules import plan_for
+        return tuple(e.batch_size for e in plan_for(self))
 
     @property
     def num_classes(self) -> int:
@@ -251,6 +395,27 @@ class RunConfig:
         return out
 
 
+_RANGES = {"weight_decay": (0.0, math.inf, "must be >= 0"), "grad_sparsity": (0.0, 1.0, "must be in [0, 1)"),
+           "dropout": (0.0, 1.0, "must be in [0, 1)"), "label_smoothing": (0.0, 1.0, "must be in [0, 1)"),
+           "batch_sizes": (1.0, math.inf, "must be a whole number >= 1")}
+
+
+def _grid_or_none(value: Any, phases: int, steps: int) -> Grid | None:
+    try:
+        return to_grid("", value, phases, steps)
+    except ConfigError:
+        return None
+
+
+def _check_range(name: str, v: float, where: str, suffix: str = "") -> None:
+    low, high, what = _RANGES[name]
+    bad = not low <= v < high
+    if name == "batch_sizes" and v != int(v):
+        bad = True
+    if bad:
+        raise ConfigError(where, f"{what}, got {v}{suffix}")
+
+
 def json_ready(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: json_ready(v) for k, v in obj.items()}
@@ -260,7 +425,8 @@ def json_ready(obj: Any) -> Any:
 
 
 SHAPE_FIELDS = ("arch", "dataset", "lr", "epochs_per_step", "epochs_scale", "batch_size", "momentum", "augment",
-                "train_subset", "label_noise", "validation", "precision")
+                "train_subset", "label_noise", "validation", "precision", "lr_family", "lr_min", "warmup_epochs",
+                "batch_schedule")
 """Fields every member of a pack shares."""
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from training.callbacks import DIAGNOSTICS, Callback, eval_names
+from training.callbacks import DIAGNOSTICS, Callback, eval_names, taper_metrics
 from training.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
 from training.config import RunConfig
 from training.models import build_model
@@ -109,6 +109,7 @@ class RunRecord:
         """The epoch's metrics, in the order of ``training.callbacks.metric_names(config)``; ``diagnostics``
         are ``training.diagnostics``' of the epoch."""
         step = self.plan[epoch - 1]
+        tapered = {name: float(getattr(step, name)) for name in taper_metrics(self.config)}
         return {
             "train_loss": train_loss,
             "train_error": train_error,
@@ -121,6 +122,7 @@ class RunRecord:
             "epoch_seconds": epoch_seconds,
             "images_per_second": images_per_second,
             **{name: diagnostics[name] for name in DIAGNOSTICS},
+            **tapered,
         }
 
     def payload(self, epoch: int, model_state: dict[str, Any], optimizer_state: dict[str, Any],

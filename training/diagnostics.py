@@ -106,12 +106,13 @@ def model_diagnostics(named_parameters: Iterable[tuple[str, torch.Tensor]], *, l
 
 def packed_diagnostics(names: Sequence[str], params: Sequence[torch.Tensor], members: int, *, lr: float,
                        weight_decays: Sequence[float], momentum: float, steps_per_epoch: int,
-                       decoupled: bool = False) -> list[dict[str, float]]:
+                       decoupled: Sequence[bool] = ()) -> list[dict[str, float]]:
     """The diagnostics of the first ``len(weight_decays)`` members of a fused model of ``members`` (its
-    parameters' ``names`` and member-major ``params``), member i trained at ``weight_decays[i]``."""
+    parameters' ``names`` and member-major ``params``), member i trained at ``weight_decays[i]``, decoupled
+    if ``decoupled[i]`` (default: all coupled)."""
     tracked = _tracked(names)
     norms = squared_norms([params[i] for i, _ in tracked], members)
     stages = [s for _, s in tracked]
     return [stage_metrics(stages, norms[i], lr=lr, weight_decay=wd, momentum=momentum,
-                          steps_per_epoch=steps_per_epoch, decoupled=decoupled)
+                          steps_per_epoch=steps_per_epoch, decoupled=bool(decoupled) and decoupled[i])
             for i, wd in enumerate(weight_decays)]

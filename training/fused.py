@@ -22,6 +22,7 @@ from torch import nn
 
 from training.data import PAD, Batches
 from training.models import STAGE_CHANNELS
+from training.regularizers import keep_mask
 
 
 class PackedConv(nn.Module):
@@ -103,11 +104,20 @@ class PackedResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.fc = PackedLinear(members, in_channels, num_classes)
+        self.dropout: list[float] = [0.0] * members  # per member, as CifarResNet.dropout
+        self.dropout_generators: list[torch.Generator | None] = [None] * members
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn(self.conv(x)))
         x = self.stages(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        if self.training and any(self.dropout):
+            b, width = x.shape[0], x.shape[1] // self.members
+            masks = [keep_mask((b, width), rate, g, x.device, x.dtype) if rate
+                     else torch.ones(b, width, device=x.device, dtype=x.dtype)
+                     for rate, g in zip(self.dropout, self.dropout_generators)]
+            x = x * torch.stack(masks, 1).view(b, -1)
+        return self.fc(x)
 
 
 SHARED_KEYS = ("num_batches_tracked",)
@@ -198,6 +208,20 @@ class PackedBatches:
         x = first._normalise(x)
         x = x.view(k, b, *x.shape[1:]).transpose(0, 1).reshape(b, -1, *x.shape[2:])
         return x.contiguous(memory_format=torch.channels_last), self.labels[label_index]
+
+
+def member_losses(logits: torch.Tensor, y: torch.Tensor, smoothing: Sequence[float]) -> torch.Tensor:
+    """Each member's mean training loss ``[N]`` of logits ``[N, B, classes]``: cross-entropy with member i's
+    label smoothing ``smoothing[i]`` (as ``F.cross_entropy(..., label_smoothing=...)`` computes it)."""
+    k = logits.shape[0]
+    if not any(smoothing):
+        flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+        return flat.view(k, -1).mean(1)
+    logp = F.log_softmax(logits, -1)
+    nll = -logp.gather(2, y.unsqueeze(2)).squeeze(2)
+    uniform = -logp.mean(2)
+    eps = torch.tensor(list(smoothing), dtype=logits.dtype, device=logits.device).view(k, 1)
+    return ((1 - eps) * nll + eps * uniform).mean(1)
 
 
 def memory_format_of(p: torch.Tensor) -> torch.memory_format:

@@ -32,7 +32,7 @@ from training.core import Diverged, EpochWriter, RunRecord, divergence, epoch_se
 from training.data import Batches, load_splits
 from training.diagnostics import model_diagnostics
 from training.graphed import StaticBatches, StaticStep, cudnn_benchmark, momentum_buffers, no_autocast_cache
-from training.regularizers import SparseSGD
+from training.regularizers import SparseSGD, dropout_generator
 
 __all__ = ["train", "TrainResult", "Diverged", "CheckpointError", "CheckpointMismatch", "CHECKPOINT_VERSION",
            "evaluate", "epoch_seed"]
@@ -149,7 +149,10 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
         for step in plan[start:]:
             epoch = step.epoch
             t0 = time.perf_counter()
-            opt.set_hyper(step.lr, step.weight_decay)
+            opt.set_hyper(step.lr, step.weight_decay, config.weight_decay_mode == "decoupled")
+            train_batches.batch_size = step.batch_size
+            model.dropout = step.dropout
+            model.dropout_generator = dropout_generator(config.seed, epoch, device) if step.dropout else None
             if record.new_masks(epoch, params):
                 masks = [m.to(device) for m in record.masks] if record.masks is not None else None
                 opt.set_masks(masks) if static is None else static.set_masks(masks)
@@ -163,7 +166,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
                 for x, y in train_batches.epoch(generator):
                     with autocast(config.precision, device):
                         logits = run(x)
-                    loss = F.cross_entropy(logits.float(), y)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=step.label_smoothing)
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
@@ -185,7 +188,8 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
                 raise diverged
             changed = int(sum((p.detach() != b).sum() for p, b in zip(params, before)))
             diagnostics = model_diagnostics(model.named_parameters(), lr=step.lr, weight_decay=step.weight_decay,
-                                            momentum=config.momentum, steps_per_epoch=len(train_batches))
+                                            momentum=config.momentum, steps_per_epoch=len(train_batches),
+                                            decoupled=config.weight_decay_mode == "decoupled")
             eval_loss, eval_error = evaluate(run, eval_batches, config.eval_batch_size, config.precision)
             diverged = divergence(epoch, [(record.eval_loss_name, eval_loss), (record.eval_error_name, eval_error)])
             if diverged is not None:

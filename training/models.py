@@ -5,6 +5,9 @@ the start of stages 2 and 3), global average pooling and a linear classifier. Sh
 (subsample + zero channel padding, no parameters), which gives the paper's parameter counts
 (ResNet-20: 0.27M, ResNet-32: 0.46M). No data-dependent control flow, so ``torch.compile`` traces it
 in one graph; the factory never moves the model to a device.
+
+Dropout before the classifier (``dropout`` rate, masks from ``dropout_generator``) acts in training mode
+only and is off (no draws at all) at rate 0, the default; the trainer sets both every epoch.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import resnet_depth
+from training.regularizers import keep_mask
 
 STAGE_CHANNELS = (16, 32, 64)
 
@@ -65,6 +69,8 @@ class CifarResNet(nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(in_channels, num_classes)
+        self.dropout = 0.0
+        self.dropout_generator: torch.Generator | None = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -83,6 +89,8 @@ class CifarResNet(nn.Module):
         x = F.relu(self.bn(self.conv(x)))
         x = self.stages(x)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        if self.training and self.dropout:
+            x = x * keep_mask(x.shape, self.dropout, self.dropout_generator, x.device, x.dtype)
         return self.fc(x)
 
 

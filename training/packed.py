@@ -44,13 +44,14 @@ from training.fused import (
     PackedResNet,
     full_precision,
     is_shared,
+    member_losses,
     member_view,
     memory_format_of,
     stack_states,
 )
 from training.graphed import StaticBatches, StaticStep, cudnn_benchmark, momentum_buffers, no_autocast_cache
 from training.loop import TrainResult, autocast, precision_mode, sync
-from training.regularizers import SparseSGD
+from training.regularizers import SparseSGD, dropout_generator
 
 
 def check_shape(configs: Sequence[RunConfig]) -> None:
@@ -154,6 +155,9 @@ class _Pack:
             m.momentum = None
         self.decay = [torch.zeros_like(p) for p in self.params]
         self.any_decay = False
+        self.decoupled = [torch.zeros_like(p) for p in self.params]  # per member: decoupled decay (or 0)
+        self.any_decoupled = False
+        self.smoothing = [0.0] * self.n
         self.fused_masks: list[torch.Tensor] | None = None
         self.static: StaticStep | None = None
         self._build_masks()
@@ -187,14 +191,21 @@ class _Pack:
         return [j for j, m in enumerate(self.slots) if m is self.members[i]]
 
     def set_hyper(self, lr: float, weight_decays: Sequence[float]) -> None:
-        """The learning rate, and each member's weight decay (one per member)."""
+        """The learning rate, and each member's weight decay (one per member; coupled or decoupled as the
+        member's ``weight_decay_mode``)."""
         for group in self.opt.param_groups:
             group["lr"] = lr
         by_member = dict(zip(map(id, self.members), weight_decays))
-        per_member = torch.tensor([by_member[id(m)] for m in self.slots], dtype=self.dtype, device=self.device)
-        self.any_decay = any(wd != 0 for wd in weight_decays)
-        for d, p in zip(self.decay, self.params):
-            d.copy_(per_member.repeat_interleave(p.numel() // self.n).view(p.shape))
+        decoupled = [m.config.weight_decay_mode == "decoupled" for m in self.slots]
+        for target, mine in ((self.decay, False), (self.decoupled, True)):
+            values = [by_member[id(m)] if d == mine else 0.0 for m, d in zip(self.slots, decoupled)]
+            per_member = torch.tensor(values, dtype=self.dtype, device=self.device)
+            for d, p in zip(target, self.params):
+                d.copy_(per_member.repeat_interleave(p.numel() // self.n).view(p.shape))
+            if mine:
+                self.any_decoupled = any(values)
+            else:
+                self.any_decay = any(values)
         if self.static is not None:
             self.static.set_hyper(lr)
 
@@ -230,6 +241,10 @@ class _Pack:
             torch._foreach_addcmul_(grads, self.params, self.decay)
         if self.fused_masks is not None:
             torch._foreach_mul_(grads, self.fused_masks)
+        if self.any_decoupled:
+            masks = self.fused_masks
+            shrink = self.decoupled if masks is None else torch._foreach_mul(self.decoupled, masks)
+            torch._foreach_addcmul_(self.params, self.params, shrink, value=-1)
         self.opt.step()
 
     def sync_solo(self, i: int, lr: float, weight_decay: float) -> None:
@@ -245,7 +260,17 @@ class _Pack:
             buf = self.opt.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 state[solo_p]["momentum_buffer"] = member_view(buf, self.n, i, s).detach().to("cpu", solo_p.dtype)
-        m.solo_opt.set_hyper(lr, weight_decay)
+        m.solo_opt.set_hyper(lr, weight_decay, m.config.weight_decay_mode == "decoupled")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch ``epoch``'s batch size (shared), and each member's dropout rate and masks' generator."""
+        steps = [m.record.plan[epoch - 1] for m in self.slots]
+        for m in self.slots:
+            m.train_batches.batch_size = steps[0].batch_size
+        self.model.dropout = [s.dropout for s in steps]
+        self.model.dropout_generators = [dropout_generator(m.config.seed, epoch, self.device) if s.dropout else None
+                                         for m, s in zip(self.slots, steps)]
+        self.smoothing = [s.label_smoothing for s in steps]
 
     def solo_state(self, i: int, lr: float, weight_decay: float):
         """A ``RunRecord.save`` state function: member i's solo model and optimizer state dicts (synced now)."""
@@ -342,6 +367,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
             t0 = time.perf_counter()
             steps = [m.record.plan[epoch - 1] for m in pack.members]
             pack.set_hyper(step.lr, [s.weight_decay for s in steps])
+            pack.set_epoch(epoch)
             for i, m in enumerate(pack.members):
                 if m.record.new_masks(epoch, pack.member_params(i)):
                     pack.set_masks(i)
@@ -358,8 +384,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
                     with autocast(precision, device):
                         logits = pack.run(x)
                     logits = full_precision(logits)
-                    per_member = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                                 reduction="none").view(k, -1).mean(1)
+                    per_member = member_losses(logits, y, pack.smoothing)
                     pack.opt.zero_grad(set_to_none=False)
                     per_member.sum().backward()
                     pack.step()
@@ -380,7 +405,9 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
             diagnostics = packed_diagnostics(pack.names, pack.params, k, lr=step.lr,
                                              weight_decays=[s.weight_decay for s in steps],
                                              momentum=configs[0].momentum,
-                                             steps_per_epoch=len(pack.members[0].train_batches))
+                                             steps_per_epoch=len(pack.members[0].train_batches),
+                                             decoupled=[m.config.weight_decay_mode == "decoupled"
+                                                        for m in pack.members])
             test_loss, test_error = _evaluate(pack, test_batches, eval_batch_size, precision)
             train_losses, train_wrong, changed = loss_sum.tolist(), wrong.tolist(), changed.tolist()
             epoch_seconds = time.perf_counter() - t0

@@ -5,6 +5,10 @@
 - Sparse gradients: per parameter tensor a fixed random mask keeps a ``1 - s`` share of the entries.
   Masked entries get no update at all (gradient, weight decay and momentum), so they stay frozen.
   The masks are drawn from the run's seed and re-drawn only when ``s`` changes; ``s = 0`` is dense.
+- Decoupled weight decay (``weight_decay_mode`` decoupled): ``w <- w - wd * w`` every step, before the SGD
+  update and independent of the learning rate (masked entries stay frozen).
+- Dropout before the classifier: masks from a generator seeded by the run's seed and the epoch
+  (``dropout_generator``), so a resumed run draws what an uninterrupted one draws.
 """
 
 from __future__ import annotations
@@ -34,6 +38,23 @@ def draw_masks(params: Sequence[torch.Tensor], sparsity: float, seed: int) -> li
     return masks
 
 
+def dropout_seed(run_seed: int, epoch: int) -> int:
+    """Seed of the dropout masks of epoch ``epoch``."""
+    return (run_seed * 1_000_037 + epoch * 15_485_863 + 29) % (2**63 - 1)
+
+
+def dropout_generator(run_seed: int, epoch: int, device: torch.device | str) -> torch.Generator:
+    """The generator of epoch ``epoch``'s dropout masks, on ``device``."""
+    return torch.Generator(device=device).manual_seed(dropout_seed(run_seed, epoch))
+
+
+def keep_mask(shape: Sequence[int], rate: float, generator: torch.Generator, device: torch.device,
+              dtype: torch.dtype) -> torch.Tensor:
+    """Inverted dropout: 1 / (1 - rate) where kept, 0 where dropped (float32 draws on ``device``)."""
+    draws = torch.rand(tuple(shape), generator=generator, device=device)
+    return (draws >= rate).to(dtype) * (1.0 / (1.0 - rate))
+
+
 class SparseSGD:
     """torch.optim.SGD (momentum, no built-in decay) plus coupled weight decay and gradient masks."""
 
@@ -41,12 +62,14 @@ class SparseSGD:
         self.params = list(params)
         self.optimizer = torch.optim.SGD(self.params, lr=0.1, momentum=momentum, weight_decay=0.0, foreach=True)
         self.weight_decay = 0.0
+        self.decoupled = False
         self.masks: list[torch.Tensor] | None = None
 
-    def set_hyper(self, lr: float, weight_decay: float) -> None:
+    def set_hyper(self, lr: float, weight_decay: float, decoupled: bool = False) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.weight_decay = weight_decay
+        self.decoupled = decoupled
 
     def set_masks(self, masks: list[torch.Tensor] | None) -> None:
         """Install masks; momentum of frozen entries is cleared so they never move."""
@@ -62,10 +85,13 @@ class SparseSGD:
     @torch.no_grad()
     def step(self) -> None:
         grads = [p.grad for p in self.params]
-        if self.weight_decay:
+        if self.weight_decay and not self.decoupled:
             torch._foreach_add_(grads, self.params, alpha=self.weight_decay)
         if self.masks is not None:
             torch._foreach_mul_(grads, self.masks)
+        if self.weight_decay and self.decoupled:
+            shrink = self.params if self.masks is None else torch._foreach_mul(self.params, self.masks)
+            torch._foreach_add_(self.params, shrink, alpha=-self.weight_decay)
         self.optimizer.step()
 
     def zero_grad(self) -> None:

@@ -113,14 +113,18 @@ class EpochEcho(Callback):
 @epochs_scale_option
 @click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
 def schedule_command(scheme, sweep_file, epochs_scale, fmt):
-    """Every epoch's phase, learning rate, weight decay and gradient sparsity for SCHEME."""
+    """Every epoch's phase, learning rate, weight decay and gradient sparsity for SCHEME (and its dropout,
+    label smoothing and batch size where it tapers them)."""
     from orchestrator.sweep.file import load_sweep
+    from training.callbacks import taper_metrics
     from training.schedules import plan_for
 
     sweep = load_sweep(sweep_file or default_sweep_file(), epochs_scale=epochs_scale)
     config = sweep.run_config(scheme, sweep.archs[0], sweep.datasets[0], sweep.seeds[0])
-    header = ["epoch", "phase", "lr", "weight_decay", "grad_sparsity"]
-    rows = [[str(e.epoch), str(e.phase), f"{e.lr:g}", f"{e.weight_decay:g}", f"{e.grad_sparsity:g}"]
+    extra = taper_metrics(config)
+    header = ["epoch", "phase", "lr", "weight_decay", "grad_sparsity", *extra]
+    rows = [[str(e.epoch), str(e.phase), f"{e.lr:g}", f"{e.weight_decay:g}", f"{e.grad_sparsity:g}",
+             *(f"{getattr(e, name):g}" for name in extra)]
             for e in plan_for(config)]
     if fmt == "csv":
         writer = csv.writer(sys.stdout, lineterminator="\n")

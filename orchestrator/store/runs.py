@@ -7,6 +7,7 @@ metrics (step = epoch, from 1) written with ``log_batch``, never an epoch split 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -117,11 +118,21 @@ def find_run(client, experiment_id: str, key: str):
     return runs[0] if runs else None
 
 
+PARAM_LENGTH = 5000
+"""Longest param value logged as it is (MLflow refuses values over 6000 characters); a longer one (the
+per-epoch values of a taper on a long cosine schedule) is logged shortened, with its length and digest."""
+
+
 def config_params(config: RunConfig) -> dict[str, str]:
-    """Every config field as an MLflow param (lists as compact JSON)."""
+    """Every config field as an MLflow param (lists as compact JSON; values over ``PARAM_LENGTH`` characters
+    shortened, the run key being what identifies the run)."""
     out = {}
     for k, v in config.to_dict().items():
-        out[k] = json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+        text = json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+        if len(text) > PARAM_LENGTH:
+            digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+            text = f"{text[:PARAM_LENGTH - 80]}... ({len(text)} characters, sha256 {digest})"
+        out[k] = text
     return out
 
 

@@ -25,18 +25,23 @@ _LISTS = {"arch": "archs", "dataset": "datasets", "seed": "seeds"}
 
 Taper = Any
 """A number (same everywhere), a list of per-step values (same in every phase) or one such list per
-phase; checked by ``training.config.to_grid``."""
+phase (checked by ``training.config.to_grid``); or a function of the learning rate in force
+(``training.tapers``): ``{taper: power, ref, ref_lr, alpha, min, max}`` or ``{taper: table, values: {lr:
+value}}``, either optionally with ``cycles: [..]`` and ``otherwise``."""
 
 
 class Schedule(BaseModel):
-    """The learning-rate schedule every scheme trains on: phases (warm restarts) x steps."""
+    """The learning-rate schedule every scheme trains on: phases (warm-restart cycles) x steps."""
 
     model_config = _MODELS
 
     lr: Taper = Field(default_factory=lambda: list(TABLE1_LR))
-    """Learning rate per step, restarted in each phase (Table 1: 0.1 down to 0.00001 in 5 steps)."""
+    """Learning rate per step, restarted in each phase (Table 1: 0.1 down to 0.00001 in 5 steps); or a family:
+    ``{family: step, values: [...], warmup: W}`` (the same, after a linear warm-up over the first W epochs) or
+    ``{family: cosine, max: 0.1, min: 0.0, warmup: W}`` (SGDR: each phase one cosine cycle from max to min)."""
     epochs_per_step: Any = Field(default_factory=lambda: list(TABLE1_EPOCHS_PER_STEP))
-    """Epochs of each learning-rate step, one number per phase (Table 1: 50, 20, 20)."""
+    """Epochs of each learning-rate step, one number per phase (Table 1: 50, 20, 20); with the cosine family,
+    the epochs of each cycle."""
 
 
 class Scheme(BaseModel):
@@ -45,14 +50,26 @@ class Scheme(BaseModel):
     model_config = _MODELS
 
     weight_decay: Taper
-    """Coupled L2 weight decay, >= 0."""
+    """Weight decay, >= 0 (coupled L2 unless ``weight_decay_mode`` says decoupled)."""
     grad_sparsity: Taper = 0.0
     """Share of each weight tensor frozen by a fixed random mask, in [0, 1) (0 = dense)."""
     lr: Taper = None
     """Learning rate for this scheme only (null = ``schedule.lr``)."""
+    weight_decay_mode: Literal["coupled", "decoupled"] = "coupled"
+    """``coupled``: L2 in the gradient, as torch.optim.SGD (each step shrinks weights by about lr x wd);
+    ``decoupled``: w <- w - wd x w every step, independent of the learning rate."""
+    dropout: Taper = None
+    """Dropout rate before the classifier, in [0, 1) (null = none)."""
+    label_smoothing: Taper = None
+    """Label smoothing of the training loss, in [0, 1) (null = none)."""
+    batch_size: Taper = None
+    """Mini-batch size, whole numbers >= 1 (null = ``train.batch_size``; a power law is rounded). Runs of
+    different batch schedules never share a pack."""
 
 
-_ELSEWHERE = ("arch", "dataset", "seed", "scheme", "lr", "epochs_per_step", "weight_decay", "grad_sparsity")
+_ELSEWHERE = ("arch", "dataset", "seed", "scheme", "lr", "epochs_per_step", "weight_decay", "grad_sparsity",
+              "lr_family", "lr_min", "warmup_epochs", "weight_decay_mode", "dropout", "label_smoothing",
+              "batch_sizes", "per_epoch")
 """RunConfig fields a sweep sets outside ``train:`` (its lists, schedule and schemes)."""
 
 
@@ -270,8 +287,11 @@ class Sweep(BaseModel):
         if name in _LISTS:
             return f"{_LISTS[name]}[{index.get(name, 0)}]"
         owner = self.schemes[scheme]
-        if name in ("weight_decay", "grad_sparsity") or (name == "lr" and owner.lr is not None):
-            return f"schemes.{scheme}.{name}{as_written(suffix, getattr(owner, name))}"
+        if name in _LR_FIELDS:
+            name, suffix = "lr", _LR_FIELDS[name]
+        if name in _SCHEME_FIELDS or (name == "lr" and owner.lr is not None):
+            key = _SCHEME_FIELDS.get(name, name)
+            return f"schemes.{scheme}.{key}{as_written(suffix, getattr(owner, key))}"
         if name in ("lr", "epochs_per_step"):
             return f"schedule.{name}{as_written(suffix, getattr(self.schedule, name))}"
         return f"train.{name}"
@@ -287,8 +307,18 @@ class Sweep(BaseModel):
             lr=self.schedule.lr if chosen.lr is None else chosen.lr,
             epochs_per_step=self.schedule.epochs_per_step,
             weight_decay=chosen.weight_decay, grad_sparsity=chosen.grad_sparsity,
+            weight_decay_mode=chosen.weight_decay_mode, dropout=chosen.dropout,
+            label_smoothing=chosen.label_smoothing, batch_sizes=chosen.batch_size,
             **self.train.model_dump(exclude_none=True),
         )
+
+
+_SCHEME_FIELDS = {"weight_decay": "weight_decay", "grad_sparsity": "grad_sparsity", "dropout": "dropout",
+                  "label_smoothing": "label_smoothing", "batch_sizes": "batch_size",
+                  "weight_decay_mode": "weight_decay_mode"}
+"""RunConfig fields a scheme sets -> the scheme's key for them."""
+_LR_FIELDS = {"lr_family": ".family", "lr_min": ".min", "warmup_epochs": ".warmup"}
+"""RunConfig fields a ``lr:`` mapping sets -> their key in it."""
 
 
 def at(path: str, reason: str) -> PydanticCustomError:
@@ -297,6 +327,8 @@ def at(path: str, reason: str) -> PydanticCustomError:
 
 def as_written(suffix: str, raw: Any) -> str:
     """Map a normalised ``[phase][step]`` index back to the shape written in the file."""
+    if suffix.startswith("."):  # a key of a mapping (a taper or a learning-rate family)
+        return suffix
     if not isinstance(raw, (list, tuple)):
         return ""
     indices = re.findall(r"\[(\d+)\]", suffix)

@@ -81,7 +81,9 @@ def test_demo_sweep():
 
 def test_train_settings_are_run_config_fields():
     """``train:`` takes every RunConfig field that the grid, schedule and schemes do not set, generically."""
-    grid = {"arch", "dataset", "seed", "scheme", "lr", "epochs_per_step", "weight_decay", "grad_sparsity"}
+    grid = {"arch", "dataset", "seed", "scheme", "lr", "epochs_per_step", "weight_decay", "grad_sparsity",
+            "lr_family", "lr_min", "warmup_epochs", "weight_decay_mode", "dropout", "label_smoothing", "batch_sizes",
+            "per_epoch"}  # issue 15: set by schedule.lr's family and the schemes
     assert set(TrainSettings.model_fields) == {f.name for f in dataclasses.fields(RunConfig)} - grid
     assert all(f.description for model in (Sweep, Scheme, TrainSettings) for f in model.model_fields.values())
     assert TrainSettings.model_fields["momentum"].description == "SGD momentum."
