@@ -100,3 +100,20 @@ def test_a_run_logs_its_final_weights_diagnostics_every_epoch():
     assert math.isclose(first["decay_epochs"], 0.1 / (0.1 * 1e-3 * 2), rel_tol=1e-12)
     assert last["decay_epochs"] == NO_DECAY
     assert first["weight_norm_stage3"] != last["weight_norm_stage3"]  # the weights moved
+
+
+def test_decoupled_decay_and_a_batch_size_taper_set_the_logged_timescale():
+    """Decoupled decay shrinks by wd per step whatever the learning rate: 1 / (wd x steps per epoch), with the
+    steps of the epoch's own batch size; a pack logs each member's own mode."""
+    torch.set_num_threads(1)
+    common = dict(arch="resnet8", dataset="digits", train_subset=100, seed=5, lr=[0.1, 0.01], epochs_per_step=(1,),
+                  weight_decay=[1e-3, 2e-3], grad_sparsity=0.0, batch_size=50)
+    decoupled = RunConfig(**common, weight_decay_mode="decoupled", batch_sizes=((50, 25),))
+    coupled = RunConfig(**common)
+    assert [h["decay_epochs"] for h in train(decoupled).history] == [1 / (1e-3 * 2), 1 / (2e-3 * 4)]
+    solo = [h["decay_epochs"] for h in train(coupled).history]
+    assert solo == [(1 - 0.9) / (0.1 * 1e-3 * 2), (1 - 0.9) / (0.01 * 2e-3 * 2)]
+    from training.packed import train_packed
+
+    pack = train_packed([coupled, RunConfig(**{**common, "seed": 6}, weight_decay_mode="decoupled")])
+    assert [[h["decay_epochs"] for h in m.history] for m in pack.members] == [solo, [1 / (1e-3 * 2), 1 / (2e-3 * 2)]]
