@@ -177,7 +177,7 @@ def base_scheme(sweep: Sweep) -> dict[str, Any]:
     if name not in sweep.schemes:
         raise BadValue(f"tune.scheme: unknown scheme {name!r}{did_you_mean(name, sweep.schemes)} "
                        f"(this sweep has {', '.join(sweep.schemes)})")
-    return sweep.schemes[name].model_dump(mode="json", exclude_none=True)
+    return sweep.schemes[name].model_dump(mode="json", exclude_none=True, exclude_defaults=True)
 
 
 def scheme_with(sweep: Sweep, values: dict[str, Any]) -> dict[str, Any]:

@@ -138,6 +138,20 @@ def test_a_space_over_any_field_of_a_scheme_varies_that_field_only(tmp_path):
         "weight_decay": [0.0001, 0.0001, 0.0008, 0.0016, 0.0016], "grad_sparsity": 0.5}
 
 
+def test_a_space_reaches_into_tapers(tmp_path):
+    """``weight_decay.alpha`` and ``dropout.max``: fields of the taper language's power laws; a trial at
+    alpha 0 trains the constant weight decay, and its dropout follows the sampled ceiling."""
+    sweep = load_sweep(space_file(tmp_path / "t.yaml", yaml.safe_dump({**SPACE, "seeds": 1})))
+    config, = trial_configs(sweep, {"weight_decay.alpha": 0.0, "dropout.max": 0.2}, variant_of(sweep.name, 1), 1)
+    assert config.weight_decay == ((1e-4,) * 5,) * 3
+    assert max(max(row) for row in config.dropout) == 0.2
+    steeper, = trial_configs(sweep, {"weight_decay.alpha": 1.0, "dropout.max": 0.2}, variant_of(sweep.name, 1), 1)
+    assert steeper.weight_decay[0] == (1e-4, 1e-3, 0.01, 0.01, 0.01)  # 1e-4 x (lr / 0.1) ^ -1, clipped at 0.01
+    with pytest.raises(UserError, match=r"tune.space.dropout.ref: at its low -1 the scheme is invalid: dropout"):
+        load_sweep(space_file(tmp_path / "b.yaml", yaml.safe_dump(
+            {**SPACE, "space": {"dropout.ref": {"low": -1.0, "high": 0.1}}})))
+
+
 def test_the_table1_shape_is_the_space_without_one():
     """Today's three-number space is what a ``tune`` section without ``space`` searches, under the same
     Optuna parameter names (so its studies go on)."""
@@ -405,13 +419,15 @@ def test_a_trials_seeds_train_as_one_pack(tmp_path):
         assert t.value == pytest.approx(sum(r["metrics"]["val_error"][5] for r in seeds) / 2, abs=1e-12)
 
 
-SPACE = {"scheme": "01", "space": {"weight_decay": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
-                                   "grad_sparsity": {"low": 0.0, "high": 0.5}}}
+SPACE = {"scheme": {"weight_decay": {"taper": "power", "ref": 1.0e-4, "ref_lr": 0.1, "alpha": 0.0, "max": 0.01},
+                    "dropout": {"taper": "power", "ref": 0.05, "ref_lr": 0.1, "alpha": 0.25, "max": 0.3}},
+         "space": {"weight_decay.alpha": {"low": -1.0, "high": 1.0}, "dropout.max": {"low": 0.0, "high": 0.5}}}
 
 
 @pytest.mark.slow
 def test_trials_of_one_shape_train_as_one_pack_and_the_best_exports(tmp_path):
-    """``tune run --pack 4`` with two tuning seeds and a space over the scheme's fields: two trials are asked
+    """``tune run --pack 4`` with two tuning seeds and a space over a weight-decay taper's alpha and a dropout
+    taper's ceiling: two trials are asked
     at once and their four runs train as one fused model in one worker; each trial is told the mean of its
     own seeds; the test split is never read; ``tune best --export`` writes the best trial's scheme beside
     the baselines."""
@@ -436,15 +452,16 @@ def test_trials_of_one_shape_train_as_one_pack_and_the_best_exports(tmp_path):
         seeds = [r for r in runs.values() if r["tags"]["adareg.trial"] == str(t.number)]
         assert len(seeds) == 2 and "test_error" not in seeds[0]["metrics"]
         assert t.value == pytest.approx(sum(r["metrics"]["val_error"][5] for r in seeds) / 2, abs=1e-12)
-        assert set(t.params) == {"weight_decay", "grad_sparsity"}
+        assert set(t.params) == {"weight_decay.alpha", "dropout.max"}
     best = subprocess.run([ADAREG, "tune", "best", str(path), "--storage", journal, "--export",
                            str(tmp_path / "best.yaml")], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=120)
     assert best.returncode == 0, best.stderr
     exported = load_sweep(tmp_path / "best.yaml")
     winner = min(study.trials, key=lambda t: t.value)
-    assert exported.schemes["tuned"].model_dump(exclude_none=True) == {
-        "weight_decay": winner.params["weight_decay"], "grad_sparsity": winner.params["grad_sparsity"]}
+    tuned = exported.schemes["tuned"].model_dump(exclude_none=True)
+    assert tuned["weight_decay"]["alpha"] == winner.params["weight_decay.alpha"]
+    assert tuned["dropout"]["max"] == winner.params["dropout.max"] and tuned["dropout"]["ref"] == 0.05
     assert {"wd-1e-4", "wd-1e-3", "wd-8e-3", "01"} <= set(exported.schemes)
 
 
