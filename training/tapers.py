@@ -36,7 +36,7 @@ TAPERED = ("weight_decay", "grad_sparsity", "dropout", "label_smoothing", "batch
 """The RunConfig fields that may be given as a taper (a grid, or a function of the learning rate)."""
 _KEYS = {"power": ("taper", "ref", "ref_lr", "alpha", "min", "max", "cycles", "otherwise"),
          "table": ("taper", "values", "cycles", "otherwise")}
-LR_KEYS = ("family", "values", "max", "min", "warmup")
+LR_KEYS = ("family", "values", "max", "min", "steps", "warmup")
 
 
 class TaperError(ValueError):
@@ -89,8 +89,10 @@ def warmup_length(warmup_epochs: int, epochs_scale: float) -> int:
 
 
 def lr_spec(spec: Mapping[str, Any], phases: int) -> dict[str, Any]:
-    """A sweep-style learning-rate mapping (``{family, values | max, min, warmup}``) as RunConfig fields
-    (``lr``, ``lr_family``, ``lr_min``, ``warmup_epochs``)."""
+    """A sweep-style learning-rate mapping (``{family, values | max, min, steps, warmup}``) as RunConfig
+    fields (``lr``, ``lr_family``, ``lr_min``, ``warmup_epochs``). A cosine cycle spans ``steps`` (default 1)
+    steps of its phase, ``steps x epochs_per_step`` epochs: ``steps`` equal to a step grid's makes a cosine
+    run as long as the grid's, phase for phase, and lets per-step tapers apply within a cycle."""
     for key in spec:
         if key not in LR_KEYS:
             raise TaperError(f"lr.{key}", f"unknown key (expected {', '.join(LR_KEYS)})")
@@ -105,6 +107,8 @@ def lr_spec(spec: Mapping[str, Any], phases: int) -> dict[str, Any]:
         for key in ("max", "min"):
             if key in spec:
                 raise TaperError(f"lr.{key}", "only the cosine family has it (step: give values)")
+        if "steps" in spec:
+            raise TaperError("lr.steps", "only the cosine family has it (step: one value per step)")
         if "values" not in spec:
             raise TaperError("lr.values", "required for the step family (one rate per step)")
         out["lr"], out["lr_min"] = spec["values"], 0.0
@@ -129,7 +133,10 @@ def lr_spec(spec: Mapping[str, Any], phases: int) -> dict[str, Any]:
         raise TaperError("lr.min", f"must be >= 0, got {low:g}")
     if any(low > v for v in peaks):
         raise TaperError("lr.min", f"must not exceed the peak ({min(peaks):g}), got {low:g}")
-    out["lr"], out["lr_min"] = [[v] for v in peaks], low
+    steps = spec.get("steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise TaperError("lr.steps", f"must be a whole number >= 1, got {steps!r}")
+    out["lr"], out["lr_min"] = [[v] * steps for v in peaks], low  # a cycle: steps x epochs_per_step epochs
     return out
 
 

@@ -65,6 +65,25 @@ def test_cosine_restarts_match_pytorchs_scheduler_epoch_by_epoch():
     assert max(abs(a - b) for a, b in zip(ours, theirs)) < 1e-15
 
 
+def test_a_cosine_cycle_of_several_steps_is_as_long_as_the_grids_phase():
+    """``steps: 5`` makes each cycle span the phase of a five-step grid (5 x epochs_per_step epochs), so a
+    cosine run trains as many epochs as the step grid it is compared with; per-step tapers apply within it."""
+    grid = RunConfig(epochs_per_step=[4, 2], lr=[0.1, 0.01, 0.001, 0.0001, 0.00001], weight_decay=1e-4,
+                     grad_sparsity=0.0)
+    cosine = RunConfig(lr={"family": "cosine", "max": 0.1, "min": 1e-5, "steps": 5}, epochs_per_step=[4, 2],
+                       weight_decay=[1e-4, 1e-4, 8e-4, 1.6e-3, 1.6e-3], grad_sparsity=0.0)
+    plan = plan_for(cosine)
+    assert phase_bounds(plan) == phase_bounds(plan_for(grid)) == {1: (1, 20), 2: (21, 30)}
+    assert [plan[e - 1].lr for e in (1, 11, 21, 26)] == pytest.approx([0.1, (0.1 + 1e-5) / 2, 0.1, (0.1 + 1e-5) / 2],
+                                                                    rel=1e-12)
+    assert [plan[e - 1].weight_decay for e in (1, 9, 13, 17, 21, 29)] == [1e-4, 8e-4, 1.6e-3, 1.6e-3, 1e-4, 1.6e-3]
+    for bad, field in (({"family": "cosine", "max": 0.1, "steps": 0}, "lr.steps"),
+                       ({"family": "step", "values": [0.1], "steps": 2}, "lr.steps")):
+        with pytest.raises(ConfigError) as e:
+            RunConfig(lr=bad, epochs_per_step=[4], weight_decay=1e-4, grad_sparsity=0.0)
+        assert e.value.field == field
+
+
 def test_linear_warm_up_scales_the_first_epochs():
     config = RunConfig(lr={"family": "step", "values": [0.1, 0.01], "warmup": 4}, epochs_per_step=[5, 5],
                        weight_decay=1e-4, grad_sparsity=0.0)
