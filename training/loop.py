@@ -200,7 +200,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
                                      images_per_second=n_train / train_seconds)
             writer.check()  # the previous epoch's writes (done while this one trained); raises what they raised
             state = host_state(model, opt) if record.checkpoint_path else None  # one bulk copy, kept as it is
-            record.end_epoch(writer, epoch, metrics, (lambda: state) if state is not None else None)
+            record.end_epoch(writer, epoch, metrics, (lambda state=state: state) if state is not None else None)
         writer.check()
     finally:
         writer.close()
