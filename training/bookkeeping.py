@@ -10,9 +10,11 @@ the next epoch trains.
 ``BackgroundEpochWriter`` runs what ``training.core.RunRecord`` submits (epoch k's checkpoint, then epoch
 k's callbacks, then epoch k+1's, ...) on one thread, in the order submitted, so every guarantee of the
 synchronous ``training.core.EpochWriter`` holds unchanged: a checkpoint is written atomically and before
-its epoch's callbacks hear of the epoch, each epoch is told once. The trainers call ``check()`` before
-they submit an epoch's end: it waits for the previous epoch's writes (which ran while this epoch trained)
-and raises what they raised. After a submitted function raises, the writer runs nothing more, so:
+its epoch's callbacks hear of the epoch, each epoch is told once. The trainers call ``check()`` once an
+epoch is trained, before they evaluate it and submit its end: it waits for the previous epoch's writes
+(which ran while this epoch trained) and raises what they raised, before this epoch can raise anything
+of its own (a divergence), so the exception a run ends with is the one it ended with in line. After a
+submitted function raises, the writer runs nothing more, so:
 
 - a callback that stops the run at epoch k (a stop request, a pruned trial, a store error) leaves the
   same state as with the synchronous writer: epoch k's checkpoint, metrics up to epoch k, nothing of

@@ -183,6 +183,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
                 static.epoch()
             sync(device)
             train_seconds = time.perf_counter() - t0
+            writer.check()  # the previous epoch's writes (done while this one trained); raises what they raised
 
             n_train = len(train_split.labels)
             train_loss = loss_sum.item() / n_train
@@ -198,7 +199,6 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
                                      updated_fraction=changed / total_weights,
                                      epoch_seconds=time.perf_counter() - t0,
                                      images_per_second=n_train / train_seconds)
-            writer.check()  # the previous epoch's writes (done while this one trained); raises what they raised
             state = host_state(model, opt) if record.checkpoint_path else None  # one bulk copy, kept as it is
             record.end_epoch(writer, epoch, metrics, (lambda state=state: state) if state is not None else None)
         writer.check()

@@ -388,6 +388,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
                 pack.static.epoch()
             sync(device)
             train_seconds = time.perf_counter() - t0
+            writer.check()  # the previous epoch's writes (done while this one trained); raises what they raised
 
             changed = torch.zeros(k, dtype=torch.long, device=device)
             for p, b in zip(pack.params, before):
@@ -396,7 +397,6 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
             train_losses, train_wrong, changed = loss_sum.tolist(), wrong.tolist(), changed.tolist()
             epoch_seconds = time.perf_counter() - t0
 
-            writer.check()  # the previous epoch's writes (done while this one trained); raises what they raised
             host = pack.host_state() if any(m.record.checkpoint_path for m in pack.members) else None
             keep: list[int] = []
             total_weights = sum(s.numel() for s in pack.shapes)
