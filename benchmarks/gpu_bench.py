@@ -9,7 +9,9 @@ in this order:
 2. ``check``: correctness on the device, on the offline digits data: a solo run trains and resumes to the
    same state (``bitwise`` says whether to the bit); a pack of 2 matches two solo runs within the packed
    trainer's tolerance (train loss within 1e-3 relative after an epoch, as tests/training/test_packed.py);
-   a graphed run (``train.graph``) matches the eager one within float tolerance (1e-3 after an epoch).
+   a graphed run (``train.graph``) matches the eager one within float tolerance (1e-3 after an epoch);
+   ``streams2-vs-solo``: two runs (graphed on CUDA) trained by ``training.streams`` (a CUDA stream and thread
+   each, checkpoints on the background writer) equal their solo runs (to the bit on the CPU, 1e-4 on CUDA).
 3. ``rate``: steady-state training images/s on synthetic CIFAR-sized data (uint8 32x32 images on the device,
    crop + flip as the trainer does) for each arch x precision x mode, modes ``solo-eager``,
    ``solo-graphed``, ``pack4/16/48-graphed`` (N models fused, ``training.packed``), ``streams8/16-graphed``
@@ -46,6 +48,7 @@ from training.graphed import StaticBatches, StaticStep, momentum_buffers, no_aut
 from training.loop import autocast, evaluate, precision_mode, sync, train  # noqa: E402
 from training.packed import train_packed  # noqa: E402
 from training.regularizers import SparseSGD  # noqa: E402
+from training.streams import train_streams  # noqa: E402
 
 ARCHS = ("resnet14", "resnet32")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -142,10 +145,28 @@ def checks(emit: Lines, device: torch.device) -> None:
     configs = [config, config.replace(seed=2, weight_decay=[5e-4, 2e-3])]
     t0 = time.perf_counter()
     pack = train_packed(configs, device=device)
-    solo = [eager.history] + [train(configs[1], device=device).history]
+    second = train(configs[1], device=device)
+    solo = [eager.history, second.history]
     rels = [abs(m.history[0]["train_loss"] - s[0]["train_loss"]) / s[0]["train_loss"]
             for m, s in zip(pack.members, solo)]
     emit("check", name="pack2-vs-solo", passed=max(rels) <= 1e-3, train_loss_rel=rels, tolerance=1e-3,
+         seconds=round(time.perf_counter() - t0, 2))
+    # two solo runs on CUDA streams and threads in one process (training.streams; graphed on CUDA), checkpoints
+    # written on the background writer (its default on CUDA): each member is its solo run (to the bit on the CPU)
+    t0 = time.perf_counter()
+    cuda = device.type == "cuda"
+    stream_configs = [c.replace(graph=cuda) for c in configs]
+    alone = [graphed, train(stream_configs[1], device=device)] if cuda else [eager, second]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [Path(tmp) / f"s{i}.pt" for i in range(2)]
+        streams = train_streams(stream_configs, device=device, checkpoint_paths=paths, background_writes=True)
+        on_disk = [load_checkpoint(p)["epoch"] for p in paths]
+    states = [(m.model.state_dict(), s.model.state_dict()) for m, s in zip(streams.members, alone)]
+    bitwise = all(torch.equal(a[k], b[k]) for a, b in states for k in a)
+    worst = max(_max_rel(a, b) for a, b in states)
+    complete = on_disk == [len(r.history) for r in alone]
+    emit("check", name="streams2-vs-solo", passed=(bitwise or worst <= 1e-4) and complete,
+         bitwise=bitwise, max_rel=worst, tolerance=1e-4, checkpoint_epochs=on_disk,
          seconds=round(time.perf_counter() - t0, 2))
 
 

@@ -13,6 +13,7 @@ epoch is written atomically, and only then do the run's callbacks hear of it. Bo
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,12 @@ def epoch_seed(run_seed: int, epoch: int) -> int:
     return (run_seed * 1_000_033 + epoch * 104_729 + 3) % (2**63 - 1)
 
 
+_GLOBAL_RNG = threading.Lock()  # runs on threads of one process (training.streams) seed it one at a time
+
+
 def seeded_model(config: RunConfig) -> torch.nn.Module:
     """The run's model as initialised from its seed (on the CPU; the global RNG is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return build_model(config.arch, config.num_classes)
 

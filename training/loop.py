@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from training.bookkeeping import epoch_writer, host_state
 from training.callbacks import Callback
 from training.checkpoint import CHECKPOINT_VERSION, CheckpointError
 from training.config import RunConfig
@@ -51,8 +52,9 @@ class TrainResult:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device``'s current stream (this thread's: see ``training.streams``)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 @contextlib.contextmanager
@@ -107,8 +109,12 @@ def evaluate(model: torch.nn.Module, batches: Batches, batch_size: int,
 
 
 def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str | torch.device = "cpu",
-          checkpoint_path: str | Path | None = None, threads: int | None = None) -> TrainResult:
+          checkpoint_path: str | Path | None = None, threads: int | None = None,
+          background_writes: bool | None = None) -> TrainResult:
     """Train one run. With ``checkpoint_path`` it resumes from and writes to that file every epoch.
+
+    ``background_writes``: checkpoints and callbacks on a background thread (``training.bookkeeping``);
+    None (the default) is on for CUDA, off elsewhere.
 
     A checkpoint that cannot be resumed from (empty, truncated, another version, another
     configuration) raises ``CheckpointError`` naming the file; nothing is trained then.
@@ -117,11 +123,11 @@ def train(config: RunConfig, callbacks: Sequence[Callback] = (), *, device: str 
     if threads:
         torch.set_num_threads(threads)
     with precision_mode(config.precision, device), cudnn_benchmark(config.graph and device.type == "cuda"):
-        return _train(config, callbacks, device, checkpoint_path)
+        return _train(config, callbacks, device, checkpoint_path, background_writes)
 
 
 def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.device,
-           checkpoint_path: str | Path | None) -> TrainResult:
+           checkpoint_path: str | Path | None, background_writes: bool | None = None) -> TrainResult:
     record = RunRecord(config, callbacks, checkpoint_path)
     plan = record.plan
 
@@ -144,7 +150,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
         static.set_masks([m.to(device) for m in record.masks])
     record.on_start()
 
-    writer = EpochWriter()
+    writer: EpochWriter = epoch_writer(device, background_writes)
     try:
         for step in plan[start:]:
             epoch = step.epoch
@@ -181,6 +187,7 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
                 static.epoch()
             sync(device)
             train_seconds = time.perf_counter() - t0
+            writer.check()  # the previous epoch's writes (done while this one trained); raises what they raised
 
             n_train = len(train_split.labels)
             train_loss = loss_sum.item() / n_train
@@ -199,7 +206,9 @@ def _train(config: RunConfig, callbacks: Sequence[Callback], device: torch.devic
                                      updated_fraction=changed / total_weights,
                                      epoch_seconds=time.perf_counter() - t0,
                                      images_per_second=n_train / train_seconds, diagnostics=diagnostics)
-            record.end_epoch(writer, epoch, metrics, lambda: (model.state_dict(), opt.state_dict()))
+            state = host_state(model, opt) if record.checkpoint_path else None  # one bulk copy, kept as it is
+            record.end_epoch(writer, epoch, metrics, (lambda state=state: state) if state is not None else None)
+        writer.check()
     finally:
         writer.close()
 

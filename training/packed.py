@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from training.bookkeeping import epoch_writer, host_copy, optimizer_state
 from training.callbacks import Callback
 from training.checkpoint import load_checkpoint
 from training.config import SHAPE_FIELDS, ConfigError, RunConfig
@@ -247,20 +248,40 @@ class _Pack:
             torch._foreach_addcmul_(self.params, self.params, shrink, value=-1)
         self.opt.step()
 
-    def sync_solo(self, i: int, lr: float, weight_decay: float) -> None:
-        """Copy member i's weights, BN statistics and momentum into its solo twin (for checkpoint and result)."""
-        m = self.members[i]
+    def host_state(self) -> tuple[dict[str, torch.Tensor], list[torch.Tensor | None]]:
+        """The fused model's state dict and momentum buffers on the host, in one bulk copy
+        (``training.bookkeeping.host_copy``): what every member's checkpoint of this epoch is sliced from."""
         fused = self.model.state_dict()
-        solo = {k: (fused[k].clone() if is_shared(k) else member_view(fused[k], self.n, i, s).clone().float())
-                for k, s in self.solo_shapes.items()}
-        m.solo.load_state_dict(solo)
+        buffers = [self.opt.state.get(p, {}).get("momentum_buffer") for p in self.params]
+        copied = host_copy([*fused.values(), *buffers])
+        return dict(zip(fused.keys(), copied[:len(fused)])), copied[len(fused):]
+
+    def member_state(self, i: int, host, lr: float, weight_decay: float):
+        """Member i's solo model and ``SparseSGD`` state dicts, sliced from ``host`` (``host_state``) into
+        tensors of their own (float32, as a solo run's)."""
+        fused, buffers = host
+        model_state = {k: (fused[k].clone() if is_shared(k) else member_view(fused[k], self.n, i, s).clone().float())
+                       for k, s in self.solo_shapes.items()}
+        solo_params = self.members[i].solo_opt.params
+        momentum = [None if b is None else member_view(b, self.n, i, s).to(solo_p.dtype, copy=True)
+                    for b, solo_p, s in zip(buffers, solo_params, self.shapes)]
+        opt = self.members[i].solo_opt
+        opt.set_hyper(lr, weight_decay, self.members[i].config.weight_decay_mode == "decoupled")
+        return model_state, optimizer_state(opt, momentum)
+
+    def sync_solo(self, i: int, lr: float, weight_decay: float, host=None) -> None:
+        """Copy member i's weights, BN statistics and momentum into its solo twin (for the result, and the
+        source of a smaller pack); ``host`` (``host_state``) is taken now when not given."""
+        m = self.members[i]
+        model_state, opt_state = self.member_state(i, host if host is not None else self.host_state(),
+                                                   lr, weight_decay)
+        m.solo.load_state_dict(model_state)
         state = m.solo_opt.optimizer.state
         state.clear()
-        for p, solo_p, s in zip(self.params, m.solo_opt.params, self.shapes):
-            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+        for j, solo_p in enumerate(m.solo_opt.params):
+            buf = opt_state["optimizer"]["state"].get(j, {}).get("momentum_buffer")
             if buf is not None:
-                state[solo_p]["momentum_buffer"] = member_view(buf, self.n, i, s).detach().to("cpu", solo_p.dtype)
-        m.solo_opt.set_hyper(lr, weight_decay, m.config.weight_decay_mode == "decoupled")
+                state[solo_p]["momentum_buffer"] = buf
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch ``epoch``'s batch size (shared), and each member's dropout rate and masks' generator."""
@@ -271,12 +292,6 @@ class _Pack:
         self.model.dropout_generators = [dropout_generator(m.config.seed, epoch, self.device) if s.dropout else None
                                          for m, s in zip(self.slots, steps)]
         self.smoothing = [s.label_smoothing for s in steps]
-
-    def solo_state(self, i: int, lr: float, weight_decay: float):
-        """A ``RunRecord.save`` state function: member i's solo model and optimizer state dicts (synced now)."""
-        self.sync_solo(i, lr, weight_decay)
-        m = self.members[i]
-        return lambda: (m.solo.state_dict(), m.solo_opt.state_dict())
 
     def pull_momentum(self) -> None:
         """Keep every member's momentum (solo layout) so that a smaller pack can be stacked from them."""
@@ -307,7 +322,8 @@ def _evaluate(pack: _Pack, test: Batches, batch_size: int, precision: str) -> tu
 
 def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Callback]] | None = None, *,
                  device: str | torch.device = "cpu", checkpoint_paths: Sequence[str | Path | None] | None = None,
-                 threads: int | None = None, dtype: torch.dtype = torch.float32) -> PackResult:
+                 threads: int | None = None, dtype: torch.dtype = torch.float32,
+                 background_writes: bool | None = None) -> PackResult:
     """Train ``configs`` (one shape, see ``SHAPE_FIELDS``) as one fused model.
 
     ``callbacks[i]`` are member i's callbacks; they hear exactly what a solo run's callbacks hear
@@ -333,11 +349,11 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
         torch.set_num_threads(threads)
     precision = configs[0].precision
     with precision_mode(precision, device), cudnn_benchmark(configs[0].graph and device.type == "cuda"):
-        return _train_packed(configs, callbacks, paths, device, precision, dtype)
+        return _train_packed(configs, callbacks, paths, device, precision, dtype, background_writes)
 
 
 def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], paths: list, device: torch.device,
-                  precision: str, dtype: torch.dtype) -> PackResult:
+                  precision: str, dtype: torch.dtype, background_writes: bool | None = None) -> PackResult:
     members: list[_Member] = []
     for i, (c, cbs, p) in enumerate(zip(configs, callbacks, paths)):
         shared = members[0].train_batches.split.images if members and not c.train_subset else None
@@ -360,7 +376,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
 
     diverged: dict[int, str] = {}
     pack = _Pack(members, device, dtype)
-    writer = EpochWriter()
+    writer: EpochWriter = epoch_writer(device, background_writes)
     try:
         for step in plan[start:]:
             epoch = step.epoch
@@ -398,6 +414,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
                 pack.static.epoch()
             sync(device)
             train_seconds = time.perf_counter() - t0
+            writer.check()  # the previous epoch's writes (done while this one trained); raises what they raised
 
             changed = torch.zeros(k, dtype=torch.long, device=device)
             for p, b in zip(pack.params, before):
@@ -412,6 +429,7 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
             train_losses, train_wrong, changed = loss_sum.tolist(), wrong.tolist(), changed.tolist()
             epoch_seconds = time.perf_counter() - t0
 
+            host = pack.host_state() if any(m.record.checkpoint_path for m in pack.members) else None
             keep: list[int] = []
             total_weights = sum(s.numel() for s in pack.shapes)
             for i, m in enumerate(pack.members):
@@ -428,7 +446,10 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
                                            updated_fraction=changed[i] / total_weights, epoch_seconds=epoch_seconds,
                                            images_per_second=n_train / train_seconds,
                                            diagnostics=diagnostics[i])
-                state = pack.solo_state(i, steps[i].lr, steps[i].weight_decay) if record.checkpoint_path else None
+                state = None
+                if record.checkpoint_path:
+                    member_state = pack.member_state(i, host, steps[i].lr, steps[i].weight_decay)
+                    state = lambda member_state=member_state: member_state  # noqa: E731 - kept as it is now
                 record.save(writer, epoch, m.metrics, state)
             if len(keep) < len(pack.members):
                 for i, m in enumerate(pack.members):
@@ -440,13 +461,14 @@ def _train_packed(configs: list[RunConfig], callbacks: list[list[Callback]], pat
                 pack = _shrink(pack, keep, epoch)
             for m in pack.members:
                 m.record.tell(writer, epoch, m.metrics)
+        writer.check()
     finally:
         writer.close()
 
     if pack is not None:
-        last = plan[-1]
+        last, host = plan[-1], pack.host_state()
         for i, m in enumerate(pack.members):
-            pack.sync_solo(i, last.lr, m.record.plan[-1].weight_decay)
+            pack.sync_solo(i, last.lr, m.record.plan[-1].weight_decay, host)
     results = []
     for m in members:
         alive = pack is not None and m in pack.members
@@ -459,6 +481,7 @@ def _shrink(pack: _Pack, keep: list[int], epoch: int) -> _Pack:
     """A new pack of the members ``keep`` (their weights, BN statistics, momentum and masks carried over)."""
     pack.pull_momentum()
     survivors = [pack.members[i] for i in keep]
+    host = pack.host_state()
     for i in keep:
-        pack.sync_solo(i, 0.0, 0.0)  # weights and BN statistics into the solo twin, the source of the new pack
+        pack.sync_solo(i, 0.0, 0.0, host)  # weights and BN statistics into the solo twin, the source of the new pack
     return _Pack(survivors, pack.device, pack.dtype)

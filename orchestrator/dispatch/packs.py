@@ -25,38 +25,41 @@ def write_job_spec(task: Task, spec_for: Callable[[Task], WorkerSpec]) -> Path:
     for run in task.runs:
         spec_for(run).write(run.folder.spec)
     if task.members:
-        PackSpec(task.key, [str(r.folder.spec) for r in task.members], task.pack_size).write(task.folder.spec)
+        PackSpec(task.key, [str(r.folder.spec) for r in task.members], task.pack_size,
+                 task.pack_mode).write(task.folder.spec)
     return task.folder.spec
 
 
 class Jobs:
-    """``jobs(tasks, everything=None)``: the tasks as the scheduler's jobs, in packs per ``pack`` (sizes are
-    decided once per shape: ``pack_sizes``; layout: ``form_packs``). ``size(config)``: the pack size of a
-    config's shape (how many runs one job of that shape trains)."""
+    """``jobs(tasks, everything=None)``: the tasks as the scheduler's jobs, in packs per ``pack`` (sizes and
+    modes are decided once per shape: ``pack_plan``; layout: ``form_packs``). ``size(config)``: the pack
+    size of a config's shape (how many runs one job of that shape trains)."""
 
     def __init__(self, pack: int | str, slots: Sequence[Slot], packs_dir: Path, *, calibrate: bool = True,
                  note: Callable[[str], None] = lambda message: None):
         self.pack, self.slots, self.packs_dir, self.calibrate, self.note = pack, slots, packs_dir, calibrate, note
-        self.sizes: dict[tuple, int] = {}
+        self.plan: dict[tuple, tuple[int, str]] = {}
 
     def _decide(self, configs: Sequence[RunConfig]) -> None:
         from training.config import shape_of
 
-        if not {shape_of(c) for c in configs} <= self.sizes.keys():
-            self.sizes.update(pack_sizes(self.pack, configs, self.slots, self.packs_dir, calibrate=self.calibrate,
-                                         note=self.note))
+        if not {shape_of(c) for c in configs} <= self.plan.keys():
+            self.plan.update(pack_plan(self.pack, configs, self.slots, self.packs_dir, calibrate=self.calibrate,
+                                       note=self.note))
 
     def size(self, config: RunConfig) -> int:
         from training.config import shape_of
 
         self._decide([config])
-        return self.sizes[shape_of(config)]
+        return self.plan[shape_of(config)][0]
 
     def __call__(self, tasks: Sequence[Task], everything: dict[str, RunConfig] | None = None) -> list[Task]:
         self._decide(list(everything.values()) if everything is not None else [t.config for t in tasks])
-        if max(self.sizes.values(), default=1) > 1:
-            return form_packs(tasks, self.sizes, self.packs_dir, everything)
-        return list(tasks)
+        sizes = {shape: size for shape, (size, _) in self.plan.items()}
+        modes = {shape: mode for shape, (_, mode) in self.plan.items()}
+        if max(sizes.values(), default=1) <= 1:
+            return list(tasks)
+        return form_packs(tasks, sizes, self.packs_dir, everything, modes)
 
 
 def checked_pack(pack: int | str) -> int | str:
@@ -75,6 +78,16 @@ def pack_sizes(pack: int | str, configs: Sequence[RunConfig], slots: Sequence[Sl
     """Runs per worker process for each pack shape (``training.config.shape_of``) among the sweep's
     ``configs``: N as given, or for ``auto`` 1 on the CPU and on GPUs what a short calibration chooses
     (``autopack``; without ``calibrate``, e.g. on a Ray cluster, ``autopack.FALLBACK``)."""
+    plan = pack_plan(pack, configs, slots, packs_dir, calibrate=calibrate, note=note)
+    return {shape: size for shape, (size, _) in plan.items()}
+
+
+def pack_plan(pack: int | str, configs: Sequence[RunConfig], slots: Sequence[Slot], packs_dir: Path, *,
+              calibrate: bool = True,
+              note: Callable[[str], None] = lambda message: None) -> dict[tuple, tuple[int, str]]:
+    """``{pack shape: (size, mode)}``: ``pack_sizes``'s sizes, and how each shape's packs train: ``fused``
+    (one fused model, ``training.packed``) unless ``auto``'s calibration measured solo models on CUDA
+    streams faster (``streams``, ``training.streams``)."""
     from orchestrator.dispatch import autopack
     from training.config import shape_of
 
@@ -82,23 +95,24 @@ def pack_sizes(pack: int | str, configs: Sequence[RunConfig], slots: Sequence[Sl
     for config in configs:
         by_shape.setdefault(shape_of(config), []).append(config)
     if pack != "auto":
-        return {shape: int(pack) for shape in by_shape}
+        return {shape: (int(pack), "fused") for shape in by_shape}
     if not calibrate:
         size = autopack.FALLBACK if any(s.device == "cuda" for s in slots) else 1
-        return {shape: size for shape in by_shape}
-    sizes, notes = autopack.auto_sizes(by_shape, slots, packs_dir)
+        return {shape: (size, "fused") for shape in by_shape}
+    plan, notes = autopack.auto_plan(by_shape, slots, packs_dir)
     for message in notes:
         note(message)
-    return sizes
+    return plan
 
 
 def form_packs(tasks: Sequence[Task], sizes: dict[tuple, int], packs_dir: Path,
-               everything: dict[str, RunConfig] | None = None) -> list[Task]:
+               everything: dict[str, RunConfig] | None = None, modes: dict[tuple, str] | None = None) -> list[Task]:
     """Jobs for the scheduler. The packs are laid out over ``everything`` (the whole sweep, ``{run key:
     config}``; default: the tasks): runs of one shape (``training.config.shape_of``), sorted by run key,
     in packs of ``sizes[shape]``, so a re-run forms the same packs whatever has finished. Each pack's job
     trains its members among ``tasks``, even a lone one (it trains as it does in its pack: see
-    ``training.packed``); a run laid out alone is a job of its own."""
+    ``training.packed``); a run laid out alone is a job of its own. ``modes[shape]`` is how its packs train
+    (``fused``, the default, or ``streams``)."""
     from training.config import shape_of
 
     todo = {t.key: t for t in tasks}
@@ -120,7 +134,7 @@ def form_packs(tasks: Sequence[Task], sizes: dict[tuple, int], packs_dir: Path,
             pack_id = "pack-" + hashlib.sha256(" ".join(chunk).encode()).hexdigest()[:10]
             label = members[0].config.replace(scheme=f"pack of {len(members)}")
             jobs.append(Task(pack_id, label, packs_dir / pack_id, max(t.total_epochs for t in members),
-                             members=members, pack_size=len(chunk)))
+                             members=members, pack_size=len(chunk), pack_mode=(modes or {}).get(shape, "fused")))
     order = {t.key: i for i, t in enumerate(tasks)}  # the tasks' order (resumable runs first)
     return sorted(jobs, key=lambda job: min(order[r.key] for r in job.runs))
 

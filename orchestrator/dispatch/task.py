@@ -39,6 +39,7 @@ class Task:
     notes_seen: int = 0
     members: list[Task] = field(default_factory=list)  # a pack: its runs (``run_dir`` is the pack's folder)
     pack_size: int = 0  # a pack: its size as formed from the whole sweep (members: those still to train)
+    pack_mode: str = "fused"  # a pack: one fused model (training.packed) or solo models on streams (training.streams)
 
     @property
     def folder(self) -> RunFolder:

@@ -1,5 +1,6 @@
 """A pack's worker: its members (each a run like any other, ``orchestrator.run.member``) trained as one
-fused model (``training.packed.train_packed``).
+fused model (``training.packed.train_packed``) or, with the pack spec's ``mode`` ``streams``, as solo runs
+on CUDA streams in this process (``training.streams.train_streams``: a member that ends stops training).
 
 Each member keeps its folder lock, its claim, its MLflow run (tagged ``adareg.pack``), its checkpoint in
 the solo format and its ``result.json``. Members found finished, held elsewhere or with a checkpoint of
@@ -66,6 +67,20 @@ class _Guard(Callback):
             self.member.end(End.DIVERGED, message)
 
 
+class _EndedStops(Callback):
+    """After a member's callbacks on streams: a member that has ended (its stop request, claim lost, ...)
+    stops training (``training.streams.MemberStopped``); a fused pack trains it on, unheard."""
+
+    def __init__(self, member: Member):
+        self.member = member
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        from training.streams import MemberStopped
+
+        if self.member.ended is not None:
+            raise MemberStopped()
+
+
 def execute_pack(pack: PackSpec) -> list[tuple[Attempt, int]]:
     """Train the members of a pack as one fused model: each member's attempt and exit code."""
     members = [lock(WorkerSpec.read(path)) for path in pack.members]
@@ -107,15 +122,21 @@ def _execute_pack(pack: PackSpec, members: list[Member]) -> None:
                 m.ended_early(e)
     todo = [m for m in members if m.ended is None]
     for indices in group_by_epoch([m.folder.checkpoint for m in todo]).values():
-        _train_group([todo[i] for i in indices], lead)
+        _train_group([todo[i] for i in indices], lead, pack.mode)
 
 
-def _train_group(group: list[Member], lead: WorkerSpec) -> None:
+def _train_group(group: list[Member], lead: WorkerSpec, mode: str = "fused") -> None:
     from training.packed import train_packed
+    from training.streams import train_streams
 
     try:
-        train_packed([m.config for m in group], [[_Guard(m, group)] for m in group], device=lead.device,
-                     checkpoint_paths=[m.folder.checkpoint for m in group], threads=lead.threads)
+        if mode == "streams":
+            train_streams([m.config for m in group], [[_Guard(m, group), _EndedStops(m)] for m in group],
+                          device=lead.device, checkpoint_paths=[m.folder.checkpoint for m in group],
+                          threads=lead.threads)
+        else:
+            train_packed([m.config for m in group], [[_Guard(m, group)] for m in group], device=lead.device,
+                         checkpoint_paths=[m.folder.checkpoint for m in group], threads=lead.threads)
     except _PackDone:
         return
     except (KeyboardInterrupt, Terminated) as e:

@@ -56,11 +56,13 @@ class WorkerSpec:
 
 @dataclass
 class PackSpec:
-    """A pack: the spec files of its members (each in its own run folder), trained as one fused model."""
+    """A pack: the spec files of its members (each in its own run folder), trained as one fused model or,
+    with ``mode`` ``streams``, as solo models on CUDA streams in one process."""
 
     pack_id: str
     members: list[str]  # the members still to train (a re-run leaves out those already finished)
     size: int = 0  # the pack's size as the sweep formed it (0: len(members))
+    mode: str = "fused"  # one fused model (training.packed) or solo models on CUDA streams (training.streams)
 
     def write(self, path: str | os.PathLike) -> None:
         _write(self, path)

@@ -34,9 +34,11 @@ def test_the_dry_run_needs_only_torch_and_training(tmp_path):
     kinds = [line["kind"] for line in lines]
     assert kinds[0] == "env" and kinds[-1] == "done"
     checks = {line["name"]: line for line in lines if line["kind"] == "check"}
-    assert set(checks) == {"solo-resume", "solo-resume-graphed", "graphed-vs-eager", "pack2-vs-solo"}
+    assert set(checks) == {"solo-resume", "solo-resume-graphed", "graphed-vs-eager", "pack2-vs-solo",
+                           "streams2-vs-solo"}
     assert all(c["passed"] for c in checks.values()), checks
     assert checks["solo-resume"]["bitwise"] and checks["solo-resume-graphed"]["bitwise"]  # on the CPU: to the bit
+    assert checks["streams2-vs-solo"]["bitwise"]
     rates = [line for line in lines if line["kind"] == "rate"]
     named = {(r["arch"], r["precision"], r["mode"]) for r in rates}
     assert named == {(a, p, m) for a in ("resnet14", "resnet32") for p in ("fp32", "tf32", "bf16") for m in MODES}

@@ -108,3 +108,61 @@ def test_pack_sizes_and_packs_per_shape_the_same_whatever_has_finished(tmp_path)
     assert checked_pack("off") == 1 and checked_pack("auto") == "auto" and checked_pack("4") == 4
     with pytest.raises(UserError, match=r"^pack 0: expected a pack size >= 1, auto or off"):
         checked_pack(0)
+
+
+STREAMS_FAST = rates((1, 4000, 0.3), (2, 8000, 0.4), (5, 19000, 1.0), (10, 30000, 1.5))
+STREAMS_SLOW = rates((1, 4000, 0.3), (2, 6000, 0.4), (5, 9000, 1.0), (10, 12000, 1.5))
+
+
+def cached_calibration(packs_dir: Path, shape: tuple, streams: list | None) -> None:
+    """A calibration.json as ``--pack auto`` writes it, for GPU 0 and this torch, sizes 1 to 10 asked."""
+    key = "|".join(map(str, ("gpu 0", f"torch {autopack._torch_version()}", *shape)))
+    entry = {"device": "NVIDIA H200", "free_bytes": 140 * GiB, "torch": "2.11.0", "results": MEASURED[:4],
+             "asked": [1, 2, 5, 10]}
+    if streams is not None:
+        entry["streams"] = streams
+    packs_dir.mkdir(parents=True, exist_ok=True)
+    (packs_dir / autopack.CACHE).write_text(json.dumps({key: entry}))
+
+
+@pytest.mark.parametrize(("streams", "chosen"), [(STREAMS_FAST, (10, "streams")), (STREAMS_SLOW, (10, "fused")),
+                                                 (None, (10, "fused"))],
+                         ids=["streams-faster", "fused-faster", "cached-before-streams"])
+def test_auto_trains_each_shape_the_way_its_calibration_measured_faster(tmp_path, streams, chosen):
+    from orchestrator.dispatch.packs import pack_plan, write_job_spec
+    from orchestrator.run.spec import PackSpec, WorkerSpec
+
+    todo = tasks(configs("resnet14", 20), tmp_path / "runs")
+    shape = shape_of(todo[0].config)
+    packs_dir = tmp_path / "runs" / "packs"
+    cached_calibration(packs_dir, ("resnet14", 10, 50, "fp32"), streams)
+    notes = []
+    plan = pack_plan("auto", [t.config for t in todo], gpu_slots(1, 1), packs_dir, note=notes.append)
+    assert plan == {shape: chosen}  # from the cache: nothing measured (a real calibration needs CUDA)
+    # fused 10 members: 24000 images/s; streams 10: 30000 (faster) or 12000 (slower)
+    size, mode = chosen
+    on = " on streams" if mode == "streams" else ""
+    assert notes == [f"--pack auto: resnet14 x 10 classes, fp32: packs of 10{on}"
+                     f" (images/s by pack size on NVIDIA H200: 1: 4000, 2: 7500, 5: 16000, 10: 24000"
+                     + ("; on streams: " + ", ".join(f"{m['members']}: {m['images_per_second']}" for m in streams)
+                        if streams else "") + ")"]
+    jobs = form_packs(todo, {shape: size}, packs_dir, modes={shape: mode})
+    assert [len(j.runs) for j in jobs] == [10, 10] and {j.pack_mode for j in jobs} == {mode}
+    spec = write_job_spec(jobs[0], lambda run: WorkerSpec(config={}, experiment="e", run_dir=str(run.run_dir)))
+    written = PackSpec(**json.loads(spec.read_text()))
+    assert (written.mode, written.size, len(written.members)) == (mode, 10, 10)
+
+
+def test_choose_mode_needs_streams_strictly_faster_within_memory():
+    entry = {"free_bytes": 100 * GiB, "results": MEASURED, "streams": STREAMS_FAST}
+    assert autopack.choose_mode(entry, jobs_per_gpu=1, cap=50) == (10, "streams")  # 30000 > fused 25's 26000
+    assert autopack.choose_mode({**entry, "free_bytes": GiB}, jobs_per_gpu=1, cap=50) == (2, "streams")  # 8000 > 7500
+    assert autopack.choose_mode({**entry, "streams": MEASURED}, jobs_per_gpu=1, cap=50) == (25, "fused")  # a tie
+    assert autopack.choose_mode({**entry, "streams": STREAMS_SLOW}, jobs_per_gpu=1, cap=50) == (25, "fused")
+    assert autopack.choose_mode({**entry, "streams": []}, jobs_per_gpu=1, cap=50) == (25, "fused")
+
+
+def test_the_calibration_times_streams_too(tmp_path):
+    out = autopack.measure(("resnet8", 10, 20, "bf16"), [1, 2], "cpu", None, steps=1, warmup=0)
+    assert [m["members"] for m in out["streams"]] == [1, 2]
+    assert all(m["images_per_second"] > 0 and m["peak_bytes"] == 0 for m in out["streams"])
