@@ -129,8 +129,8 @@ def best_command(sweep_file, storage, export_path, set_, only, epochs_scale, tra
     summary, doc = best_sweep(sweep, open_study(sweep, storage, create=False))
     scheme = summary.pop("scheme")
     click.echo(json.dumps(summary, indent=1))
-    click.echo(f"weight_decay: {json.dumps(scheme['weight_decay'])}")
-    click.echo(f"grad_sparsity: {json.dumps(scheme['grad_sparsity'])}")
+    for field, value in scheme.items():  # the best trial's scheme, as the exported sweep writes it
+        click.echo(f"{field}: {json.dumps(value)}")
     if export_path:
         export_sweep(doc, export_path, summary)
         click.echo(f"wrote {export_path}: adareg sweep run {export_path}")

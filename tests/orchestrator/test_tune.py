@@ -457,6 +457,7 @@ def test_trials_of_one_shape_train_as_one_pack_and_the_best_exports(tmp_path):
                            str(tmp_path / "best.yaml")], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=120)
     assert best.returncode == 0, best.stderr
+    assert "\nweight_decay: {" in best.stdout and "\ndropout: {" in best.stdout  # the best scheme, field by field
     exported = load_sweep(tmp_path / "best.yaml")
     winner = min(study.trials, key=lambda t: t.value)
     tuned = exported.schemes["tuned"].model_dump(exclude_none=True)
