@@ -125,6 +125,7 @@ def test_the_override_keeps_every_service_and_build_on_host_networking(tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.skipif(docker_unavailable() is not None, reason=str(docker_unavailable()))
+@pytest.mark.timeout(1800)  # `make test-slow` runs it first of the Docker tests: its setup builds the 7 GB image
 def test_the_stack_runs_a_sweep_through_a_server_restart_and_a_down_and_up(checkout, build_args, image,
                                                                          tmp_path):
     if compose_binary() is None:
