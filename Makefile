@@ -18,7 +18,7 @@ test: install  # unit and integration tests (< 10 minutes on 2 cores)
 	$(BIN)/python -m pytest -q -x --timeout 600 -m "not slow" tests
 
 test-slow: install  # end to end: real orchestrators killed at random, mlflow server + PostgreSQL, Ray cluster, PID 1
-	$(BIN)/python -m pytest -q -x --timeout 900 -m slow tests
+	$(BIN)/python -m pytest -q -x --timeout 900 --durations 25 -m slow tests
 
 demo: install
 	$(BIN)/adareg sweep run sweeps/demo.yaml --gpus none --max-parallel 2
