@@ -6,12 +6,8 @@ The paper's four named schemes keep the paper's colours; every other scheme has 
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
-import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib
 import matplotlib.lines
@@ -26,7 +22,6 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocato
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from orchestrator.report import SPARSITY_SCHEMES, WEIGHT_DECAY_SCHEMES  # noqa: E402
-from training.callbacks import DIAGNOSTICS, NO_DECAY, STAGES  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.schedules import EpochPlan, phase_bounds  # noqa: E402
 
@@ -351,166 +346,3 @@ def log_axis(ax) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(5, steps=[1, 2, 5, 10]) if narrow else LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.yaxis.set_minor_locator(NullLocator())
-
-
-MECHANISM_ROWS = (  # the rows of a mechanism figure: (y label, the metrics drawn in it)
-    ("test loss", ("test_loss",)),
-    ("test error", ("test_error",)),
-    ("weight norm ‖w‖", tuple(f"weight_norm_{s}" for s in STAGES)),
-    ("effective step lr/‖w‖²", tuple(f"effective_lr_{s}" for s in STAGES)),
-    ("decay timescale (epochs)", ("decay_epochs",)),
-)
-MECHANISM_METRICS = tuple(dict.fromkeys(m for _, row in MECHANISM_ROWS for m in row))
-STAGE_STYLES = {"stem": ":", "stage1": "-", "stage2": "--", "stage3": "-."}
-STAGE_NAMES = {"stem": "first convolution", "stage1": "stage 1 (16 ch.)", "stage2": "stage 2 (32 ch.)",
-               "stage3": "stage 3 (64 ch.)"}
-
-
-def stage_in(metric: str) -> str | None:
-    """The stage a per-stage diagnostic is of (``weight_norm_stage2`` -> ``stage2``), None for the others."""
-    stage = metric.rsplit("_", 1)[-1]
-    return stage if stage in STAGE_STYLES and metric.startswith(("weight_norm_", "effective_lr_")) else None
-
-
-def has_mechanism(frame: pd.DataFrame) -> bool:
-    """Whether the runs of ``frame`` logged the diagnostics (runs of older versions did not)."""
-    return bool(frame["metric"].isin(DIAGNOSTICS).any())
-
-
-def draw_mechanism(spec: FigureSpec, bands: pd.DataFrame, plans: dict[str, Sequence[EpochPlan]],
-                   labels: dict[str, str], palette: dict) -> Figure:
-    """The mechanism figure of ``spec``: whether a taper acts at all. A column per phase; rows (MECHANISM_ROWS):
-    test loss and error, the weight norm and the effective step lr/‖w‖² of each stage's convolutions (a line
-    style per stage), and the weight-decay timescale in epochs; all on log axes but the error, each line the
-    mean over seeds of a scheme (``bands``: seed_bands' frame of MECHANISM_METRICS). A timescale without decay
-    (``NO_DECAY``) is infinite and not drawn."""
-    b = bands[(bands["dataset"] == spec.dataset) & (bands["arch"] == spec.arch)]
-    b = b.assign(mean=b["mean"].where(~((b["metric"] == "decay_epochs") & (b["mean"] >= NO_DECAY))))
-    bounds = phase_bounds(plans[spec.schemes[0]])
-    phases = sorted(bounds)
-    steps = lr_steps(plans[spec.schemes[0]])
-    seeds = b[b["scheme"].isin(spec.schemes)].groupby("scheme", observed=True)["n"].max()
-    ncol = max(1, min(3, len(spec.schemes), int(4.4 * len(bounds) // (0.8 + 0.075 * max(
-        len(labels[s]) for s in spec.schemes)))))
-    with sns.axes_style("whitegrid"), sns.plotting_context("notebook", font_scale=0.85):
-        legend_rows = -(-len(spec.schemes) // ncol) + 1  # the schemes and the stage key
-        top, bottom = 0.95, 0.65 + 0.25 * legend_rows
-        width, height = 4.4 * len(bounds), 2.3 * len(MECHANISM_ROWS) + top + bottom
-        fig = Figure(figsize=(width, height))
-        axes = fig.subplots(len(MECHANISM_ROWS), len(bounds), squeeze=False, gridspec_kw=dict(
-            left=0.8 / width, right=1 - 0.15 / width, top=1 - top / height, bottom=bottom / height,
-            wspace=0.2, hspace=0.18))
-        for r, (ylabel, metrics) in enumerate(MECHANISM_ROWS):
-            for col, phase in enumerate(phases):
-                first, last = bounds[phase]
-                ax = axes[r, col]
-                drawn = False
-                for scheme in spec.schemes:
-                    for metric in metrics:
-                        d = b[(b["scheme"] == scheme) & (b["metric"] == metric) & (b["phase"] == phase)]
-                        if d["mean"].notna().any():
-                            stage = stage_in(metric)
-                            ax.plot(d["epoch"], d["mean"], color=palette[scheme], lw=1.5,
-                                    ls=STAGE_STYLES[stage] if stage else "-",
-                                    label=f"{scheme}: {metric}, mean of {int(d['n'].max())}")
-                            drawn = True
-                ax.grid(False, axis="x")
-                mark_lr_steps(ax, [(e, lr) for e, lr in steps if first <= e <= last], label=r == 0)
-                ax.set_xlim(first - 0.5, last + 0.5)
-                if metrics == ("test_error",):
-                    ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=None))
-                elif drawn:
-                    decades_axis(ax)
-                if r == 0:
-                    ax.set_title(f"phase {phase} (epochs {first}–{last})", pad=14)
-                if col == 0:
-                    ax.set_ylabel(ylabel + ("" if metrics == ("test_error",) else " (log)"))
-                if r == len(MECHANISM_ROWS) - 1:
-                    ax.set_xlabel("epoch")
-        key = [(matplotlib.lines.Line2D([], [], color="0.3", ls=STAGE_STYLES[s], lw=1.5), STAGE_NAMES[s])
-               for s in STAGES]
-        row = 0.25 / height
-        legend = fig.legend([h for h, _ in key], [t for _, t in key], loc="lower center", ncol=len(key),
-                            bbox_to_anchor=(0.5, 0.02 / height + row * (legend_rows - 1)), frameon=False)
-        fig.add_artist(legend)
-        handles = [matplotlib.lines.Line2D([], [], color=palette[s], lw=2.5) for s in spec.schemes]
-        fig.legend(handles, [labels[s] for s in spec.schemes], loc="lower center", bbox_to_anchor=(0.5, 0.02 / height),
-                   ncol=ncol, frameon=False)
-        most = int(seeds.max()) if len(seeds) else 0
-        fig.suptitle(f"{spec.title}: does the taper act?\nmean of {most} seed{'s' if most != 1 else ''}; line style: "
-                     "the stage (its convolutions, BatchNorm after each); dotted: learning-rate steps",
-                     fontsize="medium", y=1 - 0.05 / height, va="top")
-    return fig
-
-
-def decades_axis(ax) -> None:
-    """``log_axis``, with one tick per decade (or per few) where the data span more than two decades."""
-    log_axis(ax)
-    lo, hi = ax.get_ylim()
-    if hi / lo > 100:
-        ax.yaxis.set_major_locator(LogLocator(numticks=6))
-        ax.yaxis.set_major_formatter(FuncFormatter(decade_label))
-
-
-def decade_label(v: float, _=None) -> str:
-    """0.001, 1, 1000 and 10000 plainly; 1e-05, 1e+06 beyond."""
-    return f"{v:g}" if 1e-3 <= v < 1e5 else f"{v:.0e}"
-
-
-@dataclass(frozen=True)
-class FigureJob:
-    """Everything one figure needs (picklable, for a worker process)."""
-
-    spec: FigureSpec
-    bands: pd.DataFrame
-    plans: dict[str, Sequence[EpochPlan]]
-    labels: dict[str, str]
-    palette: dict
-    metrics: Sequence[str]
-    picks: pd.DataFrame
-    curves: pd.DataFrame
-    rank_by: str = "test_error"
-    envelope: bool = False
-    mechanism: bool = False
-    """The mechanism figure of the spec (``draw_mechanism``, file ``<stem>-mechanism``) instead of its curves."""
-
-    def __call__(self, out_dir: Path) -> list[Path]:
-        if self.mechanism:
-            fig = draw_mechanism(self.spec, self.bands, self.plans, self.labels, self.palette)
-            return save(fig, out_dir, mechanism_stem(self.spec))
-        fig = draw(self.spec, self.bands, self.plans, self.labels, self.palette, self.metrics, self.picks,
-                   self.curves, self.rank_by, self.envelope)
-        return save(fig, out_dir, self.spec.stem)
-
-
-def mechanism_stem(spec: FigureSpec) -> str:
-    return f"{spec.stem}-mechanism"
-
-
-def render_all(jobs: Sequence[FigureJob], out_dir: Path, workers: int | None = None) -> list[list[Path]]:
-    """Run the jobs, in ``workers`` forked processes where the platform forks (the PNG and PDF
-    rendering is CPU-bound; a fork starts in milliseconds, a spawn would re-import everything)."""
-    if workers is None:
-        workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    workers = min(workers, len(jobs))
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [job(out_dir) for job in jobs]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(FigureJob.__call__, jobs, [out_dir] * len(jobs)))
-
-
-def save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:
-    """PNG (DPI) and PDF beside each other, each written atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in ("png", "pdf"):
-        path = out_dir / f"{stem}.{fmt}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as fh:
-            # zlib level 3 instead of 6: a fifth less time for the whole figure, a tenth larger PNG
-            fig.savefig(fh, format=fmt, dpi=DPI, **({"pil_kwargs": {"compress_level": 3}} if fmt == "png" else {}))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths

@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from orchestrator.errors import BadValue, arg
-from orchestrator.report import DEFAULT_BASELINES, SELECTED_ON_VALIDATION, comparison_plan, figures, is_tuned
+from orchestrator.report import DEFAULT_BASELINES, SELECTED_ON_VALIDATION, comparison_plan, figures, is_tuned, mechanism
 from orchestrator.report.collect import Collection
+from orchestrator.report.jobs import FigureJob, render_all
 from orchestrator.report.stats import SUMMARY_METRICS, method_line, phase_summary
 from orchestrator.store.tags import TAG_SWEEP
 
@@ -68,18 +69,18 @@ def write_report(col: Collection, out: str | os.PathLike, baselines: Sequence[st
     bands = figures.seed_bands(col.frame, metrics)
     picks = figures.pick_runs(col.frame, bounds, rank_by)
     curves = figures.picked_curves(col.frame, picks, metrics)
-    mechanism = figures.seed_bands(col.frame, figures.MECHANISM_METRICS)
+    mechanism_bands = figures.seed_bands(col.frame, mechanism.DRAWN)
     palette = figures.scheme_palette(col.schemes)
     jobs = []
     for spec in figures.figure_specs(present, col.schemes, rep.plan):
         labels = {s: scheme_label(s, col.scheme_config(spec.dataset, spec.arch, s)) for s in spec.schemes}
         plans = {s: col.scheme_plan(spec.dataset, spec.arch, s) for s in spec.schemes}
         b, p, c = (of_spec(df, spec) for df in (bands, picks, curves))
-        jobs.append(figures.FigureJob(spec, b, plans, labels, palette, metrics, p, c, rank_by, envelope))
-        if figures.has_mechanism(of_spec(col.frame, spec)):
-            jobs.append(figures.FigureJob(spec, of_spec(mechanism, spec), plans, labels, palette,
-                                          figures.MECHANISM_METRICS, p.iloc[:0], c.iloc[:0], mechanism=True))
-    for paths in figures.render_all(jobs, out / "figures", workers):
+        jobs.append(FigureJob(spec, b, plans, labels, palette, metrics, p, c, rank_by, envelope))
+        if mechanism.has_mechanism(of_spec(col.frame, spec)):
+            jobs.append(FigureJob(spec, of_spec(mechanism_bands, spec), plans, labels, palette, mechanism.DRAWN,
+                                  p.iloc[:0], c.iloc[:0], mechanism=True))
+    for paths in render_all(jobs, out / "figures", workers):
         rep.files += [p.relative_to(out) for p in paths]
     rep.figures = [job.spec for job in jobs if not job.mechanism]
     rep.mechanism = [job.spec for job in jobs if job.mechanism]
@@ -251,7 +252,7 @@ def report_markdown(rep: Report, col: Collection) -> str:
                 f"[PNG](figures/{spec.stem}.png) · [PDF](figures/{spec.stem}.pdf)\n"]
         out += picks_table(rep.picks, spec)
         if spec in rep.mechanism:
-            stem = figures.mechanism_stem(spec)
+            stem = mechanism.mechanism_stem(spec)
             out += [f"Does the taper act? {MECHANISM_TEXT}\n", f"![{stem}](figures/{stem}.png)\n",
                     f"[PNG](figures/{stem}.png) · [PDF](figures/{stem}.pdf)\n"]
     out += ["## Tables\n",

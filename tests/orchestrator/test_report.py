@@ -22,7 +22,7 @@ from PIL import Image
 import orchestrator.report.collect as collect_mod
 from orchestrator.errors import UserError
 from orchestrator.identity import plan, run_key
-from orchestrator.report import figures
+from orchestrator.report import figures, mechanism
 from orchestrator.report.collect import (
     FRAME_COLUMNS,
     MECHANISM_METRICS,
@@ -348,11 +348,11 @@ def test_mechanism_figure_draws_each_stage_and_the_decay_timescale(store):
     assert set(col.frame["metric"].astype(str)) == set(REPORT_METRICS + MECHANISM_METRICS)
     spec = figures.FigureSpec("digits", "resnet14", "weight-decay", ("wd-1e-4", "01"))
     plans = {s: col.scheme_plan("digits", "resnet14", s) for s in spec.schemes}
-    bands = figures.seed_bands(col.frame, figures.MECHANISM_METRICS)
+    bands = figures.seed_bands(col.frame, mechanism.DRAWN)
     bands.loc[(bands["scheme"] == "01") & (bands["metric"] == "decay_epochs") & (bands["epoch"] == 3),
               "mean"] = NO_DECAY
     palette = figures.scheme_palette(col.schemes)
-    fig = figures.draw_mechanism(spec, bands, plans, {s: s for s in spec.schemes}, palette)
+    fig = mechanism.draw_mechanism(spec, bands, plans, {s: s for s in spec.schemes}, palette)
     axes = fig.axes
     assert len(axes) == 15
     assert [axes[i].get_ylabel() for i in range(0, 15, 3)] == [
