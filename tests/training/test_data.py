@@ -11,11 +11,11 @@ from cifar_archives import CIFAR_LAYOUT, UNOFFICIAL, evil_pickle, write_cifar
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from training import cifar as cifar_files
 from training import data
-from training.config import ConfigError, RunConfig
+from training.config import ConfigError, DataError, RunConfig
 from training.data import (
     Batches,
-    DataError,
     Split,
     load_splits,
     noisy_labels,
@@ -295,7 +295,7 @@ def test_failed_download_leaves_nothing_and_restores_the_socket_timeout(tmp_path
             f.write(b"partial")
         raise urllib.error.URLError("Name or service\nnot known")
 
-    monkeypatch.setattr(data, "download_and_extract_archive", failing_download)
+    monkeypatch.setattr(cifar_files, "download_and_extract_archive", failing_download)
     before = socket.getdefaulttimeout()
     with pytest.raises(DataError, match=r"\(URLError: <urlopen error Name or service not known>\); place"):
         cifar("cifar10", tmp_path / "data")
@@ -315,7 +315,7 @@ def test_successful_download_moves_archive_and_folder_in(tmp_path, monkeypatch):
         with tarfile.open(source / filename) as tar:
             tar.extractall(root)
 
-    monkeypatch.setattr(data, "download_and_extract_archive", fake_download)
+    monkeypatch.setattr(cifar_files, "download_and_extract_archive", fake_download)
     train, _ = cifar("cifar10", tmp_path / "data")
     assert torch.equal(train.images, x_train)
     assert sorted(os.listdir(tmp_path / "data")) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
@@ -353,7 +353,7 @@ def tampered(tmp_path, name, archive, split="train"):
 def test_tampered_archive_is_refused_before_extraction(tmp_path, name, title):
     data_dir = tampered(tmp_path, name, archive=True)
     tar_name = CIFAR_LAYOUT[name][1]
-    md5 = data.file_md5(str(data_dir / tar_name))
+    md5 = cifar_files.file_md5(str(data_dir / tar_name))
     with pytest.raises(DataError) as info:
         cifar(name, data_dir, allow_unofficial_data=False)
     official = {"cifar10": "c58f30108f718f92721af3b95e74349a", "cifar100": "eb9058c3a382ffc7106e4002c42a8d85"}[name]
@@ -368,7 +368,8 @@ def test_tampered_file_in_an_extracted_folder_is_refused_before_unpickling(tmp_p
     path = data_dir / "cifar-10-batches-py" / "data_batch_1"
     with pytest.raises(DataError) as info:
         cifar("cifar10", data_dir, allow_unofficial_data=False)
-    assert str(info.value) == (f"{path} is not the official CIFAR-10 file data_batch_1 (md5 {data.file_md5(str(path))}"
+    md5 = cifar_files.file_md5(str(path))
+    assert str(info.value) == (f"{path} is not the official CIFAR-10 file data_batch_1 (md5 {md5}"
                                ", expected c99cafc152244af753f735de768cd75f); set train.allow_unofficial_data: true "
                                "to load it anyway")
     assert not (tmp_path / "marker").exists()
@@ -388,12 +389,12 @@ def test_files_with_the_official_md5_load_without_the_opt_in(tmp_path, monkeypat
     (x_train, y_train), (x_test, _) = write_cifar(data_dir, "cifar10", archive=True)
     with tarfile.open(data_dir / "cifar-10-python.tar.gz") as tar:
         tar.extractall(tmp_path / "ref", filter="data")
-    files = {p.name: data.file_md5(str(p)) for p in (tmp_path / "ref" / "cifar-10-batches-py").iterdir()}
-    archive_md5 = data.file_md5(str(data_dir / "cifar-10-python.tar.gz"))
-    monkeypatch.setitem(data.OFFICIAL_MD5, "cifar10", (archive_md5, files))
+    files = {p.name: cifar_files.file_md5(str(p)) for p in (tmp_path / "ref" / "cifar-10-batches-py").iterdir()}
+    archive_md5 = cifar_files.file_md5(str(data_dir / "cifar-10-python.tar.gz"))
+    monkeypatch.setitem(cifar_files.OFFICIAL_MD5, "cifar10", (archive_md5, files))
     checked = []
-    real_md5 = data.file_md5
-    monkeypatch.setattr(data, "file_md5", lambda path: checked.append(os.path.basename(path)) or real_md5(path))
+    real_md5 = cifar_files.file_md5
+    monkeypatch.setattr(cifar_files, "file_md5", lambda path: checked.append(os.path.basename(path)) or real_md5(path))
     train, test = cifar("cifar10", data_dir, allow_unofficial_data=False)
     assert torch.equal(train.images, x_train) and torch.equal(train.labels, y_train)
     assert torch.equal(test.images, x_test)
@@ -413,10 +414,10 @@ def test_a_folder_another_worker_put_in_place_wins(tmp_path):
     for d in ("mine/cifar-10-batches-py", "cifar-10-batches-py"):
         (tmp_path / d).mkdir(parents=True)
         (tmp_path / d / "data_batch_1").write_text(d)
-    data._move_into_place(str(tmp_path / "mine/cifar-10-batches-py"), str(tmp_path / "cifar-10-batches-py"))
+    cifar_files._move_into_place(str(tmp_path / "mine/cifar-10-batches-py"), str(tmp_path / "cifar-10-batches-py"))
     assert (tmp_path / "cifar-10-batches-py/data_batch_1").read_text() == "cifar-10-batches-py"
     with pytest.raises(OSError):
-        data._move_into_place(str(tmp_path / "absent"), str(tmp_path / "elsewhere"))
+        cifar_files._move_into_place(str(tmp_path / "absent"), str(tmp_path / "elsewhere"))
 
 
 # --- validation split ------------------------------------------------------------------------------
