@@ -20,13 +20,18 @@ def calibrate(arch: str, num_classes: int, batch_size: int, sizes: Sequence[int]
     """Time ``steps`` training steps (forward, backward, SGD) of packs of each size in ``sizes`` on random
     images: ``[{"members", "images_per_second" (all members together), "peak_bytes" (CUDA memory the
     step needed; 0 elsewhere)}]``, in the order given. Stops at the first size that runs out of memory."""
-    device = torch.device(device)
     blocks = (int(arch.removeprefix("resnet")) - 2) // 6
+    return _each_size(sizes, torch.device(device), precision, lambda n, dev: _time_pack(
+        n, blocks, num_classes, batch_size, dev, precision, steps, warmup))
+
+
+def _each_size(sizes: Sequence[int], device: torch.device, precision: str, time_one) -> list[dict[str, float]]:
+    """``time_one(n, device)`` for each size in ``precision``, up to the first that runs out of memory."""
     out: list[dict[str, float]] = []
     with precision_mode(precision, device):
         for n in sizes:
             try:
-                out.append(_time_pack(n, blocks, num_classes, batch_size, device, precision, steps, warmup))
+                out.append(time_one(n, device))
             except torch.OutOfMemoryError:
                 break
             finally:
@@ -71,18 +76,8 @@ def calibrate_streams(arch: str, num_classes: int, batch_size: int, sizes: Seque
                       warmup: int = 3) -> list[dict[str, float]]:
     """As ``calibrate``, for ``training.streams``: ``n`` solo models of ``arch`` each on its own CUDA stream
     and thread (one after another elsewhere), ``steps`` training steps each, timed together."""
-    device = torch.device(device)
-    out: list[dict[str, float]] = []
-    with precision_mode(precision, device):
-        for n in sizes:
-            try:
-                out.append(_time_streams(n, arch, num_classes, batch_size, device, precision, steps, warmup))
-            except torch.OutOfMemoryError:
-                break
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    return out
+    return _each_size(sizes, torch.device(device), precision, lambda n, dev: _time_streams(
+        n, arch, num_classes, batch_size, dev, precision, steps, warmup))
 
 
 def _time_streams(n: int, arch: str, num_classes: int, batch_size: int, device: torch.device, precision: str,

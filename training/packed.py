@@ -60,6 +60,21 @@ def check_shape(configs: Sequence[RunConfig]) -> None:
                                         f"{getattr(configs[0], name)!r}; a pack's runs must share it")
 
 
+def pack_arguments(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Callback]] | None,
+                   checkpoint_paths: Sequence[str | Path | None] | None) -> tuple[list, list[list], list]:
+    """A pack's configs (one shape: ``check_shape``), every member's callbacks and checkpoint path (none
+    given: none), as lists of one entry per member; ValueError when a list has another length."""
+    configs = list(configs)
+    check_shape(configs)
+    n = len(configs)
+    callbacks = [list(c) for c in callbacks] if callbacks is not None else [[] for _ in configs]
+    paths = list(checkpoint_paths) if checkpoint_paths is not None else [None] * n
+    for name, value in (("callbacks", callbacks), ("checkpoint_paths", paths)):
+        if len(value) != n:
+            raise ValueError(f"{name}: {len(value)} entries for {n} configs")
+    return configs, callbacks, paths
+
+
 def checkpoint_epoch(path: str | Path | None) -> int:
     """The epoch a checkpoint holds (0 if there is none)."""
     state = load_checkpoint(path) if path else None
@@ -118,14 +133,7 @@ def train_packed(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Call
     BatchNorm, float32 rounding alone makes two correct implementations drift apart within a few
     steps); checkpoints and result models are float32 like a solo run's.
     """
-    configs = list(configs)
-    check_shape(configs)
-    n = len(configs)
-    callbacks = [list(c) for c in callbacks] if callbacks is not None else [[] for _ in configs]
-    paths = list(checkpoint_paths) if checkpoint_paths is not None else [None] * n
-    for name, value in (("callbacks", callbacks), ("checkpoint_paths", paths)):
-        if len(value) != n:
-            raise ValueError(f"{name}: {len(value)} entries for {n} configs")
+    configs, callbacks, paths = pack_arguments(configs, callbacks, checkpoint_paths)
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)

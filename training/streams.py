@@ -40,7 +40,7 @@ from training.config import RunConfig
 from training.core import Diverged
 from training.graphed import cudnn_benchmark
 from training.loop import TrainResult, precision_mode, train
-from training.packed import PackResult, check_shape
+from training.packed import PackResult, pack_arguments
 
 
 class MemberStopped(Exception):
@@ -69,14 +69,8 @@ def train_streams(configs: Sequence[RunConfig], callbacks: Sequence[Sequence[Cal
     """Train ``configs`` (one shape, see ``SHAPE_FIELDS``) as solo runs in this process, each on its own CUDA
     stream (see the module). ``callbacks`` and ``checkpoint_paths`` as for ``train_packed``; ``parallel``
     (None: on CUDA) runs the members on threads at once, else one after another."""
-    configs = list(configs)
-    check_shape(configs)
+    configs, callbacks, paths = pack_arguments(configs, callbacks, checkpoint_paths)
     n = len(configs)
-    callbacks = [list(c) for c in callbacks] if callbacks is not None else [[] for _ in configs]
-    paths = list(checkpoint_paths) if checkpoint_paths is not None else [None] * n
-    for name, value in (("callbacks", callbacks), ("checkpoint_paths", paths)):
-        if len(value) != n:
-            raise ValueError(f"{name}: {len(value)} entries for {n} configs")
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
