@@ -199,9 +199,16 @@ def describe(cfg: RunConfig) -> str:
         seen = [v for i, v in enumerate(row) if i == 0 or v != row[i - 1]]
         return "→".join(fmt(v) for v in seen) + ("" if all(r == row for r in grid) else " in phase 1")
 
-    label = "wd " + steps(cfg.weight_decay, short)
+    label = ("decoupled " if cfg.weight_decay_mode == "decoupled" else "") + "wd " + steps(cfg.weight_decay, short)
+    if cfg.lr_family != "step":
+        label = f"{cfg.lr_family} lr, {label}"
     if any(v for row in cfg.grad_sparsity for v in row):
         label += ", sparsity " + steps(cfg.grad_sparsity, lambda v: f"{v:.0%}")
+    for name, grid, fmt in (("dropout", cfg.dropout, lambda v: f"{v:.2g}"),
+                            ("label smoothing", cfg.label_smoothing, lambda v: f"{v:.2g}"),
+                            ("batch", cfg.batch_sizes, lambda v: f"{v:g}")):
+        if grid is not None:
+            label += f", {name} " + steps(grid, fmt)
     return label
 
 

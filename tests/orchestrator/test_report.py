@@ -503,3 +503,16 @@ def test_runs_that_logged_no_epoch_yet_are_not_a_report(store):
         collect(client, uri, sweep, planned)
     assert str(err.value) == (f"the 1 run of sweep 'rep' in experiment 'adareg-started' at {uri} have logged no "
                               "epoch yet: nothing to report")
+
+
+def test_a_schemes_legend_names_every_taper_it_uses():
+    from training.config import RunConfig
+
+    plain = RunConfig(weight_decay=[1e-4, 1e-4, 8e-4, 1.6e-3, 1.6e-3], grad_sparsity=0.0)
+    assert figures.describe(plain) == "wd 1e-4→8e-4→1.6e-3"
+    tapered = RunConfig(lr={"family": "cosine", "max": 0.1, "min": 1e-5, "steps": 5}, grad_sparsity=0.0,
+                        weight_decay=1e-5, weight_decay_mode="decoupled",
+                        dropout={"taper": "table", "values": {0.1: 0.0, 0.01: 0.3}},
+                        batch_sizes={"taper": "table", "values": {0.1: 50, 0.001: 10}})
+    label = figures.describe(tapered)
+    assert label.startswith("cosine lr, decoupled wd 1e-5") and ", dropout 0" in label and ", batch 50" in label

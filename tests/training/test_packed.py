@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from stops import Stop, StopAfter
+from trio import trio, without_timing
 
-from training import Callback, RunConfig, train
+from training import Callback, train
 from training.callbacks import DIAGNOSTICS, metric_names
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.data import Batches, Split, load_splits
@@ -19,18 +20,6 @@ from training.models import build_model
 from training.packed import group_by_epoch, train_packed
 from training.regularizers import SparseSGD, draw_masks, mask_seed
 from training.schedules import plan_for
-
-TIMING = {"epoch_seconds", "images_per_second"}
-# 150 images at batch 50: every epoch is exactly 3 steps; one phase of 3 one-epoch steps.
-BASE = dict(arch="resnet8", dataset="digits", train_subset=150, label_noise=0.1, lr=[0.1, 0.05, 0.02],
-            epochs_per_step=(1,))
-
-
-def trio():
-    """Different seeds; member 1 tapers weight decay up, member 2 tapers sparsity up (masks from epoch 1)."""
-    return [RunConfig(seed=1, weight_decay=1e-4, grad_sparsity=0.0, **BASE),
-            RunConfig(seed=2, weight_decay=[5e-4, 1e-3, 2e-3], grad_sparsity=0.0, **BASE),
-            RunConfig(seed=3, weight_decay=1e-4, grad_sparsity=[0.3, 0.5, 0.5], **BASE)]
 
 
 class Record(Callback):
@@ -45,10 +34,6 @@ class Record(Callback):
 
     def on_diverged(self, epoch, message):
         self.diverged.append((epoch, message))
-
-
-def without_timing(history):
-    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
 
 
 def rel(a, b):

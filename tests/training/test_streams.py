@@ -4,24 +4,11 @@ solo run (on the CPU one after another, or on threads), checkpoints in the solo 
 import pytest
 import torch
 from stops import Stop, StopAfter
+from trio import trio, without_timing  # the packed trainer's three members, here on streams
 
-from training import Callback, RunConfig, train
+from training import Callback, train
 from training.checkpoint import load_checkpoint
 from training.streams import MemberStopped, train_streams
-
-TIMING = {"epoch_seconds", "images_per_second"}
-BASE = dict(arch="resnet8", dataset="digits", train_subset=150, label_noise=0.1, lr=[0.1, 0.05, 0.02],
-            epochs_per_step=(1,))
-
-
-def trio():
-    return [RunConfig(seed=1, weight_decay=1e-4, grad_sparsity=0.0, **BASE),
-            RunConfig(seed=2, weight_decay=[5e-4, 1e-3, 2e-3], grad_sparsity=0.0, **BASE),
-            RunConfig(seed=3, weight_decay=1e-4, grad_sparsity=[0.3, 0.5, 0.5], **BASE)]
-
-
-def metrics_of(history):
-    return [{k: v for k, v in h.items() if k not in TIMING} for h in history]
 
 
 class Record(Callback):
@@ -44,13 +31,13 @@ class StopMember(Callback):
 def assert_same_run(path, ref_path, result=None, reference=None):
     mine, theirs = load_checkpoint(path), load_checkpoint(ref_path)
     assert (mine["epoch"], mine["identity"]) == (theirs["epoch"], theirs["identity"])
-    assert metrics_of(mine["history"]) == metrics_of(theirs["history"])
+    assert without_timing(mine["history"]) == without_timing(theirs["history"])
     assert all(torch.equal(mine["model"][k], theirs["model"][k]) for k in theirs["model"])
     a, b = mine["optimizer"]["optimizer"]["state"], theirs["optimizer"]["optimizer"]["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[j]["momentum_buffer"], b[j]["momentum_buffer"]) for j in b)
     assert [torch.equal(x, y) for x, y in zip(mine["masks"], theirs["masks"])] == [True] * len(theirs["masks"])
     if result is not None:
-        assert metrics_of(result.history) == metrics_of(reference.history)
+        assert without_timing(result.history) == without_timing(reference.history)
         assert all(torch.equal(x, y) for x, y in zip(result.model.state_dict().values(),
                                                       reference.model.state_dict().values()))
 
