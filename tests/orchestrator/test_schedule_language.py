@@ -164,3 +164,25 @@ def test_per_epoch_values_of_a_long_run_fit_in_mlflow_params():
     assert max(len(v) for v in params.values()) <= PARAM_LENGTH
     assert "characters, sha256 " in params["per_epoch"]
     assert params["lr_family"] == "cosine"
+
+
+def test_the_open_questions_sweep_plans_what_its_comments_say():
+    """sweeps/beyond.yaml: 11 schemes x 3 seeds of 25 epochs; alpha 0 is the constant run; the cosine cycles
+    are as long as the grid's phases; each taper is in force where it says."""
+    sweep = load_sweep(SWEEPS / "beyond.yaml")
+    planned = expand(sweep)
+    assert len(planned) == 33 and len({p.key for p in planned}) == 33
+    configs = {name: sweep.run_config(name, "resnet8", "digits", 0) for name in sweep.schemes}
+    constant = configs["step-a0"].replace(scheme="x", weight_decay=((1e-4,) * 5,) * 3)
+    assert run_key(configs["step-a0"]) == run_key(constant)
+    plans = {name: plan_for(c) for name, c in configs.items()}
+    assert {len(p) for p in plans.values()} == {25}
+    assert phase_bounds(plans["cos-a0.4"]) == phase_bounds(plans["step-a0"]) == {1: (1, 15), 2: (16, 20),
+                                                                                 3: (21, 25)}
+    assert plans["cos-a0"][0].lr == 0.1 and plans["cos-a0"][14].lr < 2e-3  # the cycle's last epoch: t = 14 of 15
+    assert math.isclose(plans["step-a0.4"][-1].weight_decay, 1e-4 * 1e4 ** 0.4, rel_tol=1e-9)
+    assert plans["step-a1"][-1].weight_decay == 0.01  # 1e-4 x 1e4, clipped
+    assert configs["decoupled-a0"].weight_decay_mode == "decoupled"
+    assert [plans["dropout-up"][e].dropout for e in (0, 14)] == [0.05, 0.5]
+    assert [plans["batch-down"][e].batch_size for e in (0, 14)] == [50, 10]
+    assert [plans["early-only"][e].weight_decay for e in (0, 3, 6, 14)] == [1.6e-3, 1.6e-3, 1e-4, 1e-4]
