@@ -29,10 +29,13 @@ from orchestrator.store.uri import resolve_tracking_uri
 @click.option("--rank-by", default="test_error", show_default=True, metavar="test_error|test_loss",
               help="Metric whose value at a phase's last epoch picks the best and worst run drawn.")
 @click.option("--train-loss", is_flag=True, help="Add a train-loss row to every figure.")
+@click.option("--no-mechanism", is_flag=True,
+              help="Skip the mechanism figures (weight norms, effective steps, decay timescale): the diagnostics "
+                   "are not read, which makes a large report several times faster.")
 @click.option("--log-to-mlflow", is_flag=True,
               help="Also store the report's files as artifacts of a new run named 'report' in the sweep's experiment.")
 def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out, baselines, unpaired, envelope,
-           rank_by, train_loss, log_to_mlflow) -> None:
+           rank_by, train_loss, no_mechanism, log_to_mlflow) -> None:
     """Draw the paper's figures (per warm-restart phase: the mean over seeds and the best and worst
     run) and write per-phase seed statistics with paired differences to baselines (95% CI,
     Holm-adjusted p), for the runs of sweep FILE. Deleted and superseded runs are left out."""
@@ -43,7 +46,7 @@ def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out
     check_options(baselines or None, rank_by, sweep.name, list(sweep.schemes))
     uri = resolve_tracking_uri(tracking_uri)
     client = connect(uri, create=False)
-    metrics = REPORT_METRICS + MECHANISM_METRICS + (("train_loss",) if train_loss else ())
+    metrics = REPORT_METRICS + (() if no_mechanism else MECHANISM_METRICS) + (("train_loss",) if train_loss else ())
     col = collect(client, uri, sweep, planned, metrics, sweep_file=sweep_file)
     rep = write_report(col, out or f"report-{sweep.name}", baselines=baselines or None, train_loss=train_loss,
                        paired=not unpaired, envelope=envelope, rank_by=rank_by)

@@ -27,7 +27,8 @@ from training.config import RunConfig
 from training.schedules import EpochPlan, phase_bounds, plan_for
 
 REPORT_METRICS = ("test_loss", "test_error")  # what the figures and tables show (train_loss on request)
-MECHANISM_METRICS = DIAGNOSTICS  # what the mechanism figures show beside them (training.diagnostics)
+MECHANISM_METRICS = tuple(m for m in DIAGNOSTICS if m != "weight_norm_fc")
+"""What the mechanism figures show beside them (``training.diagnostics``; the classifier's norm is not drawn)."""
 HISTORY_COLUMNS = ["run_id", "metric", "step", "timestamp", "value"]
 FRAME_COLUMNS = ["run_key", "group_key", "dataset", "arch", "scheme", "seed", "epoch", "phase", "metric", "value"]
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")

@@ -67,3 +67,10 @@ def test_a_tiny_sweep_logs_the_diagnostics_every_epoch_and_the_report_draws_them
         png = Image.open(out / "figures" / f"digits-resnet8-{family}-mechanism.png")
         assert png.size[0] == round(160 * 4.4)  # one phase
         assert f"](figures/digits-resnet8-{family}-mechanism.png)" in report_md
+
+    fast = tmp_path / "fast"
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(sweep), "--tracking-uri", uri, "--out", str(fast), "--no-mechanism"])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in (fast / "figures").iterdir()) == sorted(
+        f"digits-resnet8-{f}.{ext}" for f in families for ext in ("png", "pdf"))
