@@ -21,17 +21,27 @@ def calibrate(arch: str, num_classes: int, batch_size: int, sizes: Sequence[int]
     images: ``[{"members", "images_per_second" (all members together), "peak_bytes" (CUDA memory the
     step needed; 0 elsewhere)}]``, in the order given. Stops at the first size that runs out of memory."""
     blocks = (int(arch.removeprefix("resnet")) - 2) // 6
-    return _each_size(sizes, torch.device(device), precision, lambda n, dev: _time_pack(
+    return _each_size(sizes, torch.device(device), precision, batch_size, steps, lambda n, dev: _time_pack(
         n, blocks, num_classes, batch_size, dev, precision, steps, warmup))
 
 
-def _each_size(sizes: Sequence[int], device: torch.device, precision: str, time_one) -> list[dict[str, float]]:
-    """``time_one(n, device)`` for each size in ``precision``, up to the first that runs out of memory."""
+def _each_size(sizes: Sequence[int], device: torch.device, precision: str, images_per_step: int,
+               steps: int, time_one) -> list[dict[str, float]]:
+    """For each size n in ``precision``: ``time_one(n, device)`` (the seconds of ``steps`` timed steps of
+    ``n x images_per_step`` images) as ``{"members", "images_per_second", "peak_bytes"}``, up to the first
+    size that runs out of memory."""
     out: list[dict[str, float]] = []
     with precision_mode(precision, device):
         for n in sizes:
             try:
-                out.append(time_one(n, device))
+                if device.type == "cuda":
+                    sync(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                seconds = time_one(n, device)
+                peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
+                out.append({"members": n, "images_per_second": n * images_per_step * steps / seconds,
+                            "peak_bytes": int(peak)})
             except torch.OutOfMemoryError:
                 break
             finally:
@@ -41,11 +51,7 @@ def _each_size(sizes: Sequence[int], device: torch.device, precision: str, time_
 
 
 def _time_pack(n: int, blocks: int, num_classes: int, batch_size: int, device: torch.device, precision: str,
-               steps: int, warmup: int) -> dict[str, float]:
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
+               steps: int, warmup: int) -> float:
     gen = torch.Generator().manual_seed(n)
     model = PackedResNet(n, blocks, num_classes)
     for p in model.parameters():
@@ -66,9 +72,7 @@ def _time_pack(n: int, blocks: int, num_classes: int, batch_size: int, device: t
         loss.view(n, -1).mean(1).sum().backward()
         opt.step()
     sync(device)
-    seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
-    return {"members": n, "images_per_second": n * batch_size * steps / seconds, "peak_bytes": int(peak)}
+    return time.perf_counter() - t0
 
 
 def calibrate_streams(arch: str, num_classes: int, batch_size: int, sizes: Sequence[int], *,
@@ -76,18 +80,14 @@ def calibrate_streams(arch: str, num_classes: int, batch_size: int, sizes: Seque
                       warmup: int = 3) -> list[dict[str, float]]:
     """As ``calibrate``, for ``training.streams``: ``n`` solo models of ``arch`` each on its own CUDA stream
     and thread (one after another elsewhere), ``steps`` training steps each, timed together."""
-    return _each_size(sizes, torch.device(device), precision, lambda n, dev: _time_streams(
+    return _each_size(sizes, torch.device(device), precision, batch_size, steps, lambda n, dev: _time_streams(
         n, arch, num_classes, batch_size, dev, precision, steps, warmup))
 
 
 def _time_streams(n: int, arch: str, num_classes: int, batch_size: int, device: torch.device, precision: str,
-                  steps: int, warmup: int) -> dict[str, float]:
+                  steps: int, warmup: int) -> float:
     from training.models import build_model
 
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
     gen = torch.Generator().manual_seed(n)
     work = []
     with torch.random.fork_rng(devices=[]):
@@ -130,6 +130,4 @@ def _time_streams(n: int, arch: str, num_classes: int, batch_size: int, device: 
     t0 = time.perf_counter()
     all_members(steps)
     sync(device)
-    seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
-    return {"members": n, "images_per_second": n * batch_size * steps / seconds, "peak_bytes": int(peak)}
+    return time.perf_counter() - t0
