@@ -159,7 +159,6 @@ class RunLogger(Callback):
             except Exception as e:  # noqa: BLE001 - transient ones are retried, the rest raised
                 if not is_transient(e):
                     raise
-                self._stale_have = True  # the failed call may have been stored: look before logging again
                 if self._down_since is None:
                     self._down_since = now
                     self.note(f"tracking store unreachable ({one_line(e)}); training goes on, epochs are buffered")
@@ -185,10 +184,15 @@ class RunLogger(Callback):
         if missing:
             if not claims.still_mine(client, self.run_id, self.owner):
                 raise claims.Busy(f"run {self.run_id} was taken over by another process")
+            # Until the call is known to have returned, MLflow may hold its rows or not: a signal (SIGTERM, Ctrl-C)
+            # that cuts it short after the server stored them must not make the run's end log them again (a
+            # second row per step, which the next resume reads as another training's curve).
+            self._stale_have = True
             log_epochs(client, self.run_id, missing)
             for epoch, new in missing:
                 for k in new:
                     self.have.setdefault(k, set()).add(epoch)
+            self._stale_have = False
         self.pending = []
 
     def _heartbeat(self) -> None:

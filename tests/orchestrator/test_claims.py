@@ -253,6 +253,38 @@ def test_the_logger_resumes_its_own_history_and_supersedes_anothers(store_uri, m
     assert [r.info.run_id for r in active_runs(client, exp, run_key(config))] == [fresh.run_id]
 
 
+def test_a_signal_that_cuts_a_stored_log_call_short_leaves_each_step_once(store_uri, monkeypatch):
+    """SIGTERM (here Ctrl-C) lands while the epoch's log call is in flight, after the server stored its rows:
+    the run's end must not log them again (MLflow keeps a second row per step, and the resume that follows
+    reads the curve as another training's and supersedes the run)."""
+    monkeypatch.setattr(claims, "SETTLE_S", 0.0)
+    config = RunConfig(epochs_scale=0.02)
+    plan = plan_for(config)
+    first = logger_for(store_uri)
+    first.on_start(config, plan, [])
+    first.on_epoch_end(1, metrics(config, 1))
+    client = first.store.client
+    log_batch = client.log_batch
+
+    def stored_then_interrupted(*args, **kwargs):
+        log_batch(*args, **kwargs)
+        raise KeyboardInterrupt  # the signal handler's exception, raised as the answer comes back
+
+    monkeypatch.setattr(client, "log_batch", stored_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        first.on_epoch_end(2, metrics(config, 2))
+    monkeypatch.setattr(client, "log_batch", log_batch)
+    first.finish("KILLED", "killed", "interrupted; resumable", blocking=False)  # as the interrupted worker does
+    for name in METRICS:
+        assert sorted(m.step for m in client.get_metric_history(first.run_id, name)) == [1, 2], name
+    assert client.get_run(first.run_id).info.status == "KILLED"
+
+    again = logger_for(store_uri)  # the checkpoint of epoch 2 resumed: the same run, one curve
+    again.on_start(config, plan, [{"epoch": float(e), **metrics(config, e)} for e in (1, 2)])
+    assert again.run_id == first.run_id and again.superseded is None
+    again.finish("FINISHED")
+
+
 def test_a_live_claim_elsewhere_keeps_the_logger_out(store_uri, monkeypatch):
     monkeypatch.setattr(claims, "SETTLE_S", 0.0)
     config = RunConfig(epochs_scale=0.02)
