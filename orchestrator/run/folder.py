@@ -112,6 +112,14 @@ class RunFolder:
         self._lock_fd = fd
         return True
 
+    def lock_id(self) -> str:
+        """The held lock file as ``<device>:<inode>`` (recorded in the run's claim: a process of this kernel
+        that holds the same file's lock later knows the claim's worker is gone); "" when not held."""
+        if self._lock_fd is None:
+            return ""
+        st = os.fstat(self._lock_fd)
+        return f"{st.st_dev}:{st.st_ino}"
+
     def release(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)

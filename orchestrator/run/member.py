@@ -243,14 +243,15 @@ def prepare(member: Member, store: Store, experiment_id: str, tags: dict[str, st
     spec, config, folder = member.spec, member.config, member.folder
     seen = claims.Sightings(folder.sightings_path)
     logger = RunLogger(store, experiment_id, spec.sweep, {**spec.tags, **(tags or {})},
-                       owner=claims.Owner.me(str(folder.path)), lease_s=spec.claim_lease, note=member.progress.note,
+                       owner=claims.Owner.me(str(folder.path), folder.lock_id()), lease_s=spec.claim_lease,
+                       note=member.progress.note,
                        seen=seen)
     existing = store.call(lambda: logger.existing(config), budget_s=START_BUDGET_S)
     if existing is not None and existing.info.status == "FINISHED":
         return member.record(End.ALREADY_FINISHED, f"run {existing.info.run_id} is already finished",
                              existing.info.run_id)
     if existing is not None:  # the claim itself is taken on start
-        holder = claims.holder(existing.data.tags, lease_s=spec.claim_lease, my_run_dir=str(folder.path), seen=seen)
+        holder = claims.holder(existing.data.tags, lease_s=spec.claim_lease, mine=logger.owner, seen=seen)
         if holder is not None and holder.live:
             return member.record(End.BUSY, f"running elsewhere: {holder.describe()}", existing.info.run_id)
     check_checkpoint(folder, config, member.progress.note)

@@ -4,8 +4,8 @@ The run folder's lock (``orchestrator.run.folder``) only keeps two processes sha
 orchestrators on different machines, or a tuner beside a sweep, share nothing but the store. So the
 MLflow run of a key carries its owner:
 
-- tag ``adareg.owner``: ``{"id", "host", "pid", "run_dir", "since", "identity"}`` of the process training
-  it, and
+- tag ``adareg.owner``: ``{"id", "host", "pid", "run_dir", "since", "identity", "lock"}`` of the process
+  training it, and
 - tag ``adareg.heartbeat``: the owner's clock (unix seconds), renewed while it trains.
 
 "This host" is the owner's ``identity`` (:func:`identity`: the kernel's boot id and the PID namespace), not
@@ -13,9 +13,11 @@ its hostname, which is only shown to people: two containers with host networking
 cloned machines share a hostname but not a process table. Only an owner of the caller's identity shares
 its process table and its clock; its claim is stale when its heartbeat is older than the lease, at once
 when its process is gone, or when it names the run folder whose lock the caller now holds (the kernel
-dropped the lock: its holder died). Any other owner's clock is never compared with the caller's: its
-claim is stale once the caller has seen its heartbeat *unchanged* for a lease of the caller's own
-monotonic time (:class:`Sightings`), as lease protocols do, so clocks may disagree by any amount. Claims
+dropped the lock: its holder died). The last holds too for an owner in another PID namespace of the same
+boot (a container restarted on the same volume) that names the very lock file the caller holds (``lock``:
+its device and inode; one kernel, one lock table). Any other owner's clock is never compared with the
+caller's: its claim is stale once the caller has seen its heartbeat *unchanged* for a lease of the caller's
+own monotonic time (:class:`Sightings`), as lease protocols do, so clocks may disagree by any amount. Claims
 written without an identity (by older versions) are judged so too.
 
 Races resolve to one winner by writing, waiting ``settle_s`` and reading back: a taken-over claim belongs
@@ -90,10 +92,13 @@ class Owner:
     run_dir: str
     since: float
     identity: str = ""  # see identity(); "" in claims of older versions: judged by their heartbeat alone
+    lock: str = ""  # the run folder lock it holds, "<device>:<inode>" on its kernel ("": none, or older versions)
 
     @classmethod
-    def me(cls, run_dir: str) -> Owner:
-        return cls(uuid.uuid4().hex[:12], hostname(), os.getpid(), str(run_dir), time.time(), identity())
+    def me(cls, run_dir: str, lock: str = "") -> Owner:
+        """This process, training the run of ``run_dir`` while holding its lock (``lock``: the lock file's
+        ``RunFolder.lock_id``)."""
+        return cls(uuid.uuid4().hex[:12], hostname(), os.getpid(), str(run_dir), time.time(), identity(), lock)
 
     def tag(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -112,6 +117,20 @@ class Owner:
     def same_host(self) -> bool:
         """Shares this process's process table and clock (same boot, same PID namespace)."""
         return bool(self.identity) and self.identity == identity()
+
+    def same_boot(self) -> bool:
+        """Runs on this kernel (in any PID namespace): its file locks are this kernel's."""
+        boot = boot_id()
+        return bool(boot) and self.identity.split("/")[0] == boot
+
+    def held_lock_of(self, mine: Owner | None) -> bool:
+        """``mine`` (the caller, holding its run folder's lock) now holds the lock this owner held while it
+        trained: so this owner's worker is gone (the kernel dropped its lock)."""
+        if mine is None or mine.id == self.id:
+            return False
+        if self.same_host() and self.run_dir == mine.run_dir:
+            return True
+        return bool(self.lock) and self.lock == mine.lock and self.same_boot()
 
     def describe(self) -> str:
         return f"{self.host} pid {self.pid} since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.since))}"
@@ -188,8 +207,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def holder(tags: dict[str, str], *, lease_s: float = DEFAULT_LEASE_S, now: float | None = None,
-           my_run_dir: str | None = None, seen: Sightings | None = None) -> Holder | None:
-    """The claim in a run's tags (None: unclaimed). ``my_run_dir``: the folder whose lock the caller holds;
+           mine: Owner | None = None, seen: Sightings | None = None) -> Holder | None:
+    """The claim in a run's tags (None: unclaimed). ``mine``: the caller, which holds its run folder's lock;
     ``seen``: the caller's sightings of other hosts' claims (a worker keeps them in its run folder; default:
     this process's memory);
     ``now``: this host's clock, compared only with heartbeats written on this host."""
@@ -201,12 +220,12 @@ def holder(tags: dict[str, str], *, lease_s: float = DEFAULT_LEASE_S, now: float
         beat = float(raw or owner.since)
     except ValueError:
         beat = owner.since
+    if owner.held_lock_of(mine):
+        return Holder(owner, beat, False, "its worker died (this process holds its run folder's lock)")
     if owner.same_host():  # one process table, one clock
         age = max(0.0, (time.time() if now is None else now) - beat)
         if age > lease_s:
             return Holder(owner, beat, False, f"no heartbeat for {age:.0f}s (lease {lease_s:.0f}s)", age)
-        if my_run_dir is not None and owner.run_dir == str(my_run_dir):
-            return Holder(owner, beat, False, "its worker died (this process holds its run folder's lock)", age)
         if owner.pid != os.getpid() and not _pid_alive(owner.pid):
             return Holder(owner, beat, False, f"process {owner.pid} on this host is gone", age)
         return Holder(owner, beat, True, "heartbeat within the lease", age)
@@ -227,7 +246,7 @@ def live_holder(tags: dict[str, str], lease_s: float = DEFAULT_LEASE_S, seen: Si
 def claim(client, run, me: Owner, *, lease_s: float = DEFAULT_LEASE_S, settle_s: float | None = None,
           seen: Sightings | None = None):
     """Take ``run`` for ``me`` (free or stale claims only); the run as read back. Busy otherwise."""
-    h = holder(run.data.tags, lease_s=lease_s, my_run_dir=me.run_dir, seen=seen)
+    h = holder(run.data.tags, lease_s=lease_s, mine=me, seen=seen)
     if h is not None and h.live and h.owner.id != me.id:
         raise Busy(f"running elsewhere: {h.describe()}")
     client.set_tag(run.info.run_id, TAG_OWNER, me.tag())

@@ -207,7 +207,7 @@ class RunLogger(Callback):
         (resumable) unless a live process holds it now."""
         client = self.store.client
         run = client.get_run(run_id)
-        h = claims.holder(run.data.tags, lease_s=self.lease_s, my_run_dir=self.owner.run_dir, seen=self.seen)
+        h = claims.holder(run.data.tags, lease_s=self.lease_s, mine=self.owner, seen=self.seen)
         if run.info.status == "RUNNING" and (h is None or not h.live or h.owner.id == self.owner.id):
             client.set_terminated(run_id, status="KILLED")
 

@@ -3,6 +3,7 @@ that create or take over the same run at once, and a logger that never splices t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -15,7 +16,7 @@ from mlflow.entities import ViewType
 from servers import pid1_unavailable, run_as_pid1
 
 from orchestrator.identity import run_key
-from orchestrator.run.folder import SIGHTINGS
+from orchestrator.run.folder import SIGHTINGS, RunFolder
 from orchestrator.store import claims
 from orchestrator.store.client import Store, connect
 from orchestrator.store.logger import RunLogger
@@ -47,8 +48,30 @@ def test_holder_on_this_host_is_live_within_the_lease_and_stale_when_its_process
     gone = claims.holder(tags(owner(pid=dead), now), now=now)
     assert not gone.live and gone.why == f"process {dead} on this host is gone"
     assert claims.holder(tags(owner(), now), now=now).live  # this host, process alive (us)
-    mine = claims.holder(tags(owner(run_dir=ME), now), now=now, my_run_dir=ME)
+    mine = claims.holder(tags(owner(run_dir=ME), now), now=now, mine=owner(run_dir=ME, oid="me"))
     assert not mine.live and "holds its run folder's lock" in mine.why
+
+
+def test_an_owner_of_this_boot_whose_lock_file_the_caller_holds_is_gone_whatever_its_pid_namespace(tmp_path):
+    """A container restarted on the same runs volume (another PID namespace, the same kernel): the claim names
+    the lock file (device and inode) that the new worker now holds, so its worker is gone: stale at once, not
+    after a lease. Another kernel's lock table says nothing here, nor does another file."""
+    folder = RunFolder(tmp_path / "k")
+    assert folder.lock_id() == "" and folder.acquire()
+    lock = folder.lock_id()
+    st = (tmp_path / "k" / "lock").stat()
+    assert lock == f"{st.st_dev}:{st.st_ino}"
+    me = claims.Owner.me(str(folder.path), lock)
+    boot = claims.boot_id() or pytest.skip("no boot id on this system")
+    hour_ago = time.time() - 3600
+    restarted = owner(pid=os.getpid(), run_dir="/work/adareg_runs/k", ident=f"{boot}/pid:[4026532999]")
+    seen = claims.Sightings(tmp_path / SIGHTINGS, clock=Clock())
+    gone = claims.holder(tags(dataclasses.replace(restarted, lock=lock), hour_ago), mine=me, seen=seen)
+    assert not gone.live and "holds its run folder's lock" in gone.why
+    for other in (dataclasses.replace(restarted, lock=lock, identity="another-boot/pid:[4026532999]"),
+                  dataclasses.replace(restarted, lock="1:2"), restarted):  # another kernel; another file; none
+        assert claims.holder(tags(other, hour_ago), mine=me, seen=seen).live, other
+    folder.release()
 
 
 class Clock:
@@ -67,7 +90,7 @@ def test_an_owner_of_another_identity_is_judged_by_its_heartbeat_changing_never_
     dead = subprocess_pid_that_exited()
     twin = owner(pid=dead, run_dir=ME, ident="another-boot/pid:[4026531836]")  # dead pid here, our run folder
     hour_ago = time.time() - 3600  # its clock an hour behind ours (or its heartbeat an hour old)
-    h = claims.holder(tags(twin, hour_ago), lease_s=300, my_run_dir=ME, seen=seen)
+    h = claims.holder(tags(twin, hour_ago), lease_s=300, mine=owner(run_dir=ME, oid="me"), seen=seen)
     assert h.live and h.quiet_s == 0.0
     clock.t += 299
     assert claims.holder(tags(twin, hour_ago), lease_s=300, seen=seen).live

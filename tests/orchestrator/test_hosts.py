@@ -5,13 +5,26 @@ exactly once, by one of them, and each curve equals an uninterrupted reference t
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from e2e import FOUR_RUNS_EPOCHS, Store, assert_trained_once, four_runs, run_bg, sweep_cmd
+from e2e import (
+    FOUR_RUNS_EPOCHS,
+    Store,
+    assert_one_training_per_key,
+    assert_trained_once,
+    epochs_done,
+    four_runs,
+    run_bg,
+    sweep_cmd,
+    wait_until,
+)
 from servers import pid1_unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(pid1_unavailable() is not None, reason=str(pid1_unavailable()))]
@@ -75,3 +88,35 @@ def test_two_machines_whose_clocks_differ_by_15_minutes(tmp_path, reference):
     assert log  # it ran (and so did its clock, 15 minutes ahead: checked below)
     ahead = subprocess.run(["date", "+%s"], capture_output=True, text=True, env={**skewed, "PATH": "/usr/bin:/bin"})
     assert abs(int(ahead.stdout) - time.time() - 900) < 60, ahead
+
+
+def test_a_namespace_killed_mid_run_and_started_again_on_its_runs_folder_resumes_at_once(tmp_path, reference):
+    """A container SIGKILLed mid-run (``docker kill``, the OOM killer: no worker marks its run) and started again
+    on the same volume: another PID namespace of the same kernel. Its workers' claims name the lock files the new
+    workers then hold, so the runs resume at once, from their checkpoints and in their own MLflow runs, instead of
+    after a lease (300 s) of unchanged heartbeats."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = four_runs(tmp_path / "s.yaml")
+    runs = tmp_path / "runs"
+    first = run_bg([*host(), *sweep_cmd(sweep, uri, runs)], tmp_path / "first.log")
+    wait_until(lambda: epochs_done(runs) >= 3, 300, "three epochs in the first namespace")
+    os.killpg(first.pid, signal.SIGKILL)  # every process of it: the orchestrator (PID 1 there) and its workers
+    first.wait(timeout=60)
+    store = Store(uri)
+    killed = {r["run_id"] for r in store.runs() if r["status"] == "RUNNING"}
+    mid_run = [json.loads(p.read_text())["epoch"] for p in runs.glob("*/progress.json")]
+    assert killed and any(0 < e < FOUR_RUNS_EPOCHS for e in mid_run), (store.runs(), mid_run)
+
+    started = time.monotonic()
+    second = run_bg([*host(pids_used=500), *sweep_cmd(sweep, uri, runs)], tmp_path / "second.log")
+    try:
+        code = second.wait(timeout=200)  # the lease alone would take over 300 s
+    except subprocess.TimeoutExpired:
+        os.killpg(second.pid, signal.SIGKILL)
+        raise AssertionError(f"the runs of the killed namespace were not resumed at once:\n"
+                             f"{(tmp_path / 'second.log').read_text()[-3000:]}") from None
+    assert code == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert time.monotonic() - started < 200
+    assert_one_training_per_key(store, reference, FOUR_RUNS_EPOCHS)
+    assert not [r for r in store.runs() if r["superseded"]], store.runs()
+    assert killed <= {r["run_id"] for r in store.active().values()}  # resumed in their own MLflow runs
