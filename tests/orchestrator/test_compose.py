@@ -156,6 +156,12 @@ def test_the_stack_runs_a_sweep_through_a_server_restart_and_a_down_and_up(check
     def tail() -> str:
         return compose("logs", "--tail", "30", check=False).stdout[-6000:]
 
+    def worker_log(folder: str) -> str:
+        """A run's worker log, read from the runs volume (the runner may be gone)."""
+        return docker("run", "--rm", "--network", "host", "-v", f"{env['COMPOSE_PROJECT_NAME']}_runs:/runs",
+                      "--entrypoint", "tail", "adareg", "-n", "40", f"/runs/{folder}/worker.log",
+                      check=False).stdout
+
     def runner_exit() -> int:
         cid = compose("ps", "-a", "-q", "runner").stdout.strip()
         return int(docker("wait", cid, timeout=600).stdout.strip())
@@ -172,9 +178,12 @@ def test_the_stack_runs_a_sweep_through_a_server_restart_and_a_down_and_up(check
             assert page.status == 200 and b"<html" in page.read(4096).lower()
         wait_logged(8)
         compose("stop", "mlflow")
+        during = logged()
         time.sleep(8)  # the runner trains on, buffering its epochs
         compose("start", "mlflow")
-        wait_logged(9)  # the server takes the runner's epochs again
+        # the server takes the runner's epochs again (`start` returns before the server answers: a stop of the
+        # runner before then would find the store down, and its runs could not be marked KILLED)
+        wait_logged(during + 1)
         # `compose stop runner` (SIGTERM) mid-run: the workers of runs at epoch 2..EPOCHS-4 are held (SIGSTOP)
         # from before the stop until the scheduler's SIGTERM is pending for them
         freezer = subprocess.Popen(
@@ -198,7 +207,8 @@ def test_the_stack_runs_a_sweep_through_a_server_restart_and_a_down_and_up(check
             status = store.query("SELECT status FROM runs WHERE run_uuid = :r", r=run["run_id"])[0][0]
             rows = store.query("SELECT COUNT(*) FROM metrics WHERE key = 'test_error' AND run_uuid = :r",
                                r=run["run_id"])[0][0]
-            assert run["epoch"] < EPOCHS and status == "KILLED" and rows < EPOCHS, (run, status, rows)
+            assert run["epoch"] < EPOCHS and status == "KILLED" and rows < EPOCHS, (run, status, rows, tail(),
+                                                                                worker_log(run["folder"]))
         compose("down")  # volumes stay
         compose("up", "-d")
         assert runner_exit() == 0, tail()
