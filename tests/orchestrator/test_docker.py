@@ -99,11 +99,16 @@ def test_buildkit_sends_docker_dockerfile_the_same_small_context(checkout, build
     assert not listed & {".venv", ".git", "tests", "docker", "benchmarks"}, listed
 
 
-def test_docker_stop_mid_sweep_then_a_second_container_finishes_and_the_report_is_written(image, tmp_path,
-                                                                                          containers):
+def test_docker_stop_then_docker_kill_mid_sweep_then_a_third_container_finishes_and_the_report_is_written(
+        image, tmp_path, containers):
+    """``docker stop`` ends runs resumably; ``docker kill`` leaves them RUNNING with their claims, which a new
+    container on the same volumes (another PID namespace of the same kernel) takes back at once: the claims
+    name the run folders' lock files that its workers then hold. (Here the kernel often gives the new
+    container the dead one's PID-namespace number, so the claim also looks like this namespace's and its dead
+    pid is looked up; test_hosts.py's killed-namespace test covers a fresh number.)"""
     store, runs, report = folders(tmp_path, "store", "runs", "report")
     sweep = four_runs(tmp_path / "tiny.yaml")
-    containers += ["adareg-test-first", "adareg-test-second"]
+    containers += ["adareg-test-first", "adareg-test-second", "adareg-test-third"]
     docker(*sweep_in("adareg-test-first", store, runs, sweep))
     wait_until(lambda: epochs_done(runs) >= 4, 300, "four epochs in the first container")
     started = time.monotonic()
@@ -118,14 +123,27 @@ def test_docker_stop_mid_sweep_then_a_second_container_finishes_and_the_report_i
     # the stopped runs are resumable, none failed (a run may have finished before the stop on a fast machine)
     assert len(states) == 4 and set(states) <= {"done", "resumable", "pending"} and "resumable" in states, states
 
+    before = epochs_done(runs)
     docker(*sweep_in("adareg-test-second", store, runs, sweep))
-    assert wait_exit("adareg-test-second") == 0, logs("adareg-test-second")
+    wait_until(lambda: epochs_done(runs) >= before + 2, 300, "two more epochs in the second container")
+    docker("kill", "adareg-test-second")  # SIGKILL to every process: no run is marked, no claim released
+    assert wait_exit("adareg-test-second") == 137, logs("adareg-test-second")
     db = Store(f"sqlite:///{store}/mlflow.db")
+    killed = {r["run_id"] for r in db.runs() if r["status"] == "RUNNING"}
+    assert killed, db.runs()
+
+    started = time.monotonic()
+    docker(*sweep_in("adareg-test-third", store, runs, sweep))
+    assert wait_exit("adareg-test-third") == 0, logs("adareg-test-third")
+    took = time.monotonic() - started
+    assert took < 200, f"the killed container's runs were taken back after {took:.0f}s (a lease is 300 s)"
     active = db.active()
     assert len(active) == 4 and {r["status"] for r in active.values()} == {"FINISHED"}, active
     for run in active.values():
         db.assert_once_per_epoch(run["run_id"], FOUR_RUNS_EPOCHS)
     assert all(r["status"] != "RUNNING" for r in db.runs())
+    assert not [r for r in db.runs() if r["superseded"]], db.runs()
+    assert killed <= {r["run_id"] for r in active.values()}  # resumed in their own MLflow runs
 
     docker(*run_args(store, runs, sweep, "--rm", "-v", f"{report}:/work/report"), image,
            "report", "tiny.yaml", "--out", "report", timeout=300)
