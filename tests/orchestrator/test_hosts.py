@@ -42,20 +42,34 @@ def host(name: str | None = None, pids_used: int = 0) -> list[str]:
     return ["unshare", "-Urpf" + ("u" if name else ""), "--mount-proc", "sh", "-c", f'{naming}{burn}exec "$@"', "sh"]
 
 
+def training(runs_dir: Path) -> int:
+    """How many of a runs folder's runs have trained an epoch and not yet finished."""
+    count = 0
+    for progress in runs_dir.glob("*/progress.json"):
+        try:
+            state = json.loads(progress.read_text())
+        except (OSError, ValueError):
+            continue
+        count += 0 < state.get("epoch", 0) < state.get("total", 0)
+    return count
+
+
 def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dict[str, str]] | None = None
               ) -> tuple[Store, list[Path]]:
-    """One ``adareg sweep run`` per prefix on one sqlite store, each with its own runs folder, started 3 s
-    apart and left to finish (exit 0 each). The store and the runs folders."""
+    """One ``adareg sweep run`` per prefix on one sqlite store, each with its own runs folder and left to finish
+    (exit 0 each), each started once the one before trains two runs (their claims live in the store, each
+    with a heartbeat: the newcomer must judge them). The store and the runs folders."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sweep = four_runs(tmp_path / "s.yaml")
-    procs = {}
-    for i, (name, prefix) in enumerate(prefixes.items()):
-        if i:
-            time.sleep(3)
+    procs: dict[str, subprocess.Popen] = {}
+    for name, prefix in prefixes.items():
+        if procs:
+            before = tmp_path / f"runs-{list(procs)[-1]}"
+            wait_until(lambda before=before: training(before) >= 2, 300, f"two runs training in {before}")
         extra_env = (env or {}).get(name)
         procs[name] = run_bg([*prefix, *sweep_cmd(sweep, uri, tmp_path / f"runs-{name}")],
                              tmp_path / f"orchestrator-{name}.log",
-                             env={**__import__("os").environ, **extra_env} if extra_env else None)
+                             env={**os.environ, **extra_env} if extra_env else None)
     for name, proc in procs.items():
         code = proc.wait(timeout=600)
         assert code == 0, (name, (tmp_path / f"orchestrator-{name}.log").read_text()[-3000:])
