@@ -95,7 +95,7 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, launch,
     sweep_, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     console = wide_console()
     result = run_sweep(sweep_, planned, options, tracking_uri=tracking_uri, runs_dir=_runs_dir(runs_dir),
-                       retry_failed=retry_failed,
+                       retry_failed=retry_failed, note=lambda message: click.echo(message, err=True),
                        view_factory=lambda states, tasks: make_view(states, tasks, sweep_.name, console))
     if result.aborted:
         click.echo("error: stopped at once; interrupted runs stay resumable", err=True)

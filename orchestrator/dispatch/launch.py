@@ -36,7 +36,7 @@ from orchestrator.run.ending import (
 )
 from orchestrator.run.spec import WorkerSpec
 from orchestrator.store.claims import DEFAULT_LEASE_S
-from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S, connect, is_transient, probe
+from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S, Store, connect, is_transient, probe
 from orchestrator.store.runs import end_strays, ensure_experiment
 from orchestrator.store.uri import absolute_tracking_uri, resolve_tracking_uri
 from orchestrator.sweep.reconcile import RunState, inspect_sweep
@@ -92,12 +92,15 @@ class Launch:
     pack: int | str
     slots: list[Slot] = field(default_factory=list)
     scheduler: Scheduler | None = None
+    store: Store | None = None  # retries the launch's own store calls (up to --store-timeout)
 
     @classmethod
     def open(cls, sweep, options: LaunchOptions, *, tracking_uri: str | None, runs_dir: Path,
-             slots: Sequence[Slot] | None = None) -> Launch:
+             slots: Sequence[Slot] | None = None, note: Callable[[str], None] | None = None) -> Launch:
         """Everything checked before anything is touched, then the store and experiment, initialised once.
-        ``slots``: these instead of the options' device slots (``adareg train``'s one device)."""
+        ``slots``: these instead of the options' device slots (``adareg train``'s one device). A locked or
+        restarting database is waited for, up to ``--store-timeout`` (``note`` hears of each wait); an
+        unreachable server is said at once (``StoreUnreachable``, exit 75)."""
         pack = checked_pack(sweep.pack if options.pack is None else options.pack)
         slots = list(slots or [])
         if options.backend == "local" and not slots:
@@ -108,10 +111,16 @@ class Launch:
         if options.backend == "ray":
             check_shared(options.ray_address, uri, runs_dir, options.shared_runs_dir)
         runs_dir.mkdir(parents=True, exist_ok=True)
-        client = connect(uri)
-        experiment_id = ensure_experiment(client, sweep.experiment, describe(sweep))
-        end_strays(client, experiment_id, options.claim_lease)
-        return cls(sweep, options, uri, runs_dir, client, experiment_id, pack, slots)
+
+        def experiment() -> tuple[object, str]:
+            client = connect(uri)
+            experiment_id = ensure_experiment(client, sweep.experiment, describe(sweep))
+            end_strays(client, experiment_id, options.claim_lease)
+            return client, experiment_id
+
+        store = Store(uri, budget_s=options.store_timeout, on_wait=note)
+        client, experiment_id = store.call(experiment, "opening the experiment")
+        return cls(sweep, options, uri, runs_dir, client, experiment_id, pack, slots, store=store)
 
     def task(self, run: Planned) -> Task:
         """The scheduler's task of one planned run (its folder made)."""
@@ -205,16 +214,18 @@ class SweepResult:
 
 def run_sweep(sweep, planned: Sequence[Planned], options: LaunchOptions | None = None, *,
               tracking_uri: str | None, runs_dir: Path, retry_failed: bool = False,
-              view_factory: Callable[[list[RunState], list[Task]], View] | None = None) -> SweepResult:
+              view_factory: Callable[[list[RunState], list[Task]], View] | None = None,
+              note: Callable[[str], None] | None = None) -> SweepResult:
     """Run every planned run (``orchestrator.sweep.file.expand``) that is not done yet; safe to run again at
-    any time, and from several orchestrators (or machines) sharing the tracking store at once."""
+    any time, and from several orchestrators (or machines) sharing the tracking store at once. ``note`` hears
+    of waits for the store before the runs start."""
     o = options or LaunchOptions()
-    launch = Launch.open(sweep, o, tracking_uri=tracking_uri, runs_dir=runs_dir)
+    launch = Launch.open(sweep, o, tracking_uri=tracking_uri, runs_dir=runs_dir, note=note)
 
     def inspect() -> list[RunState]:
         return inspect_sweep(planned, sweep.experiment, launch.uri, launch.runs_dir, o.retries, o.claim_lease)
 
-    states = inspect()
+    states = launch.store.call(inspect, "reading the sweep's runs")
     owed = {p.key: p for p in planned}
     tasks = [launch.task(owed[s.run_key]) for s in to_run(states, retry_failed)]
     if not tasks:

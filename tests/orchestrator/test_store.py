@@ -92,3 +92,27 @@ def test_an_unreachable_postgresql_store_is_one_line_without_its_password():
     assert "\n" not in message and "s3cret" not in message
     with pytest.raises(ConnectionError):  # what Store retries
         connect(f"postgresql://adareg:s3cret@127.0.0.1:{port}/runs", transient_errors=True)
+
+
+def test_a_launch_waits_for_a_locked_sqlite_store_instead_of_failing(tmp_path):
+    """Another process holds the store's write lock for longer than sqlite's busy timeout (a worker held by
+    SIGSTOP mid-transaction, a long migration): a sweep's start waits for it, saying so, like any other
+    store trouble (it crashed with ``unexpected OperationalError: database is locked``)."""
+    from orchestrator.dispatch.launch import Launch, LaunchOptions
+    from orchestrator.sweep.file import load_sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert opener(uri).wait(timeout=120) == 0  # made by another process: this one opens it afresh, as a CLI does
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               f"c = sqlite3.connect({str(tmp_path / 'mlflow.db')!r}, isolation_level=None)\n"
+                               "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(12)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        heard: list[str] = []
+        launch = Launch.open(load_sweep(ROOT / "sweeps" / "demo.yaml"), LaunchOptions(gpus="none"),
+                             tracking_uri=uri, runs_dir=tmp_path / "runs", note=heard.append)
+    finally:
+        holder.kill()
+    assert launch.experiment_id and launch.client.get_experiment(launch.experiment_id).name == launch.sweep.experiment
+    assert heard and all("database is locked" in m and "[opening the experiment]" in m for m in heard), heard
