@@ -5,10 +5,12 @@ exactly once, by one of them, and each curve equals an uninterrupted reference t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from e2e import (
     assert_trained_once,
     epochs_done,
     four_runs,
+    leftover_processes,
     run_bg,
     sweep_cmd,
     wait_until,
@@ -54,22 +57,90 @@ def training(runs_dir: Path) -> int:
     return count
 
 
+def workers_of(runs_dir: Path) -> list[int]:
+    """The pids (as this test sees them) of the worker processes training in ``runs_dir``."""
+    found = []
+    for pid in leftover_processes(runs_dir):
+        with contextlib.suppress(OSError):  # ended meanwhile
+            if b"spec.json" in Path(f"/proc/{pid}/cmdline").read_bytes():  # a worker's one argument
+                found.append(pid)
+    return found
+
+
+def stopped(pid: int) -> bool:
+    """Every thread of ``pid`` is stopped (or gone)."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "Tt" for t in tasks)
+    except OSError:
+        return True
+
+
+def store_free(db: Path) -> bool:
+    """No connection holds a lock on the sqlite store ``db`` now."""
+    c = sqlite3.connect(db, timeout=0.1, isolation_level=None)
+    try:
+        c.execute("BEGIN EXCLUSIVE")
+        c.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        c.close()
+
+
+def hold(runs_dir: Path, db: Path) -> list[int]:
+    """SIGSTOP the workers training in ``runs_dir`` at a moment when none of them is inside a store transaction
+    (a worker stopped holding sqlite's lock would stop everyone); their pids."""
+    for _ in range(200):
+        pids = workers_of(runs_dir)
+        assert pids, f"no worker trains in {runs_dir}"
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda pids=pids: all(stopped(p) for p in pids), 10, "the workers to stop", every=0.01)
+        if store_free(db):
+            return pids
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.05)
+    raise AssertionError(f"the workers in {runs_dir} were never outside a store transaction")
+
+
 def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dict[str, str]] | None = None
               ) -> tuple[Store, list[Path]]:
     """One ``adareg sweep run`` per prefix on one sqlite store, each with its own runs folder and left to finish
-    (exit 0 each), each started once the one before trains two runs (their claims live in the store, each
-    with a heartbeat: the newcomer must judge them). The store and the runs folders."""
+    (exit 0 each). Each newcomer must judge live claims of the one before: that one's workers are held
+    (SIGSTOP: alive, their heartbeats no longer changing) once two runs train there, until the newcomer has
+    either found them running elsewhere or taken one over. The store and the runs folders."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sweep = four_runs(tmp_path / "s.yaml")
     procs: dict[str, subprocess.Popen] = {}
     for name, prefix in prefixes.items():
+        held: list[int] = []
         if procs:
             before = tmp_path / f"runs-{list(procs)[-1]}"
             wait_until(lambda before=before: training(before) >= 2, 300, f"two runs training in {before}")
+            held = hold(before, tmp_path / "mlflow.db")
+            keys = [p.parent.name for p in before.glob("*/progress.json")]
         extra_env = (env or {}).get(name)
-        procs[name] = run_bg([*prefix, *sweep_cmd(sweep, uri, tmp_path / f"runs-{name}")],
-                             tmp_path / f"orchestrator-{name}.log",
+        runs = tmp_path / f"runs-{name}"
+        procs[name] = run_bg([*prefix, *sweep_cmd(sweep, uri, runs)], tmp_path / f"orchestrator-{name}.log",
                              env={**os.environ, **extra_env} if extra_env else None)
+        if held:
+            def judged(runs=runs, keys=keys) -> bool:  # one of its workers found a held run busy, or took it
+                for key in keys:
+                    with contextlib.suppress(OSError, ValueError):
+                        if json.loads((runs / key / "result.json").read_text())["status"] == "busy":
+                            return True
+                    if (runs / key / "progress.json").exists():
+                        return True
+                return False
+
+            try:
+                wait_until(judged, 300, f"{name} to meet the held runs")
+            finally:
+                for pid in held:
+                    os.kill(pid, signal.SIGCONT)
     for name, proc in procs.items():
         code = proc.wait(timeout=600)
         assert code == 0, (name, (tmp_path / f"orchestrator-{name}.log").read_text()[-3000:])
