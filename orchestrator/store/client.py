@@ -42,7 +42,10 @@ _TRANSIENT_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_
 
 def is_transient(e: BaseException) -> bool:
     """Infrastructure trouble worth retrying (store unreachable, 5xx, a locked or restarting database), as
-    opposed to a request that is wrong and would fail again."""
+    opposed to a request that is wrong and would fail again. A ``UserError`` is never transient, whatever it
+    was raised from (``StoreUnreachable`` is the at-once answer of a command that is told to fail fast)."""
+    if isinstance(e, UserError):
+        return False
     if isinstance(e, (ConnectionError, TimeoutError, urllib.error.URLError)):
         return True
     try:
