@@ -36,7 +36,7 @@ from orchestrator.run.ending import (
 )
 from orchestrator.run.spec import WorkerSpec
 from orchestrator.store.claims import DEFAULT_LEASE_S
-from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S, Store, connect, is_transient, probe
+from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S, Store, StoreUnreachable, connect, is_transient, probe
 from orchestrator.store.runs import end_strays, ensure_experiment
 from orchestrator.store.uri import absolute_tracking_uri, resolve_tracking_uri
 from orchestrator.sweep.reconcile import RunState, inspect_sweep
@@ -239,7 +239,7 @@ def run_sweep(sweep, planned: Sequence[Planned], options: LaunchOptions | None =
     try:
         final = inspect()
     except Exception as e:  # noqa: BLE001 - the store went down again: report what the scheduler saw
-        if not (scheduler.store_gave_up or is_transient(e)):
+        if not (scheduler.store_gave_up or is_transient(e) or isinstance(e, StoreUnreachable)):
             raise
         final = states
         scheduler.store_gave_up = True
