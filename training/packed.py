@@ -100,6 +100,7 @@ class PackResult:
     diverged: dict[int, str] = field(default_factory=dict)
 
 
+@torch.no_grad()
 def _evaluate(pack: FusedPack, test: Batches, batch_size: int, precision: str) -> tuple[list[float], list[float]]:
     """Every member's mean cross-entropy and error over the (shared) test split."""
     pack.model.eval()
