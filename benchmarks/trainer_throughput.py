@@ -48,13 +48,13 @@ import torchvision  # noqa: E402
 from torchvision import datasets, transforms  # noqa: E402
 
 from training import Callback, RunConfig, train  # noqa: E402
-from training.data import CIFAR_STATS  # noqa: E402
+from training.data import STATS  # noqa: E402
 from training.models import build_model  # noqa: E402
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 1e-4
 NUM_CLASSES = 10
 TEST_IMAGES = 500  # the trainer evaluates every epoch (untimed); keep that short
-MEAN, STD = CIFAR_STATS["cifar10"]
+MEAN, STD = STATS["cifar10"]
 CIFAR_FOLDER = "cifar-10-batches-py"
 
 Batch = tuple[torch.Tensor, torch.Tensor]

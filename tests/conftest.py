@@ -33,3 +33,16 @@ def reference(tmp_path_factory) -> dict[str, dict]:
 
     tmp = tmp_path_factory.mktemp("four-runs-reference")
     return reference_histories(tmp, four_runs(tmp / "s.yaml"))
+
+
+@pytest.fixture(scope="session")
+def fashion_files() -> str:
+    """Debian's Fashion-MNIST folder (``apt-get install dataset-fashion-mnist``; ``.ci/run`` installs it). Tests
+    that train on the real files skip where it is missing, except in CI, where a missing package fails them."""
+    from training import fashion
+
+    if all(os.path.isfile(os.path.join(fashion.DEBIAN_DIR, f"{name}.gz")) for name in fashion.FILES):
+        return fashion.DEBIAN_DIR
+    if os.environ.get("CI"):
+        pytest.fail(f"{fashion.DEBIAN_DIR} lacks the Fashion-MNIST files: .ci/run installs dataset-fashion-mnist")
+    pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")

@@ -40,9 +40,27 @@ from training.tapers import (
 )
 
 ARCH_PATTERN = re.compile(r"^resnet(\d+)$")
-DATASETS = ("cifar10", "cifar100", "digits")
 PRECISIONS = ("fp32", "tf32", "bf16")
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """What a dataset's images are: classes, channels, side length, and whether a mirror image is the same class."""
+
+    classes: int
+    channels: int
+    size: int
+    flip: bool
+
+
+DATASET_SPECS = {
+    "cifar10": ImageSpec(classes=10, channels=3, size=32, flip=True),
+    "cifar100": ImageSpec(classes=100, channels=3, size=32, flip=True),
+    "digits": ImageSpec(classes=10, channels=3, size=32, flip=False),  # a mirrored digit is another symbol
+    "fashion-mnist": ImageSpec(classes=10, channels=1, size=28, flip=True),
+}
+DATASETS = tuple(DATASET_SPECS)
+NUM_CLASSES = {name: spec.classes for name, spec in DATASET_SPECS.items()}
 
 TABLE1_LR = (0.1, 0.01, 0.001, 0.0001, 0.00001)
 TABLE1_EPOCHS_PER_STEP = (50, 20, 20)
@@ -114,7 +132,8 @@ class RunConfig:
     arch: str = "resnet14"
     """CIFAR ResNet of He et al. §4.2: ``resnet{6n+2}`` (resnet14 'Shallow Resnet', resnet32 'Resnet')."""
     dataset: str = "digits"
-    """``cifar10``, ``cifar100`` or ``digits`` (scikit-learn's offline 8x8 digits, upscaled to 32x32)."""
+    """``cifar10``, ``cifar100``, ``fashion-mnist`` (1x28x28) or ``digits`` (scikit-learn's offline 8x8 digits,
+    upscaled to 32x32)."""
     seed: int = 0
     """Seeds model init, data order, augmentation, sparsity masks, label noise and the subset."""
     scheme: str = field(default="custom", metadata={"identity": False})
@@ -141,7 +160,7 @@ class RunConfig:
     label_noise: float = 0.0
     """Share of training labels replaced by uniformly random classes (seeded)."""
     augment: bool = True
-    """Random crop after 4-pixel zero padding (+ horizontal flip on CIFAR)."""
+    """Random crop after 4-pixel zero padding (+ horizontal flip on CIFAR and Fashion-MNIST)."""
     validation: float = field(default=0.0, metadata={"identity": "if_set"})
     """Share of the training split held out for validation (0 = none). The held-out part is stratified by
     class and drawn with a fixed seed (the same for every run seed), before ``train_subset`` and
@@ -151,7 +170,8 @@ class RunConfig:
     """``fp32``; ``tf32`` (TensorFloat-32 matmuls and convolutions on CUDA; same as fp32 on the CPU) or
     ``bf16`` (autocast to bfloat16, fp32 master weights)."""
     data_dir: str = field(default_factory=default_data_dir, metadata={"identity": False})
-    """Where CIFAR archives live (not part of the run's identity)."""
+    """Where CIFAR archives and Fashion-MNIST files live (not part of the run's identity; Fashion-MNIST is also
+    looked for in ``$ADAREG_DATA`` and Debian's ``/usr/share/datasets/fashion-mnist``)."""
     allow_unofficial_data: bool = field(default=False, metadata={"identity": False})
     """Load CIFAR archives / batch files whose md5 is not the official one (e.g. small test archives).
     Off by default: those files are unpickled, and a tampered one could run code."""
@@ -366,6 +386,11 @@ class RunConfig:
     @property
     def num_classes(self) -> int:
         return NUM_CLASSES[self.dataset]
+
+    @property
+    def image(self) -> ImageSpec:
+        """The dataset's image shape (classes, channels, side length, flips)."""
+        return DATASET_SPECS[self.dataset]
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

@@ -50,7 +50,7 @@ def seeded_model(config: RunConfig) -> torch.nn.Module:
     """The run's model as initialised from its seed (on the CPU; the global RNG is left as it was)."""
     with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return build_model(config.arch, config.num_classes)
+        return build_model(config.arch, config.num_classes, config.image.channels)
 
 
 def divergence(epoch: int, values: Sequence[tuple[str, float]]) -> Diverged | None:

@@ -1,10 +1,11 @@
 """Datasets as whole uint8 tensors on the training device, and batched augmentation.
 
 ``load_splits`` returns the train and evaluation split (test, or a held-out validation part of the
-training split) of ``digits`` (scikit-learn's offline 8x8 digits, upscaled to 32x32), ``cifar10`` or
-``cifar100``, each as ONE uint8 tensor on the device, with the run's ``train_subset`` and
-``label_noise`` applied to the training split. CIFAR files (``training.cifar``) are md5-checked against the
-official release before they are unpickled unless the run opts in with ``allow_unofficial_data``. ``Batches`` shuffles,
+training split) of ``digits`` (scikit-learn's offline 8x8 digits, upscaled to 32x32), ``cifar10``,
+``cifar100`` or ``fashion-mnist`` (1x28x28), each as ONE uint8 tensor on the device, with the run's
+``train_subset`` and ``label_noise`` applied to the training split. CIFAR files (``training.cifar``) are
+md5-checked against the official release before they are unpickled, and Fashion-MNIST's
+(``training.fashion``) by their content, unless the run opts in with ``allow_unofficial_data``. ``Batches`` shuffles,
 crops, flips and normalises whole batches with tensor ops; nothing runs per image in Python and
 nothing syncs the host per batch.
 
@@ -24,25 +25,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training import fashion
 from training.cifar import Arrays, cifar_arrays
-from training.config import ConfigError, RunConfig
+from training.config import DATASET_SPECS, ConfigError, RunConfig
 
-PAD = 4  # zero padding before the random 32x32 crop
-SIZE = 32
+PAD = 4  # zero padding before the random crop to the image's own size
+DIGITS_SIZE = 32
 DIGITS_TEST_SIZE = 500
 
 # Per-channel mean / std of the training images on the 0..1 scale.
-CIFAR_STATS = {
+STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "fashion-mnist": ((fashion.MEAN,), (fashion.STD,)),
 }
-
-
 
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 [N, 3, 32, 32] on the device
+    images: torch.Tensor  # uint8 [N, C, H, W] on the device (the dataset's ``ImageSpec``)
     labels: torch.Tensor  # int64 [N], same device
 
     def __len__(self) -> int:
@@ -94,16 +95,20 @@ def load_splits(config: RunConfig, device: torch.device | str) -> tuple[Split, S
 
 def load_train_arrays(config: RunConfig) -> Arrays:
     """The whole training split of ``config.dataset`` (CPU), before any hold-out, subset or noise."""
-    if config.dataset == "digits":
-        return _digits()[0]
-    return cifar_arrays(config.dataset, config.data_dir, train=True, allow_unofficial=config.allow_unofficial_data)
+    return _arrays(config, train=True)
 
 
 def load_test_arrays(config: RunConfig) -> Arrays:
     """The test split of ``config.dataset`` (CPU). Never called for a run with a validation split."""
+    return _arrays(config, train=False)
+
+
+def _arrays(config: RunConfig, train: bool) -> Arrays:
     if config.dataset == "digits":
-        return _digits()[1]
-    return cifar_arrays(config.dataset, config.data_dir, train=False, allow_unofficial=config.allow_unofficial_data)
+        return _digits()[0 if train else 1]
+    if config.dataset == "fashion-mnist":
+        return fashion.fashion_arrays(config.data_dir, train=train, allow_unofficial=config.allow_unofficial_data)
+    return cifar_arrays(config.dataset, config.data_dir, train=train, allow_unofficial=config.allow_unofficial_data)
 
 
 def validation_indices(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +155,7 @@ def _digits() -> tuple[Arrays, Arrays]:
 
     bunch = load_digits()
     x = torch.from_numpy(bunch.images).float().mul_(255.0 / 16.0).unsqueeze(1)  # [N,1,8,8], 0..255
-    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    x = F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
     x = x.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     y = torch.from_numpy(bunch.target).long()
     train, test = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_SIZE, stratify=bunch.target,
@@ -168,7 +173,7 @@ def _digits_stats() -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def normalisation(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel (mean, std) on the 0..1 scale used to normalise ``dataset``."""
-    return _digits_stats() if dataset == "digits" else CIFAR_STATS[dataset]
+    return _digits_stats() if dataset == "digits" else STATS[dataset]
 
 
 # --- batching and augmentation --------------------------------------------------------------------
@@ -176,8 +181,10 @@ def normalisation(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 class Batches:
     """Shuffled, augmented, normalised mini-batches of a ``Split``, built with tensor ops only.
 
-    Augmentation (``augment=True``): 4-pixel zero padding then a random 32x32 crop per image, and on
-    CIFAR a horizontal flip with p=0.5 (not on digits: a mirrored digit is another symbol).
+    Augmentation (``augment=True``): 4-pixel zero padding then a random crop to the image's size (32x32,
+    or 28x28 on Fashion-MNIST) per image, and a horizontal flip with p=0.5 where the dataset's
+    ``ImageSpec.flip`` says a mirror image is the same class (not on digits: a mirrored digit is another
+    symbol).
     Batches are float32 in ``torch.channels_last`` memory format; labels int64.
     """
 
@@ -185,15 +192,16 @@ class Batches:
         self.split = split
         self.batch_size = batch_size
         self.augment = augment
-        self.flip = dataset != "digits"
+        self.flip = DATASET_SPECS[dataset].flip
+        self.size = split.images.shape[-1]
         mean, std = normalisation(dataset)
         device = split.images.device
-        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         # (x / 255 - mean) / std == x * scale + shift
         self.scale = 1.0 / (255.0 * std_t)
         self.shift = -mean_t / std_t
-        self._cols = torch.arange(SIZE, device=device)
+        self._cols = torch.arange(self.size, device=device)
 
     def __len__(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
@@ -210,8 +218,8 @@ class Batches:
     def draw(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """An epoch's random draws, on the device: (permutation [N], crop offsets [N, 2] (row, column) in 0..8,
         flip bits [N]), the last two None without augmentation. Drawn from ``generator`` (CPU) in this
-        order: the permutation, then (if augmenting) the offsets and, for CIFAR, the flip bits (digits:
-        no flips), all indexed by position in the permutation."""
+        order: the permutation, then (if augmenting) the offsets and, where the dataset flips, the flip
+        bits (digits: no flips), all indexed by position in the permutation."""
         n = len(self.split)
         device = self.split.images.device
         perm = torch.randperm(n, generator=generator)
@@ -245,7 +253,7 @@ class Batches:
         Two gathers (rows, then columns) on the padded batch; about 2x faster on the CPU than one
         4-D advanced index.
         """
-        b, c, size = x.shape[0], x.shape[1], SIZE
+        b, c, size = x.shape[0], x.shape[1], self.size
         padded = F.pad(x, (PAD, PAD, PAD, PAD))
         rows = (offsets[:, :1] + self._cols).view(b, 1, size, 1).expand(b, c, size, size + 2 * PAD)
         cols = offsets[:, 1:] + torch.where(flips[:, None], size - 1 - self._cols, self._cols)

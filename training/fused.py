@@ -85,15 +85,15 @@ class PackedLinear(nn.Module):
 class PackedResNet(nn.Module):
     """``members`` CIFAR ResNets (``training.models.CifarResNet``) fused; same module names as the solo model.
 
-    Input ``[B, N*3, H, W]`` (member i's images in channels 3i..3i+2), output logits ``[N, B, classes]``.
+    Input ``[B, N*C, H, W]`` (member i's images in channels Ci..Ci+C-1), output logits ``[N, B, classes]``.
     Parameters are uninitialised: load them with ``load_members``.
     """
 
-    def __init__(self, members: int, blocks_per_stage: int, num_classes: int):
+    def __init__(self, members: int, blocks_per_stage: int, num_classes: int, in_channels: int = 3):
         super().__init__()
         self.members = members
         c0 = STAGE_CHANNELS[0]
-        self.conv = PackedConv(members, 3, c0, 1)
+        self.conv = PackedConv(members, in_channels, c0, 1)
         self.bn = nn.BatchNorm2d(members * c0)
         stages, in_channels = [], c0
         for i, channels in enumerate(STAGE_CHANNELS):
@@ -149,7 +149,7 @@ def member_view(tensor: torch.Tensor, members: int, i: int, solo_shape: torch.Si
 # --- data -------------------------------------------------------------------------------------------
 
 class PackedBatches:
-    """Every member's ``Batches``, fused: ``epoch(generators)`` yields ``x [B, N*3, 32, 32]`` (channels_last)
+    """Every member's ``Batches``, fused: ``epoch(generators)`` yields ``x [B, N*C, H, W]`` (channels_last)
     and ``y [N, B]``, member i's part equal to what ``batches[i].epoch(generators[i])`` yields.
 
     Draws from each member's generator exactly what ``Batches.epoch`` draws (permutation, then crop

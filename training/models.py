@@ -1,6 +1,6 @@
 """CIFAR ResNets of He et al. 2016 §4.2: ``resnet{6n+2}``.
 
-A 3x3 conv with 16 channels, three stages of ``n`` BasicBlocks with 16/32/64 channels (stride 2 at
+A 3x3 conv with 16 channels (on 3 input channels, or 1 for grayscale images), three stages of ``n`` BasicBlocks with 16/32/64 channels (stride 2 at
 the start of stages 2 and 3), global average pooling and a linear classifier. Shortcuts are option A
 (subsample + zero channel padding, no parameters), which gives the paper's parameter counts
 (ResNet-20: 0.27M, ResNet-32: 0.46M). No data-dependent control flow, so ``torch.compile`` traces it
@@ -54,10 +54,10 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    def __init__(self, blocks_per_stage: int, num_classes: int):
+    def __init__(self, blocks_per_stage: int, num_classes: int, in_channels: int = 3):
         super().__init__()
         c0 = STAGE_CHANNELS[0]
-        self.conv = nn.Conv2d(3, c0, 3, stride=1, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_channels, c0, 3, stride=1, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(c0)
         stages, in_channels = [], c0
         for i, channels in enumerate(STAGE_CHANNELS):
@@ -94,7 +94,8 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
-def build_model(arch: str, num_classes: int) -> nn.Module:
-    """The ``resnet{6n+2}`` of He et al. §4.2 on the CPU; ConfigError('arch') for other names."""
+def build_model(arch: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """The ``resnet{6n+2}`` of He et al. §4.2 on the CPU, its stem taking ``in_channels`` (3 for CIFAR, 1 for
+    Fashion-MNIST; nothing else changes); ConfigError('arch') for other names."""
     depth = resnet_depth(arch)
-    return CifarResNet((depth - 2) // 6, num_classes)
+    return CifarResNet((depth - 2) // 6, num_classes, in_channels)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from training.bookkeeping import host_copy, optimizer_state
 from training.callbacks import Callback
-from training.config import RunConfig
+from training.config import RunConfig, resnet_depth
 from training.core import RunRecord, seeded_model
 from training.data import Batches, Split, load_splits
 from training.fused import (
@@ -72,7 +72,7 @@ class FusedPack:
         self.slots = members if len(members) > 1 else members * 2
         n, first = len(self.slots), members[0].config
         self.n = n
-        self.model = PackedResNet(n, (int(first.arch.removeprefix("resnet")) - 2) // 6, first.num_classes)
+        self.model = PackedResNet(n, (resnet_depth(first.arch) - 2) // 6, first.num_classes, first.image.channels)
         self.solo_shapes = {k: v.shape for k, v in members[0].solo.state_dict().items()}
         self.model.load_state_dict(stack_states([m.solo.state_dict() for m in self.slots], self.model))
         self.model = self.model.to(device=device, dtype=dtype, memory_format=torch.channels_last)

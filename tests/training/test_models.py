@@ -23,6 +23,23 @@ def test_parameter_counts_match_he_et_al(arch, classes, expected):
     assert n_params(build_model(arch, classes)) == expected
 
 
+@pytest.mark.parametrize("arch, expected", [("resnet14", 172_218), ("resnet20", 269_434), ("resnet32", 463_866)])
+def test_a_one_channel_stem_has_288_weights_fewer(arch, expected):
+    """Fashion-MNIST's grayscale stem: 16 x 1 x 3 x 3 weights instead of 16 x 3 x 3 x 3; nothing else changes."""
+    model = build_model(arch, 10, in_channels=1)
+    assert n_params(model) == expected == n_params(build_model(arch, 10)) - 288
+    assert model.conv.weight.shape == (16, 1, 3, 3)
+
+
+def test_a_one_channel_model_takes_28x28_to_stages_of_28_14_7():
+    model = build_model("resnet8", 10, in_channels=1).eval()
+    sizes = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, i, out: sizes.append(tuple(out.shape[1:])))
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert sizes == [(16, 28, 28), (32, 14, 14), (64, 7, 7)]
+
+
 @pytest.mark.parametrize("arch, depth", [("resnet8", 8), ("resnet44", 44)])
 def test_any_6n_plus_2_builds_with_depth_weighted_layers(arch, depth):
     model = build_model(arch, 10)
