@@ -264,7 +264,7 @@ def judge(owner: Owner, raw_beat: str, *, lease_s: float, now: float, seen: Sigh
         if owner.started:  # the process itself says whether it trains: no clock is read
             if started is None or (started and started != owner.started):
                 return Holder(owner, beat, False, f"process {owner.pid} on this host is gone")
-            return Holder(owner, beat, True, f"process {owner.pid} on this host is alive")
+            return Holder(owner, beat, True, f"process {owner.pid} on this host is alive", max(0.0, now - beat))
         age = max(0.0, now - beat)  # an older version's claim: its heartbeat on this host's clock
         if age > term:
             return Holder(owner, beat, False, f"no heartbeat for {age:.0f}s (lease {term:.0f}s)", age)
