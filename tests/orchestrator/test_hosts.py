@@ -216,15 +216,25 @@ def test_a_namespace_killed_mid_run_and_started_again_on_its_runs_folder_resumes
     assert killed <= {r["run_id"] for r in store.active().values()}  # resumed in their own MLflow runs
 
 
+SEED0 = ("--only", "seed=0")  # two runs, both held by A: B trains nothing meanwhile (2 cores), it only judges
+
+
+def seed0(reference: dict[str, dict], store: Store) -> dict[str, dict]:
+    """The reference of the two seed-0 runs (those the store holds)."""
+    runs = {k: v for k, v in reference.items() if k in store.active()}
+    assert len(runs) == 2, store.runs()
+    return runs
+
+
 @pytest.mark.parametrize("where", ["one host", "two PID namespaces"])
 def test_orchestrators_with_claim_leases_of_300_and_20_s_never_take_over_a_live_run(tmp_path, reference, where):
     """A keeps the default lease (300 s: it beats every 30 s), B passes ``--claim-lease 20``. A's workers are held
     for B's first look and 40 s more (two more looks, past 20 s of A's heartbeat standing still, within A's 300 s):
     B judges A's claims by A's lease, and on one host by A's live processes, never by its own 20 s."""
     prefixes = {"A": [], "B": []} if where == "one host" else {"A": host(), "B": host(pids_used=500)}
-    store, runs = two_hosts(tmp_path, prefixes, extra={"A": ("--claim-lease", "300"), "B": ("--claim-lease", "20")},
-                            hold_s=40)
-    assert_trained_once(store, reference, FOUR_RUNS_EPOCHS, runs)
+    store, runs = two_hosts(tmp_path, prefixes, extra={"A": ("--claim-lease", "300", *SEED0),
+                                                       "B": ("--claim-lease", "20", *SEED0)}, hold_s=45)
+    assert_trained_once(store, seed0(reference, store), FOUR_RUNS_EPOCHS, runs)
     assert "running elsewhere" in (tmp_path / "orchestrator-B.log").read_text()  # it did meet A's live claims
 
 
@@ -250,13 +260,13 @@ def test_a_reader_an_hour_ahead_neither_takes_over_nor_shows_resumable_a_live_ru
         assert status.returncode == 0, status.stderr
         shown.append({"status": status.stdout})
 
-    lease = ("--claim-lease", "20")
+    lease = ("--claim-lease", "20", *SEED0)
     store, runs = two_hosts(tmp_path, {"A": [], "B": []}, env={"B": ahead}, extra={"A": lease, "B": lease},
                             while_held=look)
     states = [r["state"] for r in shown if "state" in r]
     assert states.count("running") >= 2 and "resumable" not in states, shown
     status = shown[-1]["status"]
     assert "running" in status and "resumable" not in status.replace("0 resumable", ""), status
-    assert_trained_once(store, reference, FOUR_RUNS_EPOCHS, runs)
+    assert_trained_once(store, seed0(reference, store), FOUR_RUNS_EPOCHS, runs)
     clock = subprocess.run(["date", "+%s"], capture_output=True, text=True, env={**ahead, "PATH": "/usr/bin:/bin"})
     assert abs(int(clock.stdout) - time.time() - 3600) < 60, clock
