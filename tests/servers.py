@@ -222,8 +222,9 @@ class MlflowServer:
     """
 
     def __init__(self, backend_uri: str, port: int | None = None, workdir: str | Path | None = None,
-                 extra_args: Sequence[str] = ()):
+                 extra_args: Sequence[str] = (), env: Mapping[str, str] | None = None):
         self.backend_uri = backend_uri
+        self.env = dict(env or {})  # on top of this process's environment, less its MLFLOW_* variables
         self.port = port or free_port()
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="adareg-mlflow-"))
@@ -253,6 +254,7 @@ class MlflowServer:
             raise RuntimeError(f"port {self.port} is taken by another process")
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # no huey job-runner processes
+        env.update(self.env)
         started = time.monotonic()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,

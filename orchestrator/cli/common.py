@@ -64,8 +64,10 @@ _WATCH = (
                  help="How long the tracking store may be unreachable before runs end (resumable) and the "
                       "command stops with exit 75; meanwhile workers train on and no new run starts."),
     click.option("--claim-lease", type=float, default=300, show_default=True, metavar="SECONDS",
-                 help="A run claimed in the store by a process whose heartbeat is older than this may be taken "
-                      "over."),
+                 help="The lease this command's workers keep on their runs in the store (they beat every fifth "
+                      "of it, at most every 30 s), and the least time another process's heartbeat must stand "
+                      "still before its run is taken over (its own lease, when longer, wins). A live process "
+                      "of this machine is never taken over."),
     click.option("--disk-timeout", type=float, default=None, metavar="SECONDS",
                  help="How long the runs folder may stay full or read-only before the command stops with exit 75 "
                       "(every run resumable); meanwhile no new run starts [default: --store-timeout]."),

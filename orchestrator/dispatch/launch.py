@@ -37,7 +37,7 @@ from orchestrator.run.ending import (
 from orchestrator.run.spec import WorkerSpec
 from orchestrator.store.claims import DEFAULT_LEASE_S
 from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S, Store, StoreUnreachable, connect, is_transient, probe
-from orchestrator.store.runs import end_strays, ensure_experiment
+from orchestrator.store.runs import check_writable, end_strays, ensure_experiment
 from orchestrator.store.uri import absolute_tracking_uri, resolve_tracking_uri
 from orchestrator.sweep.reconcile import RunState, inspect_sweep
 
@@ -115,6 +115,8 @@ class Launch:
         def experiment() -> tuple[object, str]:
             client = connect(uri)
             experiment_id = ensure_experiment(client, sweep.experiment, describe(sweep))
+            if uri.startswith(("http://", "https://")):  # a server may refuse this user's writes: said now
+                check_writable(client, experiment_id, sweep.experiment)
             end_strays(client, experiment_id, options.claim_lease)
             return client, experiment_id
 

@@ -243,7 +243,8 @@ def prepare(member: Member, store: Store, experiment_id: str, tags: dict[str, st
     spec, config, folder = member.spec, member.config, member.folder
     seen = claims.Sightings(folder.sightings_path)
     logger = RunLogger(store, experiment_id, spec.sweep, {**spec.tags, **(tags or {})},
-                       owner=claims.Owner.me(str(folder.path), folder.lock_id()), lease_s=spec.claim_lease,
+                       owner=claims.Owner.me(str(folder.path), folder.lock_id(), spec.claim_lease),
+                       lease_s=spec.claim_lease,
                        note=member.progress.note, seen=seen)
     existing = store.call(lambda: logger.existing(config), budget_s=START_BUDGET_S)
     if existing is not None and existing.info.status == "FINISHED":

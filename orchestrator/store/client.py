@@ -77,6 +77,32 @@ def is_transient(e: BaseException) -> bool:
     return cause is not None and cause is not e and is_transient(cause)
 
 
+class StoreRefused(UserError):
+    """The tracking server refused this user (HTTP 401: not authenticated; 403: no permission): bad input,
+    never retried, nothing counted against a run (exit 2)."""
+
+
+def refusal(e: BaseException, uri: str, what: str) -> StoreRefused | None:
+    """``e`` as the one line a user needs when it is a tracking server's 401 or 403 (None otherwise): the
+    server, the user (``MLFLOW_TRACKING_USERNAME``) and ``what`` was refused."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(e, MlflowException):
+        return None
+    code = e.error_code
+    with contextlib.suppress(Exception):
+        code = {401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED"}.get(e.get_http_status_code(), code)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+    who = f"user {user!r}" if user else "a request without credentials (MLFLOW_TRACKING_USERNAME is not set)"
+    if code == "UNAUTHENTICATED":
+        return StoreRefused(f"tracking server {uri} refused {who} {what} (HTTP 401: not authenticated): set "
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to a user of that server")
+    if code == "PERMISSION_DENIED":
+        return StoreRefused(f"tracking server {uri} refused {who} {what} (HTTP 403: permission denied): the user "
+                            "needs EDIT permission on the experiment (from its owner or an admin) to train there")
+    return None
+
+
 class Store:
     """An MlflowClient whose calls retry transient errors with backoff, for up to ``budget_s`` seconds of
     outage (counted from the first failure of a call) before raising ``StoreDown``."""
@@ -104,6 +130,8 @@ class Store:
                 return fn()
             except Exception as e:  # noqa: BLE001 - sorted into transient and final below
                 if not is_transient(e):
+                    if (refused := refusal(e, self.uri, what or "a request")) is not None:
+                        raise refused from None
                     raise
                 now = time.monotonic()
                 first = first if first is not None else now

@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrator.errors import UserError, one_line
 from orchestrator.store import claims
-from orchestrator.store.client import is_transient
+from orchestrator.store.client import is_transient, refusal
 from orchestrator.store.tags import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, TAG_NOTE, TAG_RUN_KEY
 from training.config import RunConfig
 
@@ -49,7 +49,21 @@ def ensure_experiment(client, name: str, description: str | None = None) -> str:
     except MlflowException as e:
         if is_transient(e):
             raise
-        raise UserError(f"tracking store {client.tracking_uri}: {one_line(e)}") from None
+        raise refusal(e, client.tracking_uri, f"opening experiment {name!r}") \
+            or UserError(f"tracking store {client.tracking_uri}: {one_line(e)}") from None
+
+
+def check_writable(client, experiment_id: str, name: str) -> None:
+    """Refused at once (``StoreRefused``) where the tracking server would refuse this user's runs in the
+    experiment (a user with READ permission only): one write that changes nothing, before any run starts."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_experiment_tag(experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
+    except MlflowException as e:
+        if (refused := refusal(e, client.tracking_uri, f"writing to experiment {name!r}")) is not None:
+            raise refused from None
+        raise
 
 
 def _active(run) -> bool:

@@ -13,10 +13,12 @@ import signal
 import sqlite3
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from e2e import (
+    ADAREG,
     FOUR_RUNS_EPOCHS,
     Store,
     assert_one_training_per_key,
@@ -106,12 +108,15 @@ def hold(runs_dir: Path, db: Path) -> list[int]:
     raise AssertionError(f"the workers in {runs_dir} were never outside a store transaction")
 
 
-def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dict[str, str]] | None = None
-              ) -> tuple[Store, list[Path]]:
+def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dict[str, str]] | None = None,
+              extra: dict[str, tuple[str, ...]] | None = None, hold_s: float = 0.0,
+              while_held: Callable[[], None] | None = None) -> tuple[Store, list[Path]]:
     """One ``adareg sweep run`` per prefix on one sqlite store, each with its own runs folder and left to finish
     (exit 0 each). Each newcomer must judge live claims of the one before: that one's workers are held
     (SIGSTOP: alive, their heartbeats no longer changing) once two runs train there, until the newcomer has
-    either found them running elsewhere or taken one over. The store and the runs folders."""
+    either found them running elsewhere or taken one over, and ``hold_s`` more (the newcomer looks again every
+    15 s). ``extra``: more arguments of a prefix's command; ``while_held()`` runs once the first newcomer has
+    judged them. The store and the runs folders."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sweep = four_runs(tmp_path / "s.yaml")
     procs: dict[str, subprocess.Popen] = {}
@@ -124,7 +129,8 @@ def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dic
             keys = [p.parent.name for p in before.glob("*/progress.json")]
         extra_env = (env or {}).get(name)
         runs = tmp_path / f"runs-{name}"
-        procs[name] = run_bg([*prefix, *sweep_cmd(sweep, uri, runs)], tmp_path / f"orchestrator-{name}.log",
+        procs[name] = run_bg([*prefix, *sweep_cmd(sweep, uri, runs, *(extra or {}).get(name, ()))],
+                             tmp_path / f"orchestrator-{name}.log",
                              env={**os.environ, **extra_env} if extra_env else None)
         if held:
             def judged(runs=runs, keys=keys) -> bool:  # one of its workers found a held run busy, or took it
@@ -138,6 +144,9 @@ def two_hosts(tmp_path: Path, prefixes: dict[str, list[str]], env: dict[str, dic
 
             try:
                 wait_until(judged, 300, f"{name} to meet the held runs")
+                if while_held is not None:
+                    while_held()
+                time.sleep(hold_s)
             finally:
                 for pid in held:
                     os.kill(pid, signal.SIGCONT)
@@ -205,3 +214,59 @@ def test_a_namespace_killed_mid_run_and_started_again_on_its_runs_folder_resumes
     assert_one_training_per_key(store, reference, FOUR_RUNS_EPOCHS)
     assert not [r for r in store.runs() if r["superseded"]], store.runs()
     assert killed <= {r["run_id"] for r in store.active().values()}  # resumed in their own MLflow runs
+
+
+SEED0 = ("--only", "seed=0")  # two runs, both held by A: B trains nothing meanwhile (2 cores), it only judges
+
+
+def seed0(reference: dict[str, dict], store: Store) -> dict[str, dict]:
+    """The reference of the two seed-0 runs (those the store holds)."""
+    runs = {k: v for k, v in reference.items() if k in store.active()}
+    assert len(runs) == 2, store.runs()
+    return runs
+
+
+@pytest.mark.parametrize("where", ["one host", "two PID namespaces"])
+def test_orchestrators_with_claim_leases_of_300_and_20_s_never_take_over_a_live_run(tmp_path, reference, where):
+    """A keeps the default lease (300 s: it beats every 30 s), B passes ``--claim-lease 20``. A's workers are held
+    for B's first look and 40 s more (two more looks, past 20 s of A's heartbeat standing still, within A's 300 s):
+    B judges A's claims by A's lease, and on one host by A's live processes, never by its own 20 s."""
+    prefixes = {"A": [], "B": []} if where == "one host" else {"A": host(), "B": host(pids_used=500)}
+    store, runs = two_hosts(tmp_path, prefixes, extra={"A": ("--claim-lease", "300", *SEED0),
+                                                       "B": ("--claim-lease", "20", *SEED0)}, hold_s=45)
+    assert_trained_once(store, seed0(reference, store), FOUR_RUNS_EPOCHS, runs)
+    assert "running elsewhere" in (tmp_path / "orchestrator-B.log").read_text()  # it did meet A's live claims
+
+
+@pytest.mark.skipif(not Path(LIBFAKETIME).exists(), reason=f"libfaketime is not installed ({LIBFAKETIME}: "
+                                                          "apt-get install faketime; .ci/run does)")
+def test_a_reader_an_hour_ahead_neither_takes_over_nor_shows_resumable_a_live_run_of_this_host(tmp_path, reference):
+    """The view of a process that reads a claim just after an NTP step or a VM resume moved this host's clock an
+    hour forward (libfaketime, on the readers only: a faked process's timed waits block, so its own heartbeats
+    would stall): A's workers are alive, so their claims are live, however old their heartbeats look. Both
+    orchestrators keep a 20 s lease."""
+    ahead = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": "+1h"}
+    shown: list[dict] = []
+
+    def look() -> None:  # `sweep plan` and `sweep status` from another runs folder, with the clock an hour ahead
+        base = [ADAREG, "sweep", "plan", str(tmp_path / "s.yaml"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                "--runs-dir", str(tmp_path / "runs-reader")]
+        plan = subprocess.run([*base, "--format", "json"], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, **ahead})
+        assert plan.returncode == 0, plan.stderr
+        shown.extend(json.loads(plan.stdout))
+        status = subprocess.run([base[0], "sweep", "status", *base[3:]], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, **ahead})
+        assert status.returncode == 0, status.stderr
+        shown.append({"status": status.stdout})
+
+    lease = ("--claim-lease", "20", *SEED0)
+    store, runs = two_hosts(tmp_path, {"A": [], "B": []}, env={"B": ahead}, extra={"A": lease, "B": lease},
+                            while_held=look)
+    states = [r["state"] for r in shown if "state" in r]
+    assert states.count("running") >= 2 and "resumable" not in states, shown
+    status = shown[-1]["status"]
+    assert "running" in status and "resumable" not in status.replace("0 resumable", ""), status
+    assert_trained_once(store, seed0(reference, store), FOUR_RUNS_EPOCHS, runs)
+    clock = subprocess.run(["date", "+%s"], capture_output=True, text=True, env={**ahead, "PATH": "/usr/bin:/bin"})
+    assert abs(int(clock.stdout) - time.time() - 3600) < 60, clock
