@@ -97,15 +97,18 @@ class Collection:
 
 
 def collect(client, uri: str, sweep, planned: Sequence[Planned], metrics: Sequence[str] | None = REPORT_METRICS,
-            method: str = "auto", sweep_file: str = "FILE") -> Collection:
+            method: str = "auto", sweep_file: str = "FILE", found: dict | None = None) -> Collection:
     """Find the planned runs (the expanded ``sweep``) in MLflow and read their histories.
 
     ``metrics=None`` reads every metric. Raises UserError when none of the runs is in MLflow
-    (its hint names ``sweep_file``) or none has logged an epoch.
+    (its hint names ``sweep_file``) or none has logged an epoch. ``found``: ``find_runs``'s answer for the
+    sweep's experiment, when the caller has read it already.
     """
     by_key = {p.key: p.config for p in planned}
     groups = {p.key: p.group for p in planned}
-    found = find_runs(client, sweep.experiment, list(by_key)) if by_key else {}
+    if found is None:
+        found = find_runs(client, sweep.experiment, list(by_key)) if by_key else {}
+    found = {k: run for k, run in found.items() if k in by_key}
     if not found:
         raise UserError(f"no runs of sweep '{sweep.name}' in experiment '{sweep.experiment}' at {uri}: "
                         f"run 'adareg sweep run {sweep_file}' first")

@@ -42,6 +42,8 @@ def test_plan_table_ends_with_the_counts(isolated, capsys):
                           "--epochs-scale", "0.02")
     assert code == 0
     lines = [line.strip() for line in out.splitlines() if line.strip()]
+    assert lines[0] == f"store sqlite:///{isolated}/mlflow.db, runs folder {isolated / 'runs'}: no such store " \
+                       f"({isolated / 'mlflow.db'} does not exist): nothing has been run here yet"
     assert lines[-1] == "20 runs: 0 done, 0 running, 0 resumable, 20 pending, 0 failed"
     assert sum(" 15 pending" in line or "0/15" in line for line in lines) == 20  # 15 epochs each
 
