@@ -21,7 +21,7 @@ import pandas as pd
 from orchestrator.errors import UserError
 from orchestrator.identity import Planned
 from orchestrator.store.runs import find_runs
-from orchestrator.store.tags import TAG_SUPERSEDED
+from orchestrator.store.tags import TAG_GIT_COMMIT, TAG_SUPERSEDED, TAG_VERSION
 from training.callbacks import DIAGNOSTICS
 from training.config import RunConfig
 from training.schedules import EpochPlan, phase_bounds, plan_for
@@ -121,6 +121,8 @@ def collect(client, uri: str, sweep, planned: Sequence[Planned], metrics: Sequen
         "seed": cfg.seed, "epochs": len(plans[groups[k]]),
         "run_id": found[k].info.run_id if k in found else None,
         "status": found[k].info.status if k in found else None,
+        "adareg_version": found[k].data.tags.get(TAG_VERSION) if k in found else None,
+        "git_commit": found[k].data.tags.get(TAG_GIT_COMMIT) if k in found else None,
     } for k, cfg in by_key.items()])
     history = read_histories(client, uri, [found[k] for k in by_key if k in found], metrics, method)
     frame = long_frame(history, runs, {k: plans[groups[k]] for k in found})

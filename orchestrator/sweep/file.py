@@ -162,6 +162,12 @@ def load_sweep(path: str | Path, sets: Sequence[str] = (), epochs_scale: float |
     return sweep
 
 
+def resolved_yaml(sweep: Sweep) -> str:
+    """The sweep as YAML once its overrides are applied and defaults filled in: what its runs were planned from."""
+    doc = sweep.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110)
+
+
 # --- a tuning space over any field of a scheme ---------------------------------------------------------------
 
 TRIAL_SCHEME = "trial"
