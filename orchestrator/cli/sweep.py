@@ -78,6 +78,32 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
         console.print(f"note: {elsewhere}", highlight=False, soft_wrap=True)
 
 
+@sweep.command("show")
+@sweep_file_argument
+@selection_options
+def show_command(sweep_file, set_, only, epochs_scale, train_subset):
+    """The sweep file as its runs are planned from it: overrides applied, defaults filled in, then each
+    scheme's values per phase and step and its run and epoch counts (nothing is read from the store)."""
+    from orchestrator.sweep.file import resolved_yaml, scheme_summary
+
+    sweep_, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    click.echo(f"# {sweep_file}, resolved" + "".join(f" {flag}" for flag in _given(set_, only, epochs_scale,
+                                                                                       train_subset)))
+    click.echo(resolved_yaml(sweep_).rstrip("\n"))
+    click.echo(f"# {len(planned)} run{'s' if len(planned) != 1 else ''}, "
+               f"{sum(p.total_epochs for p in planned)} epochs in all")
+    for line in scheme_summary(planned):
+        click.echo(f"#   {line}")
+
+
+def _given(set_, only, epochs_scale, train_subset) -> list[str]:
+    import shlex
+
+    return ([f"--set {shlex.quote(s)}" for s in set_] + [f"--only {shlex.quote(o)}" for o in only]
+            + ([f"--epochs-scale {epochs_scale:g}"] if epochs_scale is not None else [])
+            + ([f"--train-subset {train_subset}"] if train_subset is not None else []))
+
+
 @sweep.command("run")
 @sweep_file_argument
 @selection_options

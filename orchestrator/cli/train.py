@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli.common import tracking_uri_option
+from orchestrator.cli.common import epochs_scale_option, override_options, set_option, tracking_uri_option
 from orchestrator.errors import UserError
 from orchestrator.store.client import StoreUnreachable
 from training.callbacks import Callback
@@ -34,8 +34,6 @@ def resolve_device(device: str) -> str:
 
 sweep_option = click.option("--sweep", "sweep_file", default=None, metavar="FILE",
                             help="Sweep file whose schemes and settings to use [default: sweeps/table1.yaml].")
-epochs_scale_option = click.option("--epochs-scale", type=float, default=None, metavar="F",
-                                   help="Every step lasts max(1, round(n x F)) epochs (0.1: 45 epochs).")
 
 
 @click.command("train")
@@ -44,8 +42,7 @@ epochs_scale_option = click.option("--epochs-scale", type=float, default=None, m
 @click.option("--scheme", required=True, help="A scheme of the sweep file (01, 22, wd-1e-4, ...).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @sweep_option
-@epochs_scale_option
-@click.option("--train-subset", type=int, default=None, metavar="N", help="Train on N images of the split.")
+@override_options
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Where CIFAR archives live [default: the sweep's train.data_dir, else ~/.cache/adareg/data].")
 @click.option("--allow-unofficial-data", is_flag=True,
@@ -55,8 +52,8 @@ epochs_scale_option = click.option("--epochs-scale", type=float, default=None, m
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
               help="Where run folders (checkpoints) live [default: $ADAREG_RUNS_DIR or ./adareg_runs].")
 @tracking_uri_option
-def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_subset, data_dir, allow_unofficial_data,
-                  device, threads, runs_dir, tracking_uri):
+def train_command(arch, dataset, scheme, seed, sweep_file, set_, epochs_scale, train_subset, data_dir,
+                  allow_unofficial_data, device, threads, runs_dir, tracking_uri):
     """Train one run, logged to MLflow. Re-running the same command resumes it, or says it is finished."""
     from orchestrator.diskfault import DiskFull
     from orchestrator.dispatch.launch import Launch, LaunchOptions
@@ -67,7 +64,7 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
     from orchestrator.run.worker import execute
     from orchestrator.sweep.file import load_sweep
 
-    sweep = load_sweep(sweep_file or default_sweep_file(), epochs_scale=epochs_scale, train_subset=train_subset)
+    sweep = load_sweep(sweep_file or default_sweep_file(), set_, epochs_scale=epochs_scale, train_subset=train_subset)
     config = sweep.run_config(scheme, arch, dataset, seed)
     if data_dir:
         config = config.replace(data_dir=data_dir)  # a path: not part of the run's identity
@@ -110,16 +107,17 @@ class EpochEcho(Callback):
 @click.command("schedule")
 @click.argument("scheme")
 @sweep_option
+@set_option
 @epochs_scale_option
 @click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
-def schedule_command(scheme, sweep_file, epochs_scale, fmt):
+def schedule_command(scheme, sweep_file, set_, epochs_scale, fmt):
     """Every epoch's phase, learning rate, weight decay and gradient sparsity for SCHEME (and its dropout,
     label smoothing and batch size where it tapers them)."""
     from orchestrator.sweep.file import load_sweep
     from training.callbacks import taper_metrics
     from training.schedules import plan_for
 
-    sweep = load_sweep(sweep_file or default_sweep_file(), epochs_scale=epochs_scale)
+    sweep = load_sweep(sweep_file or default_sweep_file(), set_, epochs_scale=epochs_scale)
     config = sweep.run_config(scheme, sweep.archs[0], sweep.datasets[0], sweep.seeds[0])
     extra = taper_metrics(config)
     header = ["epoch", "phase", "lr", "weight_decay", "grad_sparsity", *extra]
