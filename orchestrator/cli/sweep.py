@@ -228,7 +228,10 @@ def _disk_notes(runs_dir: Path) -> list[str]:
 @click.option("--port", type=int, default=5000, show_default=True)
 @tracking_uri_option
 def ui_command(port, tracking_uri):
-    """The MLflow UI on the same store, at http://127.0.0.1:PORT (this machine only)."""
+    """The MLflow UI on the same store, at http://127.0.0.1:PORT (this machine only).
+
+    From another machine (a laptop, say), forward the port over SSH instead of opening the server to the
+    network: ssh -N -L PORT:127.0.0.1:PORT USER@THIS_HOST, then open http://127.0.0.1:PORT there."""
     uri = _tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         click.echo(f"the tracking server {uri} serves the MLflow UI itself: open {ui_url(uri)}")
@@ -237,9 +240,23 @@ def ui_command(port, tracking_uri):
         raise UserError(f"--port {port}: must be in 1-65535")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(port)]
-    click.echo(f"MLflow UI on {uri}: {ui_url(f'http://127.0.0.1:{port}')} (Ctrl-C to stop)")
+    click.echo(f"MLflow UI on {uri}: {ui_url(f'http://127.0.0.1:{port}')} (Ctrl-C to stop)\n"
+               f"from another machine: ssh -N -L {port}:127.0.0.1:{port} {_login()}, then open the same address "
+               "there")
     sys.stdout.flush()
     os.execv(sys.executable, command)
+
+
+def _login() -> str:
+    """``user@host`` of this machine, for an SSH tunnel's command line."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = "USER"
+    return f"{user}@{socket.getfqdn()}"
 
 
 COMMANDS = [sweep, ui_command]

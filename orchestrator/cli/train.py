@@ -86,22 +86,54 @@ def train_command(arch, dataset, scheme, seed, sweep_file, set_, epochs_scale, t
     if attempt.status is End.DISK_FULL:  # exit 75, the run resumable from its checkpoint
         raise DiskFull(f"{attempt.message}; the run is resumable: make room and run the same command again")
     click.echo(f"{attempt.status}: MLflow run {attempt.run_id}" + (f" ({attempt.message})" if attempt.message else ""))
+    click.echo(f"store {launch.uri}, experiment '{sweep.experiment}', run folder {task.run_dir}\n"
+               f"view it: {view_hint(launch.uri, launch.experiment_id, tracking_uri)}")
     if code:
         sys.exit(code)
 
 
+def view_hint(uri: str, experiment_id: str | None, given: str | None) -> str:
+    """How to look at a store's runs in the MLflow UI."""
+    from orchestrator.store.uri import ui_url
+
+    if uri.startswith(("http://", "https://")):
+        return f"open {ui_url(uri, experiment_id)}"
+    flag = f" --tracking-uri {given}" if given else ""
+    return f"adareg ui{flag}, then open {ui_url('http://127.0.0.1:5000', experiment_id)}"
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class EpochEcho(Callback):
-    """Prints one line per epoch."""
+    """Prints one line per epoch: its phase, metrics, the time since this process started training and an
+    estimate of the time left (from this process's epochs so far)."""
 
     def on_start(self, config, plan, history):
-        self.total = len(plan)
+        import time
+
+        self.plan, self.total, self.first = plan, len(plan), len(history)
+        self.started = time.monotonic()
         if history:
             click.echo(f"resuming after epoch {len(history)} of {self.total}")
 
     def on_epoch_end(self, epoch, m):
-        click.echo(f"epoch {epoch:>3}/{self.total} lr {m['lr']:g} wd {m['weight_decay']:g} "
-                   f"sparsity {m['grad_sparsity']:g} | train loss {m['train_loss']:.4f} err {m['train_error']:.4f} "
-                   f"| test loss {m['test_loss']:.4f} err {m['test_error']:.4f} | {m['images_per_second']:.0f} img/s")
+        import time
+
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / max(1, epoch - self.first) * (self.total - epoch)
+        split = "val" if "val_loss" in m else "test"
+        click.echo(f"epoch {epoch:>3}/{self.total} phase {self.plan[epoch - 1].phase} lr {m['lr']:g} "
+                   f"wd {m['weight_decay']:g} sparsity {m['grad_sparsity']:g} | train loss {m['train_loss']:.4f} "
+                   f"err {m['train_error']:.4f} | {split} loss {m[f'{split}_loss']:.4f} err {m[f'{split}_error']:.4f} "
+                   f"| {m['images_per_second']:.0f} img/s | {duration(elapsed)} elapsed, ETA {duration(eta)}")
 
 
 @click.command("schedule")

@@ -132,6 +132,7 @@ def test_ui_execs_mlflow_on_the_same_store_bound_to_localhost(isolated, capsys, 
     monkeypatch.setattr(os, "execv", fake_execv)
     code, out, _ = adareg(capsys, "ui", "--port", "5123")
     assert code == 0 and "http://127.0.0.1:5123" in out
+    assert "from another machine: ssh -N -L 5123:127.0.0.1:5123 " in out  # a tunnel, not a public bind
     (path, argv), = calls
     assert argv[1:] == ["-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{isolated}/mlflow.db",
                         "--host", "127.0.0.1", "--port", "5123"]

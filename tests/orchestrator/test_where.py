@@ -47,6 +47,12 @@ def test_runs_at_another_epochs_scale_are_named_with_their_flag(isolated, capsys
     code, out, err = adareg(capsys, "train", "--sweep", "tiny.yaml", "--arch", "resnet8", "--dataset", "digits",
                             "--scheme", "a", "--epochs-scale", "0.5", "--device", "cpu", "--threads", "1")
     assert code == 0, err
+    epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 2 and all(" phase 1 " in e and " elapsed, ETA " in e for e in epochs), out
+    assert epochs[-1].endswith("elapsed, ETA 0s")
+    last = out.splitlines()[-2:]  # the closing lines: where the run is and how to see it
+    assert last[0].startswith(f"store sqlite:///{isolated}/mlflow.db, experiment 'adareg-tiny', run folder "), last
+    assert last[1].startswith("view it: adareg ui") and ", then open http://127.0.0.1:5000/#/experiments/" in last[1]
     code, out, _ = adareg(capsys, "sweep", "status", "tiny.yaml")
     assert code == 0
     assert out.splitlines()[0].startswith(f"store sqlite:///{isolated}/mlflow.db, runs folder")
