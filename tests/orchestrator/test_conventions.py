@@ -4,10 +4,8 @@ takes ``--set``, ``--only``, ``--epochs-scale``, ``--train-subset`` only where t
 
 from pathlib import Path
 
-import pytest
 import yaml
-
-from orchestrator.cli import main
+from tiny import adareg
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE1 = str(ROOT / "sweeps" / "table1.yaml")
@@ -22,12 +20,6 @@ schemes:
   wd-1e-4: {weight_decay: 0.0001}
 """
 
-
-def adareg(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return e.value.code or 0, out, err
 
 
 def test_a_set_typo_of_a_scheme_name_is_one_error_line_with_did_you_mean(isolated, capsys):

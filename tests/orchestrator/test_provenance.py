@@ -10,21 +10,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import TINY, adareg
 
-from orchestrator.cli import main
 from orchestrator.store.provenance import CODE_ROOT, version
-
-TINY = """\
-name: tiny
-experiment: adareg-tiny
-datasets: [digits]
-archs: [resnet8]
-seeds: [0]
-schedule: {lr: [0.1, 0.01], epochs_per_step: [1]}
-train: {batch_size: 50, train_subset: 100}
-schemes:
-  a: {weight_decay: [0.0001, 0.001]}
-"""
 
 TUNE = TINY.replace("experiment: adareg-tiny", "experiment: adareg-tiny-tune").replace(
     "lr: [0.1, 0.01]", "lr: [0.1, 0.01, 0.001, 0.0001, 0.00001]").replace("[0.0001, 0.001]", "0.0001") + """\
@@ -32,12 +20,6 @@ tune: {validation: 0.2, seeds: 1, weight_decay_base: {low: 1.0e-5, high: 1.0e-3,
        weight_decay_peak: {low: 1.0e-4, high: 1.0e-2, log: true}, grad_sparsity: 0.0, pruner: none}
 """
 
-
-def adareg(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return e.value.code or 0, out, err
 
 
 def client():

@@ -3,28 +3,7 @@ sweep's runs at other settings (issue 25, part 3)."""
 
 from pathlib import Path
 
-import pytest
-
-from orchestrator.cli import main
-
-TINY = """\
-name: tiny
-experiment: adareg-tiny
-datasets: [digits]
-archs: [resnet8]
-seeds: [0]
-schedule: {lr: [0.1, 0.01], epochs_per_step: [2]}
-train: {batch_size: 50, train_subset: 100}
-schemes:
-  a: {weight_decay: 0.0001}
-"""
-
-
-def adareg(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return e.value.code or 0, out, err
+from tiny import TINY, adareg
 
 
 def test_status_in_an_empty_folder_names_the_store_and_says_it_does_not_exist(isolated, capsys):
