@@ -32,8 +32,10 @@ def flag(argument: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: known errors become one ``error: ...`` line, never a traceback."""
+    from orchestrator.store.provenance import set_command
     from training.config import ConfigError, DataError
 
+    set_command(sys.argv[1:] if argv is None else argv)
     _register()
     try:
         rc = cli.main(args=argv, prog_name="adareg", standalone_mode=False)

@@ -22,19 +22,23 @@ tracking_uri_option = click.option(
 # Existence is not checked here: load_sweep's one-line error names the file.
 sweep_file_argument = click.argument("sweep_file", metavar="FILE", type=click.Path())
 
-_SELECTION = (
-    click.option("--set", "set_", multiple=True, metavar="KEY=VALUE",
-                 help="Override a sweep-file field: dotted KEY, VALUE as YAML, e.g. "
-                      "--set 'datasets=[digits]' --set schemes.01.lr=0.05. Repeatable."),
-    click.option("--only", multiple=True, metavar="FIELD=V1,V2",
-                 help="Keep the runs whose FIELD (arch, dataset, scheme, seed, ...) is one of the values, "
-                      "e.g. --only scheme=01,22. Repeatable; different fields must all match."),
-    click.option("--epochs-scale", type=float, default=None, metavar="F",
-                 help="Scale every learning-rate step's epochs (0.1: 450 epochs -> 45); "
-                      "overrides train.epochs_scale."),
-    click.option("--train-subset", type=int, default=None, metavar="N",
-                 help="Train on N examples (0 = all); overrides train.train_subset."),
-)
+set_option = click.option(
+    "--set", "set_", multiple=True, metavar="KEY=VALUE",
+    help="Override a sweep-file field: dotted KEY (one that exists; +KEY=VALUE adds one), VALUE as YAML, e.g. "
+         "--set 'datasets=[digits]' --set schemes.01.lr=0.05. Repeatable.")
+only_option = click.option(
+    "--only", multiple=True, metavar="FIELD=V1,V2",
+    help="Keep the runs whose FIELD (arch, dataset, scheme, seed, ...) is one of the values, "
+         "e.g. --only scheme=01,22. Repeatable; different fields must all match.")
+epochs_scale_option = click.option(
+    "--epochs-scale", type=float, default=None, metavar="F",
+    help="Scale every learning-rate step's epochs (0.1: 450 epochs -> 45); overrides train.epochs_scale.")
+train_subset_option = click.option(
+    "--train-subset", type=int, default=None, metavar="N",
+    help="Train on N examples (0 = all); overrides train.train_subset.")
+
+_SELECTION = (set_option, only_option, epochs_scale_option, train_subset_option)
+_OVERRIDES = (set_option, epochs_scale_option, train_subset_option)
 
 
 runs_dir_option = click.option(
@@ -107,8 +111,17 @@ def launch_options(func: F) -> F:
 
 
 def selection_options(func: F) -> F:
-    """Add ``--set``, ``--only``, ``--epochs-scale`` and ``--train-subset`` to a command."""
+    """Add ``--set``, ``--only``, ``--epochs-scale`` and ``--train-subset`` to a command (one that reads the
+    sweep's runs)."""
     for option in reversed(_SELECTION):
+        func = option(func)
+    return func
+
+
+def override_options(func: F) -> F:
+    """Add ``--set``, ``--epochs-scale`` and ``--train-subset`` to a command that reads a sweep file but picks
+    no runs of it (``--only`` would mean nothing there)."""
+    for option in reversed(_OVERRIDES):
         func = option(func)
     return func
 

@@ -10,8 +10,12 @@ from orchestrator.cli.common import (
     sweep_file_argument,
     tracking_uri_option,
 )
+from orchestrator.errors import UserError
 from orchestrator.store.client import connect
-from orchestrator.store.uri import resolve_tracking_uri
+from orchestrator.store.runs import find_runs
+from orchestrator.store.uri import absolute_tracking_uri, resolve_tracking_uri, store_exists
+from orchestrator.sweep.elsewhere import other_settings, store_line
+from orchestrator.sweep.expand import parse_only
 
 
 @click.command("report")
@@ -45,9 +49,19 @@ def report(sweep_file, set_, only, epochs_scale, train_subset, tracking_uri, out
     sweep, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
     check_options(baselines or None, rank_by, sweep.name, list(sweep.schemes))
     uri = resolve_tracking_uri(tracking_uri)
+    click.echo(store_line(absolute_tracking_uri(uri)))
+    if not store_exists(uri):
+        raise UserError(f"no MLflow store at {uri}: nothing has been run there yet (adareg sweep run {sweep_file})")
     client = connect(uri, create=False)
+    runs = find_runs(client, sweep.experiment)
+    elsewhere = other_settings(sweep.name, planned, runs, parse_only(only))
+    if elsewhere and not any(p.key in runs for p in planned):
+        raise UserError(f"no runs of sweep '{sweep.name}' at these settings in experiment '{sweep.experiment}'; "
+                        f"{elsewhere.line().replace(', not counted here', '')}")
+    if elsewhere:
+        click.echo(f"note: {elsewhere.line()}", err=True)
     metrics = REPORT_METRICS + (() if no_mechanism else MECHANISM_METRICS) + (("train_loss",) if train_loss else ())
-    col = collect(client, uri, sweep, planned, metrics, sweep_file=sweep_file)
+    col = collect(client, uri, sweep, planned, metrics, sweep_file=sweep_file, found=runs)
     rep = write_report(col, out or f"report-{sweep.name}", baselines=baselines or None, train_loss=train_loss,
                        paired=not unpaired, envelope=envelope, rank_by=rank_by)
     for line in rep.warnings:

@@ -22,7 +22,9 @@ from orchestrator.errors import UserError
 from orchestrator.run.ending import End, State
 from orchestrator.run.spec import default_runs_dir
 from orchestrator.store.uri import absolute_tracking_uri, resolve_tracking_uri, ui_url
-from orchestrator.sweep.reconcile import inspect_sweep
+from orchestrator.sweep.elsewhere import other_settings, store_line
+from orchestrator.sweep.expand import parse_only
+from orchestrator.sweep.reconcile import fetch_runs, inspect_sweep
 
 
 def _runs_dir(runs_dir: str | None) -> Path:
@@ -34,8 +36,17 @@ def _tracking_uri(uri: str | None) -> str:
 
 
 def _states(sweep_file, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri):
+    """The sweep, its runs' states, and a line on the sweep's runs at other settings (or None)."""
     sweep, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
-    return sweep, inspect_sweep(planned, sweep.experiment, _tracking_uri(tracking_uri), _runs_dir(runs_dir))
+    uri = _tracking_uri(tracking_uri)
+    runs = fetch_runs(uri, sweep.experiment)
+    states = inspect_sweep(planned, sweep.experiment, uri, _runs_dir(runs_dir), runs=runs)
+    elsewhere = other_settings(sweep.name, planned, runs, parse_only(only))
+    return sweep, states, (elsewhere.line() if elsewhere else None)
+
+
+def _store_line(tracking_uri, runs_dir) -> str:
+    return store_line(_tracking_uri(tracking_uri), _runs_dir(runs_dir))
 
 
 @click.group("sweep")
@@ -51,13 +62,46 @@ def sweep() -> None:
 @tracking_uri_option
 def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_dir, tracking_uri):
     """The expanded runs and how many are done / resumable / pending / failed (nothing is run)."""
-    sweep_, states = _states(sweep_file, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri)
-    if fmt == "json":
+    sweep_, states, elsewhere = _states(sweep_file, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri)
+    if fmt == "json":  # stdout stays JSON; what was read is said on stderr
+        click.echo(_store_line(tracking_uri, runs_dir), err=True)
+        if elsewhere:
+            click.echo(f"note: {elsewhere}", err=True)
         click.echo(json.dumps([s.as_json() for s in states], indent=1))
         return
     from orchestrator.dispatch.progress import plan_table, wide_console
 
-    wide_console().print(plan_table(states, f"sweep {sweep_.name} (experiment {sweep_.experiment})"))
+    console = wide_console()
+    console.print(_store_line(tracking_uri, runs_dir), highlight=False, soft_wrap=True)
+    console.print(plan_table(states, f"sweep {sweep_.name} (experiment {sweep_.experiment})"))
+    if elsewhere:
+        console.print(f"note: {elsewhere}", highlight=False, soft_wrap=True)
+
+
+@sweep.command("show")
+@sweep_file_argument
+@selection_options
+def show_command(sweep_file, set_, only, epochs_scale, train_subset):
+    """The sweep file as its runs are planned from it: overrides applied, defaults filled in, then each
+    scheme's values per phase and step and its run and epoch counts (nothing is read from the store)."""
+    from orchestrator.sweep.file import resolved_yaml, scheme_summary
+
+    sweep_, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    click.echo(f"# {sweep_file}, resolved" + "".join(f" {flag}" for flag in _given(set_, only, epochs_scale,
+                                                                                       train_subset)))
+    click.echo(resolved_yaml(sweep_).rstrip("\n"))
+    click.echo(f"# {len(planned)} run{'s' if len(planned) != 1 else ''}, "
+               f"{sum(p.total_epochs for p in planned)} epochs in all")
+    for line in scheme_summary(planned):
+        click.echo(f"#   {line}")
+
+
+def _given(set_, only, epochs_scale, train_subset) -> list[str]:
+    import shlex
+
+    return ([f"--set {shlex.quote(s)}" for s in set_] + [f"--only {shlex.quote(o)}" for o in only]
+            + ([f"--epochs-scale {epochs_scale:g}"] if epochs_scale is not None else [])
+            + ([f"--train-subset {train_subset}"] if train_subset is not None else []))
 
 
 @sweep.command("run")
@@ -145,21 +189,27 @@ def status_command(sweep_file, set_, only, epochs_scale, train_subset, watch, ru
     from orchestrator.dispatch.progress import status_view, wide_console
 
     args = (sweep_file, set_, only, epochs_scale, train_subset, runs_dir, tracking_uri)
-    sweep_, states = _states(*args)
+    if watch and watch <= 0:
+        raise UserError(f"--watch {watch}: must be > 0 seconds")
+    sweep_, states, elsewhere = _states(*args)
     title = f"sweep {sweep_.name}"
     console = wide_console()
+    console.print(_store_line(tracking_uri, runs_dir), highlight=False, soft_wrap=True)
+
+    def view(states, elsewhere):
+        notes = _disk_notes(_runs_dir(runs_dir)) + ([f"note: {elsewhere}"] if elsewhere else [])
+        return status_view(states, title, notes)
+
     if not watch:
-        console.print(status_view(states, title, _disk_notes(_runs_dir(runs_dir))))
+        console.print(view(states, elsewhere))
         return
-    if watch <= 0:
-        raise UserError(f"--watch {watch}: must be > 0 seconds")
     from rich.live import Live
 
-    with Live(status_view(states, title), console=console, auto_refresh=False) as live:
+    with Live(view(states, elsewhere), console=console, auto_refresh=False) as live:
         try:
             while True:
                 time.sleep(watch)
-                live.update(status_view(_states(*args)[1], title, _disk_notes(_runs_dir(runs_dir))), refresh=True)
+                live.update(view(*_states(*args)[1:]), refresh=True)
         except KeyboardInterrupt:
             pass
 
@@ -178,7 +228,10 @@ def _disk_notes(runs_dir: Path) -> list[str]:
 @click.option("--port", type=int, default=5000, show_default=True)
 @tracking_uri_option
 def ui_command(port, tracking_uri):
-    """The MLflow UI on the same store, at http://127.0.0.1:PORT (this machine only)."""
+    """The MLflow UI on the same store, at http://127.0.0.1:PORT (this machine only).
+
+    From another machine (a laptop, say), forward the port over SSH instead of opening the server to the
+    network: ssh -N -L PORT:127.0.0.1:PORT USER@THIS_HOST, then open http://127.0.0.1:PORT there."""
     uri = _tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         click.echo(f"the tracking server {uri} serves the MLflow UI itself: open {ui_url(uri)}")
@@ -187,9 +240,23 @@ def ui_command(port, tracking_uri):
         raise UserError(f"--port {port}: must be in 1-65535")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                "--port", str(port)]
-    click.echo(f"MLflow UI on {uri}: {ui_url(f'http://127.0.0.1:{port}')} (Ctrl-C to stop)")
+    click.echo(f"MLflow UI on {uri}: {ui_url(f'http://127.0.0.1:{port}')} (Ctrl-C to stop)\n"
+               f"from another machine: ssh -N -L {port}:127.0.0.1:{port} {_login()}, then open the same address "
+               "there")
     sys.stdout.flush()
     os.execv(sys.executable, command)
+
+
+def _login() -> str:
+    """``user@host`` of this machine, for an SSH tunnel's command line."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):
+        user = "USER"
+    return f"{user}@{socket.getfqdn()}"
 
 
 COMMANDS = [sweep, ui_command]

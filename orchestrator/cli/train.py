@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from orchestrator.cli.common import tracking_uri_option
+from orchestrator.cli.common import epochs_scale_option, override_options, set_option, tracking_uri_option
 from orchestrator.errors import UserError
 from orchestrator.store.client import StoreUnreachable
 from training.callbacks import Callback
@@ -34,8 +34,6 @@ def resolve_device(device: str) -> str:
 
 sweep_option = click.option("--sweep", "sweep_file", default=None, metavar="FILE",
                             help="Sweep file whose schemes and settings to use [default: sweeps/table1.yaml].")
-epochs_scale_option = click.option("--epochs-scale", type=float, default=None, metavar="F",
-                                   help="Every step lasts max(1, round(n x F)) epochs (0.1: 45 epochs).")
 
 
 @click.command("train")
@@ -44,8 +42,7 @@ epochs_scale_option = click.option("--epochs-scale", type=float, default=None, m
 @click.option("--scheme", required=True, help="A scheme of the sweep file (01, 22, wd-1e-4, ...).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @sweep_option
-@epochs_scale_option
-@click.option("--train-subset", type=int, default=None, metavar="N", help="Train on N images of the split.")
+@override_options
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="Where CIFAR archives live [default: the sweep's train.data_dir, else ~/.cache/adareg/data].")
 @click.option("--allow-unofficial-data", is_flag=True,
@@ -55,8 +52,8 @@ epochs_scale_option = click.option("--epochs-scale", type=float, default=None, m
 @click.option("--runs-dir", type=click.Path(file_okay=False), default=None,
               help="Where run folders (checkpoints) live [default: $ADAREG_RUNS_DIR or ./adareg_runs].")
 @tracking_uri_option
-def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_subset, data_dir, allow_unofficial_data,
-                  device, threads, runs_dir, tracking_uri):
+def train_command(arch, dataset, scheme, seed, sweep_file, set_, epochs_scale, train_subset, data_dir,
+                  allow_unofficial_data, device, threads, runs_dir, tracking_uri):
     """Train one run, logged to MLflow. Re-running the same command resumes it, or says it is finished."""
     from orchestrator.diskfault import DiskFull
     from orchestrator.dispatch.launch import Launch, LaunchOptions
@@ -67,7 +64,7 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
     from orchestrator.run.worker import execute
     from orchestrator.sweep.file import load_sweep
 
-    sweep = load_sweep(sweep_file or default_sweep_file(), epochs_scale=epochs_scale, train_subset=train_subset)
+    sweep = load_sweep(sweep_file or default_sweep_file(), set_, epochs_scale=epochs_scale, train_subset=train_subset)
     config = sweep.run_config(scheme, arch, dataset, seed)
     if data_dir:
         config = config.replace(data_dir=data_dir)  # a path: not part of the run's identity
@@ -89,37 +86,70 @@ def train_command(arch, dataset, scheme, seed, sweep_file, epochs_scale, train_s
     if attempt.status is End.DISK_FULL:  # exit 75, the run resumable from its checkpoint
         raise DiskFull(f"{attempt.message}; the run is resumable: make room and run the same command again")
     click.echo(f"{attempt.status}: MLflow run {attempt.run_id}" + (f" ({attempt.message})" if attempt.message else ""))
+    click.echo(f"store {launch.uri}, experiment '{sweep.experiment}', run folder {task.run_dir}\n"
+               f"view it: {view_hint(launch.uri, launch.experiment_id, tracking_uri)}")
     if code:
         sys.exit(code)
 
 
+def view_hint(uri: str, experiment_id: str | None, given: str | None) -> str:
+    """How to look at a store's runs in the MLflow UI."""
+    from orchestrator.store.uri import ui_url
+
+    if uri.startswith(("http://", "https://")):
+        return f"open {ui_url(uri, experiment_id)}"
+    flag = f" --tracking-uri {given}" if given else ""
+    return f"adareg ui{flag}, then open {ui_url('http://127.0.0.1:5000', experiment_id)}"
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class EpochEcho(Callback):
-    """Prints one line per epoch."""
+    """Prints one line per epoch: its phase, metrics, the time since this process started training and an
+    estimate of the time left (from this process's epochs so far)."""
 
     def on_start(self, config, plan, history):
-        self.total = len(plan)
+        import time
+
+        self.plan, self.total, self.first = plan, len(plan), len(history)
+        self.started = time.monotonic()
         if history:
             click.echo(f"resuming after epoch {len(history)} of {self.total}")
 
     def on_epoch_end(self, epoch, m):
-        click.echo(f"epoch {epoch:>3}/{self.total} lr {m['lr']:g} wd {m['weight_decay']:g} "
-                   f"sparsity {m['grad_sparsity']:g} | train loss {m['train_loss']:.4f} err {m['train_error']:.4f} "
-                   f"| test loss {m['test_loss']:.4f} err {m['test_error']:.4f} | {m['images_per_second']:.0f} img/s")
+        import time
+
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / max(1, epoch - self.first) * (self.total - epoch)
+        split = "val" if "val_loss" in m else "test"
+        click.echo(f"epoch {epoch:>3}/{self.total} phase {self.plan[epoch - 1].phase} lr {m['lr']:g} "
+                   f"wd {m['weight_decay']:g} sparsity {m['grad_sparsity']:g} | train loss {m['train_loss']:.4f} "
+                   f"err {m['train_error']:.4f} | {split} loss {m[f'{split}_loss']:.4f} err {m[f'{split}_error']:.4f} "
+                   f"| {m['images_per_second']:.0f} img/s | {duration(elapsed)} elapsed, ETA {duration(eta)}")
 
 
 @click.command("schedule")
 @click.argument("scheme")
 @sweep_option
+@set_option
 @epochs_scale_option
 @click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
-def schedule_command(scheme, sweep_file, epochs_scale, fmt):
+def schedule_command(scheme, sweep_file, set_, epochs_scale, fmt):
     """Every epoch's phase, learning rate, weight decay and gradient sparsity for SCHEME (and its dropout,
     label smoothing and batch size where it tapers them)."""
     from orchestrator.sweep.file import load_sweep
     from training.callbacks import taper_metrics
     from training.schedules import plan_for
 
-    sweep = load_sweep(sweep_file or default_sweep_file(), epochs_scale=epochs_scale)
+    sweep = load_sweep(sweep_file or default_sweep_file(), set_, epochs_scale=epochs_scale)
     config = sweep.run_config(scheme, sweep.archs[0], sweep.datasets[0], sweep.seeds[0])
     extra = taper_metrics(config)
     header = ["epoch", "phase", "lr", "weight_decay", "grad_sparsity", *extra]

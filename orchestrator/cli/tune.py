@@ -11,12 +11,13 @@ import click
 
 from orchestrator.cli.common import (
     launch_options,
-    load_selection,
+    override_options,
     runs_dir_option,
-    selection_options,
+    set_option,
     sweep_file_argument,
     tracking_uri_option,
 )
+from orchestrator.sweep.file import load_sweep
 from orchestrator.tune.study import DEFAULT_TRIAL_LEASE_S
 
 storage_option = click.option("--storage", default=None, metavar="URI",
@@ -74,11 +75,11 @@ class TuneView:
 @click.option("--trial-lease", type=float, default=DEFAULT_TRIAL_LEASE_S, show_default=True, metavar="SECONDS",
               help="A running trial whose tuner has not heartbeaten for this long is failed and enqueued again.")
 @storage_option
-@selection_options
+@override_options
 @runs_dir_option
 @tracking_uri_option
 @click.pass_context
-def run_command(ctx, sweep_file, trials, launch, trial_lease, storage, set_, only, epochs_scale, train_subset,
+def run_command(ctx, sweep_file, trials, launch, trial_lease, storage, set_, epochs_scale, train_subset,
                 runs_dir, tracking_uri):
     """Run TRIALS more trials; each trains the sweep's first dataset and arch over ``tune.seeds`` seeds with a
     sampled taper, scored by the mean validation metric. Several of these commands (or machines) may share
@@ -89,7 +90,7 @@ def run_command(ctx, sweep_file, trials, launch, trial_lease, storage, set_, onl
     from orchestrator.tune.tuner import run_tune
 
     options = LaunchOptions(**launch)
-    sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    sweep = load_sweep(sweep_file, set_, epochs_scale=epochs_scale, train_subset=train_subset)
     result = run_tune(sweep, trials, options, storage=storage, tracking_uri=tracking_uri,
                       runs_dir=Path(runs_dir) if runs_dir else default_runs_dir(), trial_lease=trial_lease,
                       view=TuneView())
@@ -119,13 +120,13 @@ def _counts(counter: Counter) -> str:
 @click.option("--export", "export_path", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help="Write a sweep file that trains the best taper (scheme 'tuned') on the full training set over "
                    "all the file's seeds, beside the baselines wd-1e-4, wd-1e-3, wd-8e-3 and the file's schemes.")
-@selection_options
-def best_command(sweep_file, storage, export_path, set_, only, epochs_scale, train_subset):
+@override_options
+def best_command(sweep_file, storage, export_path, set_, epochs_scale, train_subset):
     """The best trial so far: its value (mean validation metric), parameters and taper."""
     from orchestrator.tune.export import best_sweep, export_sweep
     from orchestrator.tune.study import open_study
 
-    sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    sweep = load_sweep(sweep_file, set_, epochs_scale=epochs_scale, train_subset=train_subset)
     summary, doc = best_sweep(sweep, open_study(sweep, storage, create=False))
     scheme = summary.pop("scheme")
     click.echo(json.dumps(summary, indent=1))
@@ -140,12 +141,12 @@ def best_command(sweep_file, storage, export_path, set_, only, epochs_scale, tra
 @sweep_file_argument
 @storage_option
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
-@selection_options
-def dashboard_command(sweep_file, storage, port, set_, only, epochs_scale, train_subset):
+@set_option
+def dashboard_command(sweep_file, storage, port, set_):
     """optuna-dashboard on the study's storage, at http://127.0.0.1:PORT (this machine only)."""
     from orchestrator.tune.study import dashboard
 
-    sweep, _ = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
+    sweep = load_sweep(sweep_file, set_)
     click.echo(f"optuna-dashboard for study {sweep.name}: http://127.0.0.1:{port} (Ctrl-C to stop)")
     dashboard(sweep, storage, port)
 

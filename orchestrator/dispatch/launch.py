@@ -37,8 +37,10 @@ from orchestrator.run.ending import (
 from orchestrator.run.spec import WorkerSpec
 from orchestrator.store.claims import DEFAULT_LEASE_S
 from orchestrator.store.client import DEFAULT_STORE_TIMEOUT_S, Store, StoreUnreachable, connect, is_transient, probe
+from orchestrator.store.provenance import run_tags
 from orchestrator.store.runs import check_writable, end_strays, ensure_experiment
 from orchestrator.store.uri import absolute_tracking_uri, resolve_tracking_uri
+from orchestrator.sweep.file import resolved_yaml
 from orchestrator.sweep.reconcile import RunState, inspect_sweep
 
 
@@ -93,6 +95,8 @@ class Launch:
     slots: list[Slot] = field(default_factory=list)
     scheduler: Scheduler | None = None
     store: Store | None = None  # retries the launch's own store calls (up to --store-timeout)
+    provenance: dict[str, str] = field(default_factory=dict)  # every run's version, commit, command tags
+    sweep_yaml: str | None = None  # the resolved sweep file, every run's sweep.yaml artifact
 
     @classmethod
     def open(cls, sweep, options: LaunchOptions, *, tracking_uri: str | None, runs_dir: Path,
@@ -122,7 +126,9 @@ class Launch:
 
         store = Store(uri, budget_s=options.store_timeout, on_wait=note)
         client, experiment_id = store.call(experiment, "opening the experiment")
-        return cls(sweep, options, uri, runs_dir, client, experiment_id, pack, slots, store=store)
+        return cls(sweep, options, uri, runs_dir, client, experiment_id, pack, slots, store=store,
+                   provenance=run_tags(),
+                   sweep_yaml=resolved_yaml(sweep) if hasattr(sweep, "model_dump") else None)
 
     def task(self, run: Planned) -> Task:
         """The scheduler's task of one planned run (its folder made)."""
@@ -152,8 +158,9 @@ class Launch:
         config = run.config.replace(data_dir=os.path.abspath(run.config.data_dir))  # workers run elsewhere
         return WorkerSpec(config=config.to_dict(), experiment=self.sweep.experiment, run_dir=str(run.run_dir),
                           tracking_uri=self.uri, sweep=self.sweep.name, device=slot.device,
-                          threads=slot.threads or None, tags=dict(tags or {}),
-                          store_timeout=self.options.store_timeout, claim_lease=self.options.claim_lease)
+                          threads=slot.threads or None, tags={**self.provenance, **(tags or {})},
+                          store_timeout=self.options.store_timeout, claim_lease=self.options.claim_lease,
+                          sweep_yaml=self.sweep_yaml)
 
     def run(self, jobs: Sequence[Task], view: View | None = None, *, source: TaskSource | None = None,
             tags: Callable[[Task], dict[str, str]] | None = None, poll_s: float | None = None) -> int | None:

@@ -199,7 +199,8 @@ def make_view(states: Sequence[RunState], tasks: Sequence[Task], title: str, con
 
 def counts_line(states: Iterable[RunState]) -> str:
     n = counts(states)
-    return f"{sum(n.values())} runs: " + ", ".join(f"{n[s]} {s}" for s in STATES)
+    total = sum(n.values())
+    return f"{total} run{'s' if total != 1 else ''}: " + ", ".join(f"{n[s]} {s}" for s in STATES)
 
 
 def _table(title: str, caption: str, *headers: str) -> Table:

@@ -21,7 +21,7 @@ import pandas as pd
 from orchestrator.errors import UserError
 from orchestrator.identity import Planned
 from orchestrator.store.runs import find_runs
-from orchestrator.store.tags import TAG_SUPERSEDED
+from orchestrator.store.tags import TAG_GIT_COMMIT, TAG_SUPERSEDED, TAG_VERSION
 from training.callbacks import DIAGNOSTICS
 from training.config import RunConfig
 from training.schedules import EpochPlan, phase_bounds, plan_for
@@ -97,15 +97,18 @@ class Collection:
 
 
 def collect(client, uri: str, sweep, planned: Sequence[Planned], metrics: Sequence[str] | None = REPORT_METRICS,
-            method: str = "auto", sweep_file: str = "FILE") -> Collection:
+            method: str = "auto", sweep_file: str = "FILE", found: dict | None = None) -> Collection:
     """Find the planned runs (the expanded ``sweep``) in MLflow and read their histories.
 
     ``metrics=None`` reads every metric. Raises UserError when none of the runs is in MLflow
-    (its hint names ``sweep_file``) or none has logged an epoch.
+    (its hint names ``sweep_file``) or none has logged an epoch. ``found``: ``find_runs``'s answer for the
+    sweep's experiment, when the caller has read it already.
     """
     by_key = {p.key: p.config for p in planned}
     groups = {p.key: p.group for p in planned}
-    found = find_runs(client, sweep.experiment, list(by_key)) if by_key else {}
+    if found is None:
+        found = find_runs(client, sweep.experiment, list(by_key)) if by_key else {}
+    found = {k: run for k, run in found.items() if k in by_key}
     if not found:
         raise UserError(f"no runs of sweep '{sweep.name}' in experiment '{sweep.experiment}' at {uri}: "
                         f"run 'adareg sweep run {sweep_file}' first")
@@ -118,6 +121,8 @@ def collect(client, uri: str, sweep, planned: Sequence[Planned], metrics: Sequen
         "seed": cfg.seed, "epochs": len(plans[groups[k]]),
         "run_id": found[k].info.run_id if k in found else None,
         "status": found[k].info.status if k in found else None,
+        "adareg_version": found[k].data.tags.get(TAG_VERSION) if k in found else None,
+        "git_commit": found[k].data.tags.get(TAG_GIT_COMMIT) if k in found else None,
     } for k, cfg in by_key.items()])
     history = read_histories(client, uri, [found[k] for k in by_key if k in found], metrics, method)
     frame = long_frame(history, runs, {k: plans[groups[k]] for k in found})

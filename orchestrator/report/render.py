@@ -89,7 +89,7 @@ def write_report(col: Collection, out: str | os.PathLike, baselines: Sequence[st
     write_text(out / "phase_summary.csv", rep.summary.to_csv(index=False))
     write_text(out / "phase_summary.md", summary_markdown(rep.summary, col, paired))
     runs = col.runs[["dataset", "arch", "scheme", "seed", "run_key", "group_key", "run_id", "status",
-                     "last_epoch", "epochs"]]
+                     "last_epoch", "epochs", "adareg_version", "git_commit"]]
     write_text(out / "runs.csv", runs.to_csv(index=False))
     write_text(out / "report.md", report_markdown(rep, col))
     rep.files += [Path(n) for n in ("phase_summary.csv", "phase_summary.md", "runs.csv", "report.md")]
@@ -259,7 +259,8 @@ def report_markdown(rep: Report, col: Collection) -> str:
             "- [phase_summary.csv](phase_summary.csv) and [phase_summary.md](phase_summary.md): per dataset, arch, "
             "scheme, phase, metric and baseline, the seed statistics at the phase's last epoch and the difference "
             "to the baseline",
-            "- [runs.csv](runs.csv): every run of the selection, its MLflow run id, status and last epoch", ""]
+            "- [runs.csv](runs.csv): every run of the selection, its MLflow run id, status and last epoch, and the "
+            "adareg version and git commit that trained it", ""]
     out += headline(rep.summary, rep.paired)
     return "\n".join(out) + "\n"
 

@@ -245,7 +245,7 @@ def prepare(member: Member, store: Store, experiment_id: str, tags: dict[str, st
     logger = RunLogger(store, experiment_id, spec.sweep, {**spec.tags, **(tags or {})},
                        owner=claims.Owner.me(str(folder.path), folder.lock_id(), spec.claim_lease),
                        lease_s=spec.claim_lease,
-                       note=member.progress.note, seen=seen)
+                       note=member.progress.note, seen=seen, sweep_yaml=spec.sweep_yaml)
     existing = store.call(lambda: logger.existing(config), budget_s=START_BUDGET_S)
     if existing is not None and existing.info.status == "FINISHED":
         return member.record(End.ALREADY_FINISHED, f"run {existing.info.run_id} is already finished",

@@ -45,6 +45,7 @@ class WorkerSpec:
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
     store_timeout: float = DEFAULT_STORE_TIMEOUT_S
     claim_lease: float = DEFAULT_LEASE_S
+    sweep_yaml: str | None = None  # the resolved sweep file (overrides applied), logged as the run's sweep.yaml
 
     def write(self, path: str | os.PathLike) -> None:
         _write(self, path)

@@ -128,7 +128,14 @@ def beat(client, run_id: str) -> None:
 
 
 def release(client, run_id: str) -> None:
-    client.set_tag(run_id, TAG_OWNER, "")
+    """Give up the claim: the owner tag is deleted (an empty tag is noise in the MLflow UI)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.delete_tag(run_id, TAG_OWNER)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":  # released already
+            raise
 
 
 def supersede(client, run, reason: str, by: str = "") -> None:
@@ -139,7 +146,7 @@ def supersede(client, run, reason: str, by: str = "") -> None:
     client.set_tag(run_id, TAG_SUPERSEDED, reason[:4000])
     if by:
         client.set_tag(run_id, TAG_SUPERSEDED_BY, by)
-    client.set_tag(run_id, TAG_OWNER, "")
+    release(client, run_id)
 
 
 def is_superseded(run: Any) -> bool:

@@ -52,8 +52,10 @@ class RunLogger(Callback):
 
     def __init__(self, store: Store, experiment_id: str, sweep: str | None = None, tags: dict[str, str] | None = None,
                  *, owner: claims.Owner, lease_s: float = claims.DEFAULT_LEASE_S,
-                 note: Callable[[str], None] | None = None, seen: claims.Sightings | None = None):
+                 note: Callable[[str], None] | None = None, seen: claims.Sightings | None = None,
+                 sweep_yaml: str | None = None):
         self.store, self.experiment_id, self.sweep = store, experiment_id, sweep
+        self.sweep_yaml = sweep_yaml  # the resolved sweep file, logged as an artifact beside config.json
         self.seen = seen  # the worker's sightings of other hosts' claims (kept in its run folder)
         self.tags = dict(tags or {})
         self.owner, self.lease_s = owner, lease_s
@@ -125,16 +127,24 @@ class RunLogger(Callback):
             attempts = int(run.data.tags.get(TAG_ATTEMPTS, "0") or 0) + 1
             client.update_run(self.run_id, status="RUNNING")
             client.set_tag(self.run_id, TAG_ATTEMPTS, str(attempts))
-            client.set_tag(self.run_id, TAG_FAILURE, "")
+            _clear_tags(client, run, TAG_FAILURE, TAG_FAILURE_REASON)
             self.have = {name: set(steps) for name, steps in logged_history(client, run).items()}
         if not run.data.params:  # new, or killed between creating the run and logging its params
             self._log_params(config)
 
     def _log_params(self, config: RunConfig) -> None:
+        """The config as params, and as artifacts (``config.json``, the resolved ``sweep.yaml``) for the record."""
         from mlflow.entities import Param
 
         params = [Param(k, v) for k, v in config_params(config).items()]
-        self.store.client.log_batch(self.run_id, params=params, synchronous=True)
+        client = self.store.client
+        client.log_batch(self.run_id, params=params, synchronous=True)
+        try:
+            client.log_dict(self.run_id, config.to_dict(), "config.json")
+            if self.sweep_yaml:
+                client.log_text(self.run_id, self.sweep_yaml, "sweep.yaml")
+        except Exception as e:  # noqa: BLE001 - the run trains without its record; say so
+            self.note(f"the run's config.json / sweep.yaml artifacts could not be stored: {one_line(e)}")
 
     # -- every epoch
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -235,9 +245,10 @@ class RunLogger(Callback):
             client = self.store.client
             if failure:
                 client.set_tag(self.run_id, TAG_FAILURE, failure)
-                client.set_tag(self.run_id, TAG_FAILURE_REASON, (reason or "")[:4000])
+                if reason:
+                    client.set_tag(self.run_id, TAG_FAILURE_REASON, reason[:4000])
             elif status == "FINISHED":
-                client.set_tag(self.run_id, TAG_FAILURE, "")
+                _clear_tags(client, client.get_run(self.run_id), TAG_FAILURE, TAG_FAILURE_REASON)
             client.set_terminated(self.run_id, status=status)
             claims.release(client, self.run_id)
 
@@ -247,3 +258,10 @@ class RunLogger(Callback):
             with contextlib.suppress(Exception):
                 end()
 
+
+
+def _clear_tags(client, run, *names: str) -> None:
+    """Delete the run's tags ``names`` that it has (an empty tag is noise in the MLflow UI)."""
+    for name in names:
+        if name in run.data.tags:
+            client.delete_tag(run.info.run_id, name)

@@ -138,16 +138,34 @@ per-epoch values of a taper on a long cosine schedule) is logged shortened, with
 
 
 def config_params(config: RunConfig) -> dict[str, str]:
-    """Every config field as an MLflow param (lists as compact JSON; values over ``PARAM_LENGTH`` characters
-    shortened, the run key being what identifies the run)."""
+    """Every config field as an MLflow param a researcher can filter on: a grid (phases x steps) or list
+    whose values are all equal as that one number, one whose phases are equal as its per-step list, else
+    compact JSON; unset fields (None, empty) left out. Values over ``PARAM_LENGTH`` characters are shortened,
+    the run key being what identifies the run."""
     out = {}
     for k, v in config.to_dict().items():
-        text = json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+        if v is None or (isinstance(v, (list, tuple, dict, str)) and not v):
+            continue
+        text = _param_text(v)
         if len(text) > PARAM_LENGTH:
             digest = hashlib.sha256(text.encode()).hexdigest()[:12]
             text = f"{text[:PARAM_LENGTH - 80]}... ({len(text)} characters, sha256 {digest})"
         out[k] = text
     return out
+
+
+def _param_text(value: Any) -> str:
+    if not isinstance(value, (list, tuple, dict)):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        rows = [tuple(r) if isinstance(r, (list, tuple)) else r for r in value]
+        flat = [x for r in rows for x in (r if isinstance(r, tuple) else (r,))]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in flat):
+            if len(set(flat)) == 1:
+                return str(flat[0])
+            if all(isinstance(r, tuple) for r in rows) and len(set(rows)) == 1:
+                value = list(rows[0])
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _metric_rows(epochs: Sequence[tuple[int, dict[str, float]]]):

@@ -18,7 +18,16 @@ TAG_PACK = "adareg.pack"  # "<pack id>/<size>" on every member's MLflow run
 TAG_STUDY = "adareg.study"
 TAG_TRIAL = "adareg.trial"
 TAG_STUDY_RUN = "adareg.study_run"
+# provenance (orchestrator.provenance): what made the run
+TAG_VERSION = "adareg.version"
+TAG_GIT_COMMIT = "adareg.git_commit"  # only where the code is a git checkout
+TAG_DIRTY = "adareg.git_dirty"  # "true": the checkout had uncommitted changes to tracked files
+TAG_COMMAND = "adareg.command"
 # MLflow's own
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
+TAG_SOURCE_COMMIT = "mlflow.source.git.commit"
+TAG_USER = "mlflow.user"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 TAG_NOTE = "mlflow.note.content"

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.errors import BadValue, UserError, arg
+from orchestrator.identity import Planned
 from orchestrator.sweep.schema import Range, Sweep, did_you_mean
 
 # ---------------------------------------------------------------------------------------- loading
@@ -102,10 +103,13 @@ def _read_yaml(path: Path, where: str) -> dict[str, Any]:
     return doc
 
 
-def _set(doc: dict[str, Any], parts: Sequence[str], value: Any, origin: str) -> str:
-    """Put ``value`` at the dotted path (creating missing mappings); return the path as errors spell it."""
+def _set(doc: dict[str, Any], parts: Sequence[str], value: Any, origin: str, add: bool = True) -> str:
+    """Put ``value`` at the dotted path; return the path as errors spell it. A missing key is created where
+    ``add`` is set or the schema knows it (``train.momentum`` where the file leaves it at its default), else
+    refused naming the close matches (a typo must not add a scheme)."""
     node: Any = doc
     path = ""
+    loc: list[Any] = []
     for depth, part in enumerate(parts):
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
@@ -114,9 +118,14 @@ def _set(doc: dict[str, Any], parts: Sequence[str], value: Any, origin: str) -> 
             path += f"[{key}]"
         elif isinstance(node, dict):
             key = part
+            known = _schema_keys(tuple(loc))
+            if not add and key not in node and key not in known:
+                hint = "" if known else f"; to add it, write +{'.'.join(parts)}=..."
+                raise BadValue(f"{origin}: {_no_key(path, key, [*node, *known])}{hint}")
             path += f".{key}" if path else key
         else:
             raise BadValue(f"{origin}: {path} is {node!r}, not a mapping")
+        loc.append(key)
         if depth == len(parts) - 1:
             node[key] = value
         else:
@@ -126,19 +135,38 @@ def _set(doc: dict[str, Any], parts: Sequence[str], value: Any, origin: str) -> 
     return path
 
 
+def _no_key(path: str, key: str, known: Sequence[str]) -> str:
+    where = f"{path} has" if path else "the sweep file has"
+    if path == "schemes":
+        names = ", ".join(map(str, known[:12])) + (", ..." if len(known) > 12 else "")
+        return f"{where} no scheme {key!r}{did_you_mean(key, known)} (it has {names})"
+    return f"{where} no key {key!r}{did_you_mean(key, [str(k) for k in known])}"
+
+
+def _schema_keys(loc: tuple) -> list[str]:
+    """The keys the schema knows at ``loc`` (none below a mapping of names such as ``schemes``)."""
+    node = _child_chain(loc)
+    if typing.get_origin(node) is dict or node is None:
+        return []
+    return _keys_at(loc)
+
+
 def _apply_set(doc: dict[str, Any], item: str) -> tuple[str, str]:
     origin = f"{arg('set')} {item!r}"
     key, sep, text = item.partition("=")
-    parts = key.strip().split(".")
+    key = key.strip()
+    add = key.startswith("+")
+    parts = key.removeprefix("+").strip().split(".")
     if not sep or not all(p.strip() for p in parts):
-        raise BadValue(f"{origin}: expected KEY=VALUE (KEY dotted, e.g. train.batch_size=100)")
+        raise BadValue(f"{origin}: expected KEY=VALUE (KEY dotted, e.g. train.batch_size=100; +KEY=VALUE adds a "
+                       "key the file does not have)")
     try:
         value = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or str(e)
         raise BadValue(f"{origin}: VALUE is not valid YAML: {' '.join(problem.split())}") from None
     _check_size(value, origin)
-    return _set(doc, [p.strip() for p in parts], value, origin), origin
+    return _set(doc, [p.strip() for p in parts], value, origin, add=add), origin
 
 
 def load_sweep(path: str | Path, sets: Sequence[str] = (), epochs_scale: float | None = None,
@@ -160,6 +188,32 @@ def load_sweep(path: str | Path, sets: Sequence[str] = (), epochs_scale: float |
     if sweep.tune is not None and sweep.tune.space is not None:
         _check_tune_space(sweep, where)
     return sweep
+
+
+def resolved_yaml(sweep: Sweep) -> str:
+    """The sweep as YAML once its overrides are applied and defaults filled in: what its runs were planned from."""
+    doc = sweep.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110)
+
+
+def scheme_summary(planned: Sequence[Planned]) -> list[str]:
+    """One line per scheme of the planned runs: its runs, epochs per run, and its expanded values (tapers
+    resolved; a value constant everywhere as one number, equal phases as one list of steps)."""
+    from orchestrator.store.runs import config_params
+
+    lines = []
+    for scheme in dict.fromkeys(p.config.scheme for p in planned):
+        mine = [p for p in planned if p.config.scheme == scheme]
+        params = config_params(mine[0].config)
+        values = " ".join(f"{k}={params[k]}" for k in SHOWN if k in params)
+        lines.append(f"{scheme}: {len(mine)} run{'s' if len(mine) != 1 else ''} x {mine[0].total_epochs} epochs; "
+                     f"{values}")
+    return lines
+
+
+SHOWN = ("lr", "weight_decay", "grad_sparsity", "dropout", "label_smoothing", "batch_sizes", "weight_decay_mode",
+         "lr_family", "warmup_epochs", "per_epoch")
+"""The config fields ``scheme_summary`` shows (those a scheme sets)."""
 
 
 # --- a tuning space over any field of a scheme ---------------------------------------------------------------

@@ -147,18 +147,22 @@ def _int(value: Any) -> int:
         return 0
 
 
-def fetch_runs(tracking_uri: str, experiment: str, keys: Iterable[str]) -> dict[str, Any]:
-    """``{run_key: Run}`` in one bulk query; no store is created where none exists yet."""
+def fetch_runs(tracking_uri: str, experiment: str, keys: Iterable[str] | None = None) -> dict[str, Any]:
+    """``{run_key: Run}`` (of ``keys``, else every active run of the experiment) in one bulk query; no store is
+    created where none exists yet."""
     if not store_exists(tracking_uri):
         return {}
     return find_runs(connect(tracking_uri), experiment, keys)
 
 
 def inspect_sweep(planned: Sequence[Planned], experiment: str, tracking_uri: str, runs_dir: Path,
-                  retries: int = DEFAULT_RETRIES, lease_s: float = claims.DEFAULT_LEASE_S) -> list[RunState]:
-    """The state of every planned run: one MLflow query plus a look into each run folder."""
+                  retries: int = DEFAULT_RETRIES, lease_s: float = claims.DEFAULT_LEASE_S,
+                  runs: Mapping[str, Any] | None = None) -> list[RunState]:
+    """The state of every planned run: one MLflow query (none when ``runs``, ``fetch_runs``'s answer, is
+    given) plus a look into each run folder."""
     keys = [p.key for p in planned]
-    runs = fetch_runs(tracking_uri, experiment, keys)
+    if runs is None:
+        runs = fetch_runs(tracking_uri, experiment, keys)
     dirs = {key: RunDir.inspect(runs_dir / key) for key in keys}
     return reconcile(planned, runs, dirs, retries, lease_s)
 

@@ -141,7 +141,9 @@ def test_broken_checkpoints_restart_cleanly_and_uri_query_arguments_change_nothi
         report = subprocess.run([ADAREG, "report", str(sweep), "--out", str(out), "--tracking-uri", u],
                                 capture_output=True, text=True, timeout=300)
         assert report.returncode == 0, report.stderr
-        views[u] = (json.loads(plan.stdout), status.stdout, (out / "phase_summary.csv").read_text())
+        store_line, status_rest = status.stdout.split("\n", 1)
+        assert store_line == f"store {u}, runs folder {runs}", store_line  # the one line naming the URI
+        views[u] = (json.loads(plan.stdout), status_rest, (out / "phase_summary.csv").read_text())
     plain, with_query = views.values()
     assert plain == with_query
     assert {r["state"] for r in plain[0]} == {"done"}

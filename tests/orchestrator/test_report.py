@@ -490,7 +490,9 @@ def test_cli_report_on_a_missing_store_creates_nothing(store, tmp_path, capsys):
     proc = cli(capsys, "report", str(sweep_file), "--tracking-uri", uri, "--out", str(tmp_path / "x"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: no MLflow store at {uri}: nothing has been run there yet "
-                                   "(adareg sweep run FILE)")
+                                   f"(adareg sweep run {sweep_file})")
+    assert proc.stdout.splitlines()[0] == f"store {uri}: no such store ({tmp_path}/absent.db does not exist): " \
+                                          "nothing has been run here yet"
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -42,6 +42,8 @@ def test_plan_table_ends_with_the_counts(isolated, capsys):
                           "--epochs-scale", "0.02")
     assert code == 0
     lines = [line.strip() for line in out.splitlines() if line.strip()]
+    assert lines[0] == f"store sqlite:///{isolated}/mlflow.db, runs folder {isolated / 'runs'}: no such store " \
+                       f"({isolated / 'mlflow.db'} does not exist): nothing has been run here yet"
     assert lines[-1] == "20 runs: 0 done, 0 running, 0 resumable, 20 pending, 0 failed"
     assert sum(" 15 pending" in line or "0/15" in line for line in lines) == 20  # 15 epochs each
 
@@ -130,6 +132,7 @@ def test_ui_execs_mlflow_on_the_same_store_bound_to_localhost(isolated, capsys, 
     monkeypatch.setattr(os, "execv", fake_execv)
     code, out, _ = adareg(capsys, "ui", "--port", "5123")
     assert code == 0 and "http://127.0.0.1:5123" in out
+    assert "from another machine: ssh -N -L 5123:127.0.0.1:5123 " in out  # a tunnel, not a public bind
     (path, argv), = calls
     assert argv[1:] == ["-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{isolated}/mlflow.db",
                         "--host", "127.0.0.1", "--port", "5123"]

@@ -188,7 +188,7 @@ def test_numbers_in_exponent_form_are_numbers(table1):
 
 def test_set_overrides(table1):
     sweep = load_sweep(table1(), sets=["datasets=[digits]", "train.batch_size=100", "schedule.lr.0=0.2",
-                                       "schemes.01.weight_decay=2e-4", "schemes.new.weight_decay=0.03"])
+                                       "schemes.01.weight_decay=2e-4", "+schemes.new.weight_decay=0.03"])
     assert sweep.datasets == ["digits"]
     config = sweep.run_config("01", "resnet14", "digits", 0)
     assert config.batch_size == 100
@@ -222,7 +222,9 @@ def test_set_errors_after_validation_name_the_set(table1):
     assert error_of(load_sweep, path, sets=["train.batch_size=0"]) == (
         f"{path}: train.batch_size: must be a positive integer, got 0 (from --set 'train.batch_size=0')")
     assert error_of(load_sweep, path, sets=["train.batchsize=3"]) == (
-        f"{path}: train.batchsize: unknown key (did you mean 'batch_size'?) (from --set 'train.batchsize=3')")
+        "--set 'train.batchsize=3': train has no key 'batchsize' (did you mean 'batch_size'?)")  # before validation
+    assert error_of(load_sweep, path, sets=["+train.batchsize=3"]) == (  # added: the schema refuses it
+        f"{path}: train.batchsize: unknown key (did you mean 'batch_size'?) (from --set '+train.batchsize=3')")
 
 
 def test_set_only_and_arch_select_exactly(table1):
@@ -275,7 +277,7 @@ def test_parse_only():
 
 
 def test_identical_schemes_are_refused(table1):
-    sweep = load_sweep(table1(), sets=["schemes.copy={weight_decay: 0.004}"])
+    sweep = load_sweep(table1(), sets=["+schemes.copy={weight_decay: 0.004}"])
     message = error_of(expand, sweep)
     assert message.startswith("schemes 'wd-4e-3' and 'copy' give identical runs (run key ")
 
@@ -444,4 +446,4 @@ def test_the_library_names_arguments_and_the_cli_names_flags(table1, capsys):
         main(["sweep", "plan", str(table1()), "--set", "nonsense", "--tracking-uri", "sqlite:///unused.db"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == "error: --set 'nonsense': expected KEY=VALUE (KEY dotted, e.g. " \
-                                              "train.batch_size=100)"
+                                              "train.batch_size=100; +KEY=VALUE adds a key the file does not have)"
