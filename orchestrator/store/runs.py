@@ -17,6 +17,7 @@ from orchestrator.errors import UserError, one_line
 from orchestrator.store import claims
 from orchestrator.store.client import is_transient, refusal
 from orchestrator.store.tags import EXPERIMENT_KIND, TAG_EXPERIMENT_KIND, TAG_NOTE, TAG_RUN_KEY
+from orchestrator.store.uri import sqlite_path
 from training.config import RunConfig
 
 MAX_METRICS_PER_BATCH = 1000
@@ -34,7 +35,8 @@ def ensure_experiment(client, name: str, description: str | None = None) -> str:
             if description:
                 tags[TAG_NOTE] = description
             try:
-                return client.create_experiment(name, tags=tags)
+                return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                                tags=tags)
             except MlflowException as e:  # created meanwhile by another process
                 exp = client.get_experiment_by_name(name)
                 if exp is None:
@@ -51,6 +53,17 @@ def ensure_experiment(client, name: str, description: str | None = None) -> str:
             raise
         raise refusal(e, client.tracking_uri, f"opening experiment {name!r}") \
             or UserError(f"tracking store {client.tracking_uri}: {one_line(e)}") from None
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: beside the database file
+    (``mlartifacts/<experiment>``), not in MLflow's default ``./mlruns`` of whatever directory the process
+    creating it happened to run in. None (the store's default) for other stores."""
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment)
+    return (path.resolve().parent / "mlartifacts" / safe).as_uri()
 
 
 def check_writable(client, experiment_id: str, name: str) -> None:

@@ -116,3 +116,17 @@ def test_a_launch_waits_for_a_locked_sqlite_store_instead_of_failing(tmp_path):
         holder.kill()
     assert launch.experiment_id and launch.client.get_experiment(launch.experiment_id).name == launch.sweep.experiment
     assert heard and all("database is locked" in m and "[opening the experiment]" in m for m in heard), heard
+
+
+def test_a_sqlite_store_keeps_artifacts_beside_its_database_not_in_the_working_directory(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "store").mkdir()
+    client = MlflowClient(f"sqlite:///{tmp_path}/store/mlflow.db")
+    experiment = ensure_experiment(client, "adareg-demo x")
+    run = client.create_run(experiment)
+    client.log_text(run.info.run_id, "{}", "config.json")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+    assert len(list((tmp_path / "store" / "mlartifacts" / "adareg-demo_x").rglob("config.json"))) == 1
