@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export MPLBACKEND := Agg
 
-.PHONY: install test test-slow demo lint bench clean
+.PHONY: install test test-slow demo lint bench clean fashion-files
 
 install: $(BIN)/adareg
 
@@ -23,9 +23,13 @@ test-slow: install  # end to end: real orchestrators killed at random, mlflow se
 demo: install
 	$(BIN)/adareg sweep run sweeps/demo.yaml --gpus none --max-parallel 2
 	$(BIN)/adareg report sweeps/demo.yaml --out demo-report
+	@echo "real data next: apt-get install dataset-fashion-mnist, then $(BIN)/adareg sweep run sweeps/fashion-anchor.yaml (32 epochs; a GPU runs the published 300 with --epochs-scale 1)"
 
 lint: install
 	$(BIN)/ruff check training orchestrator tests benchmarks
+
+fashion-files:  # the four Fashion-MNIST files, to carry to a GPU machine for benchmarks/gpu_check.sh
+	mkdir -p .fashion-mnist && cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .fashion-mnist/
 
 bench: install
 	$(BIN)/python benchmarks/trainer_throughput.py

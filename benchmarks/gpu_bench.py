@@ -12,6 +12,10 @@ in this order:
    a graphed run (``train.graph``) matches the eager one within float tolerance (1e-3 after an epoch);
    ``streams2-vs-solo``: two runs (graphed on CUDA) trained by ``training.streams`` (a CUDA stream and thread
    each, checkpoints on the background writer) equal their solo runs (to the bit on the CPU, 1e-4 on CUDA).
+   ``fashion-modes`` (where the four Fashion-MNIST files are found: ``$ADAREG_DATA``, Debian's folder): the
+   same short training on the real data eager fp32, graphed, bf16 and packed (2 members), each member's
+   test error within seed noise of the eager run's (the bound: twice the gap between two eager seeds, at
+   least 1 pp on CUDA; the CPU dry run's runs are too short to mean anything, at least 10 pp).
 3. ``rate``: steady-state training images/s on synthetic CIFAR-sized data (uint8 32x32 images on the device,
    crop + flip as the trainer does) for each arch x precision x mode, modes ``solo-eager``,
    ``solo-graphed``, ``pack4/16/48-graphed`` (N models fused, ``training.packed``), ``streams8/16-graphed``
@@ -168,6 +172,43 @@ def checks(emit: Lines, device: torch.device) -> None:
     emit("check", name="streams2-vs-solo", passed=(bitwise or worst <= 1e-4) and complete,
          bitwise=bitwise, max_rel=worst, tolerance=1e-4, checkpoint_epochs=on_disk,
          seconds=round(time.perf_counter() - t0, 2))
+
+
+FASHION_CUDA = dict(arch="resnet14", train_subset=0, batch_size=128, lr=[0.1, 0.01], epochs_per_step=(1,))
+"""On CUDA: two epochs of all 60,000 images (938 steps), then the 10,000 test images."""
+FASHION_DRY = dict(arch="resnet8", train_subset=500, batch_size=50, lr=[0.1], epochs_per_step=(1,), validation=0.02)
+"""The CPU dry run: 10 steps, then 1,200 held-out training images (plumbing only; the error reported is theirs)."""
+
+
+def fashion_check(emit: Lines, device: torch.device) -> None:
+    """``fashion-modes``: eager fp32 (seeds 1 and 2: the seed noise), graphed, bf16 and a pack of 2 on the real
+    Fashion-MNIST files; skipped (and said) where the files are not found."""
+    from training import fashion
+    from training.config import DataError
+
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory(prefix="adareg-fashion-") as data_dir:
+        base = RunConfig(seed=1, dataset="fashion-mnist", weight_decay=5e-4, grad_sparsity=0.0, data_dir=data_dir,
+                         **(FASHION_CUDA if cuda else FASHION_DRY))
+        try:
+            fashion.prepare(data_dir)
+        except DataError as e:
+            emit("check", name="fashion-modes", passed=None, skipped=str(e))
+            return
+        t0 = time.perf_counter()
+        runs = {"eager": base, "eager-seed2": base.replace(seed=2), "graphed": base.replace(graph=True),
+                "bf16": base.replace(precision="bf16")}
+        metric = "val_error" if base.validation else "test_error"
+        errors = {name: train(config, device=device).history[-1][metric] for name, config in runs.items()}
+        pack = train_packed([base, base.replace(seed=2)], device=device)
+        errors["pack-seed1"], errors["pack-seed2"] = (m.history[-1][metric] for m in pack.members)
+    noise = abs(errors["eager"] - errors["eager-seed2"])
+    bound = max(2 * noise, 0.01 if cuda else 0.10)
+    reference = {"graphed": "eager", "bf16": "eager", "pack-seed1": "eager", "pack-seed2": "eager-seed2"}
+    gaps = {name: round(abs(errors[name] - errors[ref]), 4) for name, ref in reference.items()}
+    emit("check", name="fashion-modes", passed=all(g <= bound for g in gaps.values()), metric=metric, error=errors,
+         gap_to_eager=gaps, seed_noise=round(noise, 4), bound=round(bound, 4), arch=base.arch,
+         epochs=len(base.lr[0]), batch_size=base.batch_size, seconds=round(time.perf_counter() - t0, 2))
 
 
 # --- throughput ---------------------------------------------------------------------------------------
@@ -401,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     checks(emit, device)
+    fashion_check(emit, device)
     matrix(emit, device, deadline, dry=device.type == "cpu")
     emit("done", seconds_left=round(deadline - time.monotonic(), 1))
     return 0

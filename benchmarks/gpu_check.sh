@@ -5,13 +5,16 @@
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_BUDGET_S=60 bash benchmarks/gpu_check.sh   # the dry run, < 2 minutes
 # 1. the environment (nvidia-smi, what torch sees); 2. the tests marked gpu of tests/training/test_graphed.py
 # (graphed vs eager over 20 steps, resume of a graphed run; CUDA only, if pytest is importable);
-# 3. benchmarks/gpu_bench.py: correctness on the device, then the time-limited throughput matrix and
+# 3. benchmarks/gpu_bench.py: correctness on the device (on the real Fashion-MNIST files too, where found: carry
+# them to the GPU machine as .fashion-mnist/, which `make fashion-files` fills from Debian's package and git
+# ignores; 30 MB), then the time-limited throughput matrix and
 # the per-epoch evaluation and checkpoint cost, each with the projected Table 1 grid wall-clock.
 # Results: one JSON line per measurement appended to $OUT/gpu_check.jsonl as it goes, and the log
 # $OUT/gpu_check.log (2 files; $OUT is a new temp dir when unset). Imports only torch and training/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+[ -d .fashion-mnist ] && export ADAREG_DATA=${ADAREG_DATA:-$PWD/.fashion-mnist}
 PY=${GPU_CHECK_PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 BUDGET=${GPU_CHECK_BUDGET_S:-240}   # the benchmark's seconds; the gpu tests get at most 90 more

@@ -1,10 +1,10 @@
 """CIFAR ResNets of He et al. 2016 §4.2: ``resnet{6n+2}``.
 
-A 3x3 conv with 16 channels (on 3 input channels, or 1 for grayscale images), three stages of ``n`` BasicBlocks with 16/32/64 channels (stride 2 at
-the start of stages 2 and 3), global average pooling and a linear classifier. Shortcuts are option A
-(subsample + zero channel padding, no parameters), which gives the paper's parameter counts
-(ResNet-20: 0.27M, ResNet-32: 0.46M). No data-dependent control flow, so ``torch.compile`` traces it
-in one graph; the factory never moves the model to a device.
+A 3x3 conv with 16 channels (on 3 input channels, or 1 for grayscale images), three stages of ``n``
+BasicBlocks with 16/32/64 channels (stride 2 at the start of stages 2 and 3), global average pooling and a
+linear classifier. Shortcuts are option A (subsample + zero channel padding, no parameters), which gives the
+paper's parameter counts (ResNet-20: 0.27M, ResNet-32: 0.46M). No data-dependent control flow, so
+``torch.compile`` traces it in one graph; the factory never moves the model to a device.
 
 Dropout before the classifier (``dropout`` rate, masks from ``dropout_generator``) acts in training mode
 only and is off (no draws at all) at rate 0, the default; the trainer sets both every epoch.

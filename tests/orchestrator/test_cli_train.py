@@ -286,3 +286,26 @@ def test_a_claim_of_another_host_is_kept_out_and_its_sighting_kept_in_the_run_fo
     seen, = (isolated / "runs").glob(f"*/{SIGHTINGS}")
     assert json.loads(seen.read_text())["owner"] == "0ther"
     assert json.loads(seen.read_text())["beat"] == "1700000000.000"
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt"])
+def test_fashion_mnist_missing_or_corrupt_is_one_error_line_exit_2_and_nothing_written(case, isolated, capsys,
+                                                                                        monkeypatch):
+    from training import fashion
+
+    monkeypatch.setattr(fashion, "DEBIAN_DIR", str(isolated / "no-debian-package"))
+    monkeypatch.delenv(fashion.DATA_ENV, raising=False)
+    data = isolated / "data"
+    data.mkdir()
+    if case == "corrupt":
+        for name in fashion.FILES:
+            (data / f"{name}.gz").write_bytes(b"\x1f\x8b not really gzip")
+    proc = cli(capsys, "train", "--arch", "resnet8", "--dataset", "fashion-mnist", "--scheme", "wd-1e-4",
+               "--sweep", TABLE1, "--epochs-scale", "0.01", "--data-dir", str(data), "--device", "cpu")
+    needles = ([str(data), fashion.DEBIAN_DIR, "apt-get install dataset-fashion-mnist"] if case == "missing"
+               else [str(data / "train-images-idx3-ubyte.gz"), "cannot read"])
+    assert_one_error_line(proc, *needles)
+    assert proc.returncode == 2
+    assert all(n in proc.stderr for n in needles), proc.stderr
+    assert runs(isolated / "mlflow.db") == []  # no MLflow run, and no data half-written
+    assert not (data / "FashionMNIST").exists() and not list(data.glob(".fashion-*"))

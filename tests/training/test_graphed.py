@@ -44,9 +44,9 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def twenty_steps(device, dtype, graphed, lr=0.1):
+def twenty_steps(device, dtype, graphed, lr=0.1, **data):
     """Parameters, momentum and BN statistics after 20 steps, eager (SparseSGD) or through StaticStep."""
-    config = RunConfig(arch="resnet8", dataset="digits", seed=3, train_subset=1000, label_noise=0.1)
+    config = RunConfig(arch="resnet8", **{"dataset": "digits", **data}, seed=3, train_subset=1000, label_noise=0.1)
     split, _ = load_splits(config, device)
     batches = Batches(split, config.dataset, 50, augment=True)
     model = seeded_model(config).to(device=device, dtype=dtype, memory_format=torch.channels_last).train()
@@ -104,9 +104,9 @@ def twenty_steps(device, dtype, graphed, lr=0.1):
     return state, buffers, sums[0].item(), masks
 
 
-def assert_twenty_steps_agree(device, dtype, lr, tolerance, momentum_tolerance):
-    eager, eager_bufs, eager_loss, masks = twenty_steps(device, dtype, False, lr)
-    static, static_bufs, static_loss, _ = twenty_steps(device, dtype, True, lr)
+def assert_twenty_steps_agree(device, dtype, lr, tolerance, momentum_tolerance, **data):
+    eager, eager_bufs, eager_loss, masks = twenty_steps(device, dtype, False, lr, **data)
+    static, static_bufs, static_loss, _ = twenty_steps(device, dtype, True, lr, **data)
     assert static_loss == pytest.approx(eager_loss, rel=tolerance)
     floats = [k for k in eager if not k.endswith("num_batches_tracked")]
     assert all(int(static[k]) == int(eager[k]) == 20 for k in eager if k not in floats)
@@ -132,6 +132,14 @@ def test_the_static_step_is_the_eager_step_over_20_steps(dtype, lr, tolerance, m
     """LR step, weight-decay step and a mask redraw change tensors the step reads, with the eager numbers."""
     torch.set_num_threads(1)
     assert_twenty_steps_agree("cpu", dtype, lr, tolerance, momentum_tolerance)
+
+
+def test_the_static_step_is_the_eager_step_on_fashion_mnist_1x28x28(fashion_files, tmp_path):
+    """The same 20 steps on one-channel 28x28 images (the real files), in float64."""
+    torch.set_num_threads(1)
+    dtype, lr, tolerance, momentum_tolerance = TOLERANCES[0]
+    assert_twenty_steps_agree("cpu", dtype, lr, tolerance, momentum_tolerance, dataset="fashion-mnist",
+                              data_dir=str(tmp_path))
 
 
 @gpu
