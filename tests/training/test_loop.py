@@ -158,8 +158,8 @@ def test_precision_bf16_autocasts_and_tf32_is_fp32_on_the_cpu(monkeypatch):
     dtypes = []
     build = core.build_model
 
-    def recording(arch, classes):
-        model = build(arch, classes)
+    def recording(*args):
+        model = build(*args)
         model.fc.register_forward_hook(lambda module, inputs, out: dtypes.append(out.dtype))
         return model
 
