@@ -261,7 +261,7 @@ def test_trains_on_cifar_archives_from_data_dir(isolated, capsys):
     assert proc.returncode == 0, proc.stderr
     kind = db_rows(isolated / "mlflow.db", "SELECT value FROM experiment_tags WHERE key = 'mlflow.experimentKind'")
     assert kind == [("custom_model_development",)]  # the MLflow UI opens on the runs, not on GenAI traces
-    assert experiments_of_runs(isolated / "mlflow.db") == ["adareg-table1"]  # on the sweep's grid: its experiment
+    assert experiments_of_runs(isolated / "mlflow.db") == ["adareg-train"]  # resnet8 is off Table 1's grid
     run_id = finished_run(isolated / "mlflow.db")
     assert_each_metric_once_per_epoch(isolated / "mlflow.db", run_id, 15)
     assert (isolated / "data" / "cifar-10-batches-py" / "data_batch_5").exists()

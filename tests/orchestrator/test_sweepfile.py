@@ -25,6 +25,15 @@ SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
 INSTALLED = "installed with adareg: beyond, demo, fashion-anchor, table1, tune"
 
 
+def test_adareg_train_logs_a_run_off_the_sweeps_grid_to_its_own_experiment():
+    sweep = load_sweep(SWEEPS / "table1.yaml")
+    assert sweep.for_run("resnet32", "cifar100", 4) is sweep  # one of Table 1's runs: adareg-table1 counts it
+    for arch, dataset, seed in (("resnet8", "cifar10", 0), ("resnet14", "digits", 0), ("resnet14", "cifar10", 5)):
+        adhoc = sweep.for_run(arch, dataset, seed)
+        assert (adhoc.experiment, adhoc.name, adhoc.schemes) == ("adareg-train", "table1", sweep.schemes)
+        assert "CIFAR" not in adhoc.description
+
+
 def test_the_sweep_files_installed_with_adareg_are_the_repositorys(tmp_path, monkeypatch):
     """sweeps/ ships in the package (orchestrator/sweep/files): a missing sweeps/NAME.yaml or a bare NAME
     is the installed file; a path of the working directory wins; any other missing path stays missing."""

@@ -36,7 +36,7 @@ def test_a_wheel_of_a_clean_checkout_ships_the_sweeps_and_runs_outside_the_repos
     site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
                     cwd=tmp_path).stdout.strip())
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run(sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--python", python, wheel,
+    run(sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps", "--no-index", wheel,
         cwd=tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
