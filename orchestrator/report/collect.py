@@ -11,15 +11,12 @@ part of a report: the run search skips them, and so does every history reader.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from pandas.api.types import union_categoricals
 
 from orchestrator.errors import UserError
 from orchestrator.identity import Planned
@@ -36,8 +33,6 @@ HISTORY_COLUMNS = ["run_id", "metric", "step", "timestamp", "value"]
 FRAME_COLUMNS = ["run_key", "group_key", "dataset", "arch", "scheme", "seed", "epoch", "phase", "metric", "value"]
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 SQL_CHUNK = 500  # run ids per query (well under sqlite's bound-variable limit)
-SQL_PROCESSES = 2  # processes that read a large store's metrics, each a share of the runs
-SQL_FORK_RUNS = 100  # runs from which they are worth a fork
 REST_CHUNK = 100  # run ids per get-history-bulk-interval request (the server's limit)
 REST_MAX_RESULTS = 2500  # points per run and request (the server's limit); more are sampled
 METHODS = ("auto", "sql", "rest", "client")
@@ -243,31 +238,10 @@ def sorted_categorical(values) -> pd.Categorical:
     return pd.Categorical.from_codes(codes, [str(u) for u in uniques])
 
 
-def read_sql(uri: str, run_ids: Sequence[str], metrics: Sequence[str] | None,
-             processes: int | None = None) -> pd.DataFrame:
+def read_sql(uri: str, run_ids: Sequence[str], metrics: Sequence[str] | None) -> pd.DataFrame:
     """The ``metrics`` table of a database store, one query per SQL_CHUNK runs; deleted and superseded
     runs are skipped (asked of the store first, in one small query per chunk, so that the large one reads
-    the metrics table alone). Turning a million rows into Python objects is CPU-bound: ``processes``
-    forked processes (default: up to SQL_PROCESSES, one per CPU, where there are at least SQL_FORK_RUNS
-    runs) read a share of the runs each."""
-    ids = list(run_ids)
-    if processes is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        processes = min(SQL_PROCESSES, cpus) if len(ids) >= SQL_FORK_RUNS else 1
-    if processes <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return _read_sql(uri, ids, metrics)
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
-        parts = [p for p in pool.map(_read_sql, [uri] * processes, [ids[i::processes] for i in range(processes)],
-                                     [metrics] * processes) if len(p)]
-    if not parts:
-        return pd.DataFrame(columns=HISTORY_COLUMNS)
-    return pd.DataFrame({
-        "run_id": union_categoricals([p["run_id"] for p in parts], sort_categories=True),
-        "metric": union_categoricals([p["metric"] for p in parts], sort_categories=True),
-        **{c: np.concatenate([p[c].to_numpy() for p in parts]) for c in ("step", "timestamp", "value")}})
-
-
-def _read_sql(uri: str, run_ids: Sequence[str], metrics: Sequence[str] | None) -> pd.DataFrame:
+    the metrics table alone)."""
     import sqlalchemy as sa
 
     active = sa.text(
