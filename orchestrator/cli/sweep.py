@@ -84,10 +84,10 @@ def plan_command(sweep_file, set_, only, epochs_scale, train_subset, fmt, runs_d
 def show_command(sweep_file, set_, only, epochs_scale, train_subset):
     """The sweep file as its runs are planned from it: overrides applied, defaults filled in, then each
     scheme's values per phase and step and its run and epoch counts (nothing is read from the store)."""
-    from orchestrator.sweep.file import resolved_yaml, scheme_summary
+    from orchestrator.sweep.file import locate, resolved_yaml, scheme_summary
 
     sweep_, planned = load_selection(sweep_file, set_, only, epochs_scale, train_subset)
-    click.echo(f"# {sweep_file}, resolved" + "".join(f" {flag}" for flag in _given(set_, only, epochs_scale,
+    click.echo(f"# {locate(sweep_file)}, resolved" + "".join(f" {flag}" for flag in _given(set_, only, epochs_scale,
                                                                                        train_subset)))
     click.echo(resolved_yaml(sweep_).rstrip("\n"))
     click.echo(f"# {len(planned)} run{'s' if len(planned) != 1 else ''}, "

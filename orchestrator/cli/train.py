@@ -13,15 +13,7 @@ from orchestrator.errors import UserError
 from orchestrator.store.client import StoreUnreachable
 from training.callbacks import Callback
 
-TABLE1 = "sweeps/table1.yaml"
-
-
-def default_sweep_file() -> str:
-    """``sweeps/table1.yaml`` of the working directory, else the one shipped beside the package."""
-    if Path(TABLE1).exists():
-        return TABLE1
-    shipped = Path(__file__).resolve().parents[2] / TABLE1
-    return str(shipped) if shipped.exists() else TABLE1
+TABLE1 = "sweeps/table1.yaml"  # the working directory's, else the one installed with adareg (sweep.file.locate)
 
 
 def resolve_device(device: str) -> str:
@@ -33,7 +25,8 @@ def resolve_device(device: str) -> str:
 
 
 sweep_option = click.option("--sweep", "sweep_file", default=None, metavar="FILE",
-                            help="Sweep file whose schemes and settings to use [default: sweeps/table1.yaml].")
+                            help="Sweep file whose schemes and settings to use; a missing sweeps/NAME.yaml or a "
+                                 "bare NAME is the one installed with adareg [default: sweeps/table1.yaml].")
 
 
 @click.command("train")
@@ -64,8 +57,9 @@ def train_command(arch, dataset, scheme, seed, sweep_file, set_, epochs_scale, t
     from orchestrator.run.worker import execute
     from orchestrator.sweep.file import load_sweep
 
-    sweep = load_sweep(sweep_file or default_sweep_file(), set_, epochs_scale=epochs_scale, train_subset=train_subset)
+    sweep = load_sweep(sweep_file or TABLE1, set_, epochs_scale=epochs_scale, train_subset=train_subset)
     config = sweep.run_config(scheme, arch, dataset, seed)
+    sweep = sweep.for_run(arch, dataset, seed)  # off the sweep's grid: the experiment adareg-train
     if data_dir:
         config = config.replace(data_dir=data_dir)  # a path: not part of the run's identity
     if allow_unofficial_data:
@@ -149,7 +143,7 @@ def schedule_command(scheme, sweep_file, set_, epochs_scale, fmt):
     from training.callbacks import taper_metrics
     from training.schedules import plan_for
 
-    sweep = load_sweep(sweep_file or default_sweep_file(), set_, epochs_scale=epochs_scale)
+    sweep = load_sweep(sweep_file or TABLE1, set_, epochs_scale=epochs_scale)
     config = sweep.run_config(scheme, sweep.archs[0], sweep.datasets[0], sweep.seeds[0])
     extra = taper_metrics(config)
     header = ["epoch", "phase", "lr", "weight_decay", "grad_sparsity", *extra]

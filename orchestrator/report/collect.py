@@ -211,29 +211,45 @@ def series(runs: Sequence, metrics: Sequence[str] | None) -> list[tuple[str, str
 
 
 def dedupe(raw: pd.DataFrame) -> pd.DataFrame:
-    """Typed HISTORY_COLUMNS, sorted, keeping the latest timestamp per (run, metric, step)."""
-    df = pd.DataFrame({
-        "run_id": raw["run_id"].astype(str),
-        "metric": raw["metric"].astype(str),
-        "step": pd.to_numeric(raw["step"]).astype(np.int64),
-        "timestamp": pd.to_numeric(raw["timestamp"]).astype(np.int64),
-        "value": raw["value"].astype(np.float64),  # float() also reads the JSON strings 'NaN', 'Infinity'
-    })
-    df = df.sort_values(["run_id", "metric", "step", "timestamp", "value"], kind="stable")
-    df = df.drop_duplicates(["run_id", "metric", "step"], keep="last")
-    return df.reset_index(drop=True)
+    """Typed HISTORY_COLUMNS (run_id and metric as categories), sorted by run, metric and step, keeping the
+    latest timestamp per (run, metric, step) (the highest value among equal timestamps).
+
+    Sorted on integer codes (categories in string order): a million rows in a fraction of a second, where
+    sorting the strings themselves took seconds."""
+    run, metric = sorted_categorical(raw["run_id"]), sorted_categorical(raw["metric"])
+    step = pd.to_numeric(raw["step"]).to_numpy(dtype=np.int64)
+    timestamp = pd.to_numeric(raw["timestamp"]).to_numpy(dtype=np.int64)
+    value = np.asarray(raw["value"], dtype=np.float64)  # float() also reads the JSON strings 'NaN', 'Infinity'
+    order = np.lexsort((value, timestamp, step, metric.codes, run.codes))  # the last key sorts first
+    r, m, s = run.codes[order], metric.codes[order], step[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = (r[1:] != r[:-1]) | (m[1:] != m[:-1]) | (s[1:] != s[:-1])
+    keep = order[last]
+    return pd.DataFrame({"run_id": run[keep], "metric": metric[keep], "step": step[keep],
+                         "timestamp": timestamp[keep], "value": value[keep]})
+
+
+def sorted_categorical(values) -> pd.Categorical:
+    """``values`` (strings) as a Categorical whose categories are sorted, so that its codes sort as the strings."""
+    if isinstance(getattr(values, "dtype", None), pd.CategoricalDtype):
+        cat = pd.Categorical(values)
+        return cat.reorder_categories(sorted(cat.categories, key=str))
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object), sort=True)
+    return pd.Categorical.from_codes(codes, [str(u) for u in uniques])
 
 
 def read_sql(uri: str, run_ids: Sequence[str], metrics: Sequence[str] | None) -> pd.DataFrame:
     """The ``metrics`` table of a database store, one query per SQL_CHUNK runs; deleted and superseded
-    runs are skipped."""
+    runs are skipped (asked of the store first, in one small query per chunk, so that the large one reads
+    the metrics table alone)."""
     import sqlalchemy as sa
 
-    query = ("SELECT m.run_uuid, m.key, m.step, m.timestamp, m.value, m.is_nan FROM metrics m "
-             "JOIN runs r ON r.run_uuid = m.run_uuid "
-             "WHERE m.run_uuid IN :ids AND r.lifecycle_stage = 'active' AND NOT EXISTS ("
-             "SELECT 1 FROM tags t WHERE t.run_uuid = m.run_uuid AND t.key = :superseded AND t.value <> '')")
-    params: dict = {"superseded": TAG_SUPERSEDED}
+    active = sa.text(
+        "SELECT r.run_uuid FROM runs r WHERE r.run_uuid IN :ids AND r.lifecycle_stage = 'active' AND NOT EXISTS ("
+        "SELECT 1 FROM tags t WHERE t.run_uuid = r.run_uuid AND t.key = :superseded AND t.value <> '')"
+    ).bindparams(sa.bindparam("ids", expanding=True))
+    query = "SELECT m.run_uuid, m.key, m.step, m.timestamp, m.value, m.is_nan FROM metrics m WHERE m.run_uuid IN :ids"
+    params: dict = {}
     bind = [sa.bindparam("ids", expanding=True)]
     if metrics is not None:
         query += " AND m.key IN :keys"
@@ -245,12 +261,19 @@ def read_sql(uri: str, run_ids: Sequence[str], metrics: Sequence[str] | None) ->
     try:
         with engine.connect() as conn:
             for chunk in chunks(list(run_ids), SQL_CHUNK):  # plain DBAPI tuples: 3x faster than Rows
-                rows.extend(conn.execute(stmt, {"ids": chunk, **params}).cursor.fetchall())
+                ids = [r for r, in conn.execute(active, {"ids": chunk, "superseded": TAG_SUPERSEDED}).cursor.fetchall()]
+                if ids:
+                    rows.extend(conn.execute(stmt, {"ids": ids, **params}).cursor.fetchall())
     finally:
         engine.dispose()
-    df = pd.DataFrame.from_records(rows, columns=["run_id", "metric", "step", "timestamp", "value", "is_nan"])
-    df["value"] = df["value"].astype(np.float64).where(~df["is_nan"].astype(bool), np.nan)
-    return df[HISTORY_COLUMNS]
+    if not rows:
+        return pd.DataFrame(columns=HISTORY_COLUMNS)
+    run_id, metric, step, timestamp, value, is_nan = zip(*rows)
+    values = np.array(value, dtype=np.float64)
+    values[np.array(is_nan, dtype=bool)] = np.nan
+    return pd.DataFrame({"run_id": sorted_categorical(run_id), "metric": sorted_categorical(metric),
+                         "step": np.array(step, dtype=np.int64), "timestamp": np.array(timestamp, dtype=np.int64),
+                         "value": values})
 
 
 def read_rest(client, uri: str, runs: Sequence, metrics: Sequence[str] | None) -> pd.DataFrame:

@@ -251,6 +251,9 @@ def draw(spec: FigureSpec, bands: pd.DataFrame, plans: dict[str, Sequence[EpochP
     rank_label = METRIC_LABELS.get(rank_by, rank_by)
     seeds = b[b["scheme"].isin(spec.schemes)].groupby("scheme", observed=True)["n"].max()
     most = int(seeds.max()) if len(seeds) else 0
+    lines = {key: d for key, d in b.groupby(["scheme", "metric", "phase"], observed=True, sort=False)}
+    runs = {key: d.sort_values("epoch") for key, d in c.groupby(["scheme", "seed", "metric", "phase"], observed=True,
+                                                                 sort=False)}
     texts = []
     for s in spec.schemes:
         text = labels[s] + ("" if seeds.get(s, 0) == most else f" ({int(seeds.get(s, 0))} of {most} seeds)")
@@ -274,8 +277,8 @@ def draw(spec: FigureSpec, bands: pd.DataFrame, plans: dict[str, Sequence[EpochP
                 first, last = bounds[phase]
                 ax = axes[r, col]
                 for scheme in spec.schemes:
-                    d = b[(b["scheme"] == scheme) & (b["metric"] == metric) & (b["phase"] == phase)]
-                    if d.empty:
+                    d = lines.get((scheme, metric, phase))
+                    if d is None or d.empty:
                         continue
                     colour = palette[scheme]
                     if envelope:
@@ -285,8 +288,7 @@ def draw(spec: FigureSpec, bands: pd.DataFrame, plans: dict[str, Sequence[EpochP
                     if (scheme, phase) in p.index and n > 1:
                         for role in ("worst", "best"):
                             seed = int(p.loc[(scheme, phase), f"{role}_seed"])
-                            run = c[(c["scheme"] == scheme) & (c["seed"] == seed) & (c["metric"] == metric)
-                                    & (c["phase"] == phase)].sort_values("epoch")
+                            run = runs.get((scheme, seed, metric, phase), c.iloc[:0])
                             ls, lw = STYLE[role]
                             ax.plot(run["epoch"], run["value"], color=colour, ls=ls, lw=lw, alpha=0.8,
                                     label=f"{scheme}: {role} run (seed {seed})")
@@ -301,7 +303,8 @@ def draw(spec: FigureSpec, bands: pd.DataFrame, plans: dict[str, Sequence[EpochP
                 else:
                     ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=None))
                 if r == 0:
-                    ax.set_title(f"phase {phase} (epochs {first}–{last})", pad=14)
+                    # y given: matplotlib then skips measuring the tick labels to place it (a tenth of the drawing)
+                    ax.set_title(f"phase {phase} (epochs {first}–{last})", pad=14, y=1.0)
                 if col == 0:
                     ax.set_ylabel(METRIC_LABELS.get(metric, metric) + (" (log)" if metric.endswith("loss") else ""))
                 if r == len(metrics) - 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,13 +47,29 @@ class FigureJob:
 def render_all(jobs: Sequence[FigureJob], out_dir: Path, workers: int | None = None) -> list[list[Path]]:
     """Run the jobs, in ``workers`` forked processes where the platform forks (the PNG and PDF
     rendering is CPU-bound; a fork starts in milliseconds, a spawn would re-import everything)."""
+    return start_rendering(jobs, out_dir, workers)()
+
+
+def start_rendering(jobs: Sequence[FigureJob], out_dir: Path,
+                    workers: int | None = None) -> Callable[[], list[list[Path]]]:
+    """Start the jobs in ``workers`` forked processes (default: one per CPU, at most 4) and return at once;
+    calling the result waits for them and gives each job's files. Without fork or with one worker, the jobs
+    run when the result is called."""
     if workers is None:
         workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     workers = min(workers, len(jobs))
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [job(out_dir) for job in jobs]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-        return list(pool.map(FigureJob.__call__, jobs, [out_dir] * len(jobs)))
+        return lambda: [job(out_dir) for job in jobs]
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    futures = [pool.submit(FigureJob.__call__, job, out_dir) for job in jobs]
+
+    def done() -> list[list[Path]]:
+        try:
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    return done
 
 
 def save(fig: Figure, out_dir: Path, stem: str) -> list[Path]:

@@ -16,7 +16,7 @@ import pandas as pd
 from orchestrator.errors import BadValue, arg
 from orchestrator.report import DEFAULT_BASELINES, SELECTED_ON_VALIDATION, comparison_plan, figures, is_tuned, mechanism
 from orchestrator.report.collect import Collection
-from orchestrator.report.jobs import FigureJob, render_all
+from orchestrator.report.jobs import FigureJob, start_rendering
 from orchestrator.report.stats import SUMMARY_METRICS, method_line, phase_summary
 from orchestrator.store.tags import TAG_SWEEP
 
@@ -59,29 +59,40 @@ def write_report(col: Collection, out: str | os.PathLike, baselines: Sequence[st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bounds = col.phase_bounds()
-    rep = Report(out, phase_summary(col.frame, bounds, baselines, scheme_order=col.schemes, paired=paired))
-    rep.paired = paired
-    rep.baselines = None if baselines is None else tuple(baselines)
     present = col.frame[["dataset", "arch", "scheme"]].drop_duplicates().astype(str)
-    rep.plan = comparison_plan(list(dict.fromkeys(present["scheme"])), baselines)
-    rep.warnings = col.warnings() + baseline_warnings(present["scheme"], baselines, rep.plan)
+    plan = comparison_plan(list(dict.fromkeys(present["scheme"])), baselines)
     metrics = figures.FIGURE_METRICS + (("train_loss",) if train_loss else ())
     bands = figures.seed_bands(col.frame, metrics)
     picks = figures.pick_runs(col.frame, bounds, rank_by)
     curves = figures.picked_curves(col.frame, picks, metrics)
-    mechanism_bands = figures.seed_bands(col.frame, mechanism.DRAWN)
     palette = figures.scheme_palette(col.schemes)
+    specs = figures.figure_specs(present, col.schemes, plan)
     jobs = []
-    for spec in figures.figure_specs(present, col.schemes, rep.plan):
+    for spec in specs:
         labels = {s: scheme_label(s, col.scheme_config(spec.dataset, spec.arch, s)) for s in spec.schemes}
         plans = {s: col.scheme_plan(spec.dataset, spec.arch, s) for s in spec.schemes}
         b, p, c = (of_spec(df, spec) for df in (bands, picks, curves))
         jobs.append(FigureJob(spec, b, plans, labels, palette, metrics, p, c, rank_by, envelope))
-        if mechanism.has_mechanism(of_spec(col.frame, spec)):
-            jobs.append(FigureJob(spec, of_spec(mechanism_bands, spec), plans, labels, palette, mechanism.DRAWN,
-                                  p.iloc[:0], c.iloc[:0], mechanism=True))
-    for paths in render_all(jobs, out / "figures", workers):
-        rep.files += [p.relative_to(out) for p in paths]
+    drawn = start_rendering(jobs, out / "figures", workers)  # drawn while the rest is computed
+    mechanism_bands = figures.seed_bands(col.frame, mechanism.DRAWN)
+    more = [FigureJob(job.spec, of_spec(mechanism_bands, job.spec), job.plans, job.labels, palette, mechanism.DRAWN,
+                      job.picks.iloc[:0], job.curves.iloc[:0], mechanism=True)
+            for job in jobs if mechanism.has_mechanism(of_spec(col.frame, job.spec))]
+    drawn_more = start_rendering(more, out / "figures", workers)
+    rep = Report(out, phase_summary(col.frame, bounds, baselines, scheme_order=col.schemes, paired=paired))
+    rep.paired = paired
+    rep.baselines = None if baselines is None else tuple(baselines)
+    rep.plan = plan
+    rep.warnings = col.warnings() + baseline_warnings(present["scheme"], baselines, rep.plan)
+    try:
+        paths = drawn()
+    finally:
+        paths_more = drawn_more()
+    for job, mine in zip(jobs, paths, strict=True):  # each figure, then its mechanism figure
+        rep.files += [p.relative_to(out) for p in mine]
+        rep.files += [p.relative_to(out) for m, theirs in zip(more, paths_more, strict=True) if m.spec == job.spec
+                      for p in theirs]
+    jobs = jobs + more
     rep.figures = [job.spec for job in jobs if not job.mechanism]
     rep.mechanism = [job.spec for job in jobs if job.mechanism]
     rep.picks = picks

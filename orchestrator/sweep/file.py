@@ -76,7 +76,8 @@ def _read_yaml(path: Path, where: str) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"{where}: no such file") from None
+        shipped = ", ".join(Path(n).stem for n in shipped_sweeps())
+        raise UserError(f"{where}: no such file (installed with adareg: {shipped})") from None
     except IsADirectoryError:
         raise UserError(f"{where}: is a directory, not a sweep file") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -169,10 +170,33 @@ def _apply_set(doc: dict[str, Any], item: str) -> tuple[str, str]:
     return _set(doc, [p.strip() for p in parts], value, origin, add=add), origin
 
 
+SHIPPED = Path(__file__).resolve().with_name("files")
+"""The sweep files installed with adareg (the repository's ``sweeps/``, shipped in the wheel as package data)."""
+
+
+def shipped_sweeps() -> list[str]:
+    """Names of the sweep files installed with adareg (``table1.yaml``, ``demo.yaml``, ...)."""
+    return sorted(p.name for p in SHIPPED.glob("*.yaml"))
+
+
+def locate(path: str | Path) -> Path:
+    """``path`` where it exists; else, for a bare name (``table1``, ``demo.yaml``) or a missing
+    ``sweeps/NAME.yaml``, the sweep file of that name installed with adareg; else ``path`` (then reading it
+    says it does not exist)."""
+    path = Path(path)
+    if path.exists() or len(path.parts) > 2 or (len(path.parts) == 2 and path.parts[0] != "sweeps"):
+        return path
+    for name in (path.name, f"{path.name}.yaml"):
+        if (SHIPPED / name).is_file():
+            return SHIPPED / name
+    return path
+
+
 def load_sweep(path: str | Path, sets: Sequence[str] = (), epochs_scale: float | None = None,
                train_subset: int | None = None) -> Sweep:
     """Read, override (``sets``: ``KEY=VALUE`` items; ``epochs_scale``, ``train_subset``) and validate a sweep
-    file."""
+    file (``locate``: a missing ``sweeps/table1.yaml`` or a bare ``demo`` is the one installed with adareg)."""
+    path = locate(path)
     where = str(path)
     doc = _read_yaml(Path(path), where)
     origins = [_apply_set(doc, item) for item in sets]

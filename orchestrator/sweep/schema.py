@@ -206,6 +206,13 @@ def parse_pack(value: Any) -> int | str:
     return value
 
 
+TRAIN_EXPERIMENT = "adareg-train"
+"""Where ``adareg train`` logs a run that is not on its sweep's grid."""
+TRAIN_DESCRIPTION = ("Runs of `adareg train` off their sweep's grid (an arch, dataset or seed the sweep file does not "
+                     "list). Each run's tag adareg.sweep names the sweep file whose schemes and settings it used; "
+                     "its artifacts config.json and sweep.yaml hold them resolved.")
+
+
 class Sweep(BaseModel):
     """A sweep file: the grid datasets x archs x schemes x seeds, validated on construction."""
 
@@ -295,6 +302,15 @@ class Sweep(BaseModel):
         if name in ("lr", "epochs_per_step"):
             return f"schedule.{name}{as_written(suffix, getattr(self.schedule, name))}"
         return f"train.{name}"
+
+    def for_run(self, arch: str, dataset: str, seed: int) -> Sweep:
+        """The sweep one run of ``adareg train`` is logged under: this one where the run is on its grid (the
+        sweep then counts it as done), else the same settings under the experiment ``TRAIN_EXPERIMENT`` (a
+        digits run of Table 1's schemes is none of Table 1's CIFAR runs). Either way the run's
+        ``adareg.sweep`` tag names the sweep whose schemes and settings it used."""
+        if arch in self.archs and dataset in self.datasets and seed in self.seeds:
+            return self
+        return self.model_copy(update={"experiment": TRAIN_EXPERIMENT, "description": TRAIN_DESCRIPTION})
 
     def run_config(self, scheme: str, arch: str, dataset: str, seed: int) -> RunConfig:
         """The RunConfig of one run (arch, dataset and seed need not be in the sweep's lists)."""

@@ -160,6 +160,11 @@ def test_unreachable_tracking_server_fails_fast(isolated):
 
 # --- adareg train: a tracked run, re-run, and SIGKILL + resume --------------------------------------
 
+def experiments_of_runs(db: Path) -> list[str]:
+    return [name for name, in db_rows(db, "SELECT DISTINCT e.name FROM runs r JOIN experiments e "
+                                          "ON r.experiment_id = e.experiment_id")]
+
+
 def finished_run(db: Path) -> str:
     rows = runs(db)
     assert len(rows) == 1 and rows[0][1] == "FINISHED", rows
@@ -256,6 +261,7 @@ def test_trains_on_cifar_archives_from_data_dir(isolated, capsys):
     assert proc.returncode == 0, proc.stderr
     kind = db_rows(isolated / "mlflow.db", "SELECT value FROM experiment_tags WHERE key = 'mlflow.experimentKind'")
     assert kind == [("custom_model_development",)]  # the MLflow UI opens on the runs, not on GenAI traces
+    assert experiments_of_runs(isolated / "mlflow.db") == ["adareg-train"]  # resnet8 is off Table 1's grid
     run_id = finished_run(isolated / "mlflow.db")
     assert_each_metric_once_per_epoch(isolated / "mlflow.db", run_id, 15)
     assert (isolated / "data" / "cifar-10-batches-py" / "data_batch_5").exists()
@@ -275,6 +281,11 @@ def test_a_claim_of_another_host_is_kept_out_and_its_sighting_kept_in_the_run_fo
     assert cli(capsys, *args).returncode == 0
     db = isolated / "mlflow.db"
     (run_id, _), = runs(db)
+    # digits is not on Table 1's grid: the run goes to adareg-train, not to the CIFAR experiment, still tagged table1
+    assert experiments_of_runs(db) == ["adareg-train"]
+    assert db_rows(db, "SELECT value FROM tags WHERE run_uuid = ? AND key = 'adareg.sweep'", run_id) == [("table1",)]
+    note, = db_rows(db, "SELECT value FROM experiment_tags WHERE key = 'mlflow.note.content'")
+    assert "off their sweep's grid" in note[0] and "CIFAR" not in note[0]
     client = MlflowClient(f"sqlite:///{db}")
     client.update_run(run_id, status="RUNNING")
     other = claims.Owner("0ther", "elsewhere", 1, "/elsewhere/k", time.time() - 5000, "another-boot/pid:[1]")

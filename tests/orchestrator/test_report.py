@@ -28,6 +28,7 @@ from orchestrator.report.collect import (
     MECHANISM_METRICS,
     REPORT_METRICS,
     collect,
+    dedupe,
     read_histories,
     read_sql,
 )
@@ -175,6 +176,7 @@ def test_sql_client_and_rest_paths_give_the_same_frame(store, stale, monkeypatch
     pd.testing.assert_frame_equal(sql, read_histories(client, uri, runs + stale, None, "sql"))
     pd.testing.assert_frame_equal(sql, read_histories(client, uri, runs + stale, None, "client"))
     assert read_sql(uri, [r.info.run_id for r in stale], None).empty  # the store itself is asked too
+    pd.testing.assert_frame_equal(sql, dedupe(read_sql(uri, [r.info.run_id for r in runs + stale], None)))
     assert len(read_sql(uri, [r.info.run_id for r in runs[:1]], ["test_error"])) == len(
         client.get_metric_history(runs[0].info.run_id, "test_error"))
 
@@ -353,26 +355,30 @@ def test_mechanism_figure_draws_each_stage_and_the_decay_timescale(store):
               "mean"] = NO_DECAY
     palette = figures.scheme_palette(col.schemes)
     fig = mechanism.draw_mechanism(spec, bands, plans, {s: s for s in spec.schemes}, palette)
-    axes = fig.axes
-    assert len(axes) == 15
-    assert [axes[i].get_ylabel() for i in range(0, 15, 3)] == [
+    axes = fig.axes  # a row per quantity, the phases side by side on one epoch axis
+    assert len(axes) == 5
+    assert [ax.get_ylabel() for ax in axes] == [
         "test loss (log)", "test error", "weight norm ‖w‖ (log)", "effective step lr/‖w‖² (log)",
         "decay timescale (epochs) (log)"]
-    assert [ax.get_yscale() for ax in axes[::3]] == ["log", "linear", "log", "log", "log"]
+    assert [ax.get_yscale() for ax in axes] == ["log", "linear", "log", "log", "log"]
+    assert [t.get_text() for t in axes[0].texts if t.get_text().startswith("phase")] == [
+        "phase 1 (epochs 1–10)", "phase 2 (epochs 11–15)", "phase 3 (epochs 16–20)"]
+    assert all(ax.get_xlim() == (0.5, 20.5) for ax in axes)
 
     def curves(ax):
         return [ln for ln in ax.lines if not ln.get_label().startswith("_")]
 
-    assert [ln.get_label() for ln in curves(axes[6])] == [
+    assert [ln.get_label() for ln in curves(axes[2])] == [
         f"{s}: weight_norm_{st}, mean of {n}" for s, n in (("wd-1e-4", 3), ("01", 2)) for st in STAGES]
-    styles = [ln.get_linestyle() for ln in curves(axes[9])]
+    styles = [ln.get_linestyle() for ln in curves(axes[3])]
     assert styles[:4] == styles[4:] and len(set(styles[:4])) == 4  # one style per stage
     f = col.frame
-    for ax, metric in ((axes[7], "weight_norm_stage2"), (axes[10], "effective_lr_stage2")):  # phase 2
+    for ax, metric in ((axes[2], "weight_norm_stage2"), (axes[3], "effective_lr_stage2")):  # every epoch
         line = next(ln for ln in curves(ax) if ln.get_label().startswith(f"01: {metric}"))
-        one = f[(f["scheme"] == "01") & (f["metric"] == metric) & (f["phase"] == 2)]
+        one = f[(f["scheme"] == "01") & (f["metric"] == metric)]
+        assert list(line.get_xdata()) == list(range(1, 21))
         assert list(line.get_ydata()) == pytest.approx(one.groupby("epoch")["value"].mean().tolist(), rel=1e-12)
-    decay = next(ln for ln in curves(axes[12]) if ln.get_label().startswith("01:"))
+    decay = next(ln for ln in curves(axes[4]) if ln.get_label().startswith("01:"))
     assert math.isnan(decay.get_ydata()[2]) and not np.isnan(np.delete(decay.get_ydata(), 2)).any()
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
         "first convolution", "stage 1 (16 ch.)", "stage 2 (32 ch.)", "stage 3 (64 ch.)"]
@@ -406,7 +412,7 @@ def test_cli_report_writes_figures_tables_and_logs_them_to_mlflow(store, tmp_pat
         assert (out / "figures" / f"{stem}.pdf").read_bytes().startswith(b"%PDF")
     for stem in stems:  # the mechanism figures: 5 rows; the schemes' labels fit on one row, and the stages' key
         png = Image.open(out / "figures" / f"{stem}-mechanism.png")
-        assert png.size[1] == round(160 * (5 * 2.3 + 0.95 + 0.65 + 0.25 * 2))
+        assert png.size[1] == round(160 * (5 * 2.3 + 1.1 + 0.65 + 0.25 * 2))  # a line of phase titles on top
         assert (out / "figures" / f"{stem}-mechanism.pdf").read_bytes().startswith(b"%PDF")
     report_md = (out / "report.md").read_text()
     assert report_md.count("Does the taper act?") == 3

@@ -17,11 +17,38 @@ from orchestrator.cli.common import (
 from orchestrator.errors import BadValue, UserError
 from orchestrator.identity import run_key
 from orchestrator.sweep.expand import expand, parse_only
-from orchestrator.sweep.file import MAX_ERRORS, load_sweep
+from orchestrator.sweep.file import MAX_ERRORS, SHIPPED, load_sweep, locate, shipped_sweeps
 from orchestrator.sweep.schema import Scheme, Sweep, TrainSettings
 from training.config import RunConfig
 
 SWEEPS = Path(__file__).resolve().parents[2] / "sweeps"
+INSTALLED = "installed with adareg: beyond, demo, fashion-anchor, table1, tune"
+
+
+def test_adareg_train_logs_a_run_off_the_sweeps_grid_to_its_own_experiment():
+    sweep = load_sweep(SWEEPS / "table1.yaml")
+    assert sweep.for_run("resnet32", "cifar100", 4) is sweep  # one of Table 1's runs: adareg-table1 counts it
+    for arch, dataset, seed in (("resnet8", "cifar10", 0), ("resnet14", "digits", 0), ("resnet14", "cifar10", 5)):
+        adhoc = sweep.for_run(arch, dataset, seed)
+        assert (adhoc.experiment, adhoc.name, adhoc.schemes) == ("adareg-train", "table1", sweep.schemes)
+        assert "CIFAR" not in adhoc.description
+
+
+def test_the_sweep_files_installed_with_adareg_are_the_repositorys(tmp_path, monkeypatch):
+    """sweeps/ ships in the package (orchestrator/sweep/files): a missing sweeps/NAME.yaml or a bare NAME
+    is the installed file; a path of the working directory wins; any other missing path stays missing."""
+    assert shipped_sweeps() == sorted(p.name for p in SWEEPS.glob("*.yaml"))
+    assert all((SHIPPED / n).read_bytes() == (SWEEPS / n).read_bytes() for n in shipped_sweeps())
+    monkeypatch.chdir(tmp_path)
+    for given in ("sweeps/table1.yaml", "table1", "table1.yaml"):
+        assert locate(given) == SHIPPED / "table1.yaml", given
+    assert load_sweep("demo").name == "demo"
+    for missing in ("other/table1.yaml", "a/sweeps/table1.yaml", "sweeps/nope.yaml", "nope"):
+        assert locate(missing) == Path(missing)
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "table1.yaml").write_text((SWEEPS / "demo.yaml").read_text())
+    assert locate("sweeps/table1.yaml") == Path("sweeps/table1.yaml")
+    assert load_sweep("sweeps/table1.yaml").name == "demo"
 TABLE1_TEXT = (SWEEPS / "table1.yaml").read_text()
 TABLE1_SCHEMES = ["01", "02", "21", "22", "23", "wd-1e-4", "wd-1e-3", "wd-2e-3", "wd-4e-3", "wd-8e-3"]
 
@@ -174,7 +201,7 @@ def test_not_a_sweep(tmp_path, text, says):
 
 
 def test_missing_file_and_directory(tmp_path):
-    assert error_of(load_sweep, tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: no such file"
+    assert error_of(load_sweep, tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: no such file ({INSTALLED})"
     assert "is a directory" in error_of(load_sweep, tmp_path)
 
 
@@ -255,7 +282,8 @@ def test_load_selection_and_options(table1):
     assert len(seen["runs"]) == 10 and seen["uri"] == "sqlite:///x.db"
     assert {(r.config.epochs_scale, r.config.train_subset) for r in seen["runs"]} == {(0.1, 9)}
     result = CliRunner().invoke(command, ["missing.yaml"], env={"MLFLOW_TRACKING_URI": None})
-    assert isinstance(result.exception, UserError) and str(result.exception) == "missing.yaml: no such file"
+    assert isinstance(result.exception, UserError)
+    assert str(result.exception) == f"missing.yaml: no such file ({INSTALLED})"
 
 
 @pytest.mark.parametrize("only, says", [
