@@ -127,7 +127,8 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, launch,
 
     Ctrl-C (or SIGTERM) stops the workers, whose runs stay resumable; a second Ctrl-C stops at once.
     Several orchestrators (or machines) may run the same sweep on one tracking store at once: each run is
-    claimed in the store by whoever trains it. Exit codes: 0 all done, 1 some run failed, 75 the tracking
+    claimed in the store by whoever trains it. Exit codes: 0 all done, 1 some run failed, 2 bad input (the
+    tracking server refusing this user included: nothing counted against a run), 75 the tracking
     store stayed unreachable or the runs folder full or read-only (everything resumable: run the command
     again), 130/143 interrupted.
     """
@@ -150,6 +151,9 @@ def run_command(ctx, sweep_file, set_, only, epochs_scale, train_subset, launch,
     failed = sum(result.final(s)[0] is State.FAILED for s in result.states)
     if result.stopped_by is not None:
         click.echo("interrupted: run the same command again to resume", err=True)
+    elif result.refused:  # no run failed for it: each stays resumable, none counted
+        click.echo(f"error: {result.refused}; nothing was counted against a run: once the user may write there, "
+                   "run the same command again", err=True)
     elif result.store_down and not failed:
         click.echo("error: the tracking store stayed unreachable; every unfinished run is resumable: run the same "
                    "command again once it answers", err=True)

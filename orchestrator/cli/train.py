@@ -10,7 +10,7 @@ import click
 
 from orchestrator.cli.common import epochs_scale_option, override_options, set_option, tracking_uri_option
 from orchestrator.errors import UserError
-from orchestrator.store.client import StoreUnreachable
+from orchestrator.store.client import StoreRefused, StoreUnreachable
 from training.callbacks import Callback
 
 TABLE1 = "sweeps/table1.yaml"  # the working directory's, else the one installed with adareg (sweep.file.locate)
@@ -75,6 +75,8 @@ def train_command(arch, dataset, scheme, seed, sweep_file, set_, epochs_scale, t
     attempt, code = execute(spec, callbacks=[EpochEcho()])
     if attempt.status is End.BUSY:
         raise UserError(attempt.message)
+    if attempt.status is End.REFUSED:  # the tracking server refused this user: exit 2, nothing counted
+        raise StoreRefused(attempt.message)
     if attempt.status is End.STORE_DOWN:
         raise StoreUnreachable(f"{attempt.message}; the run is resumable: run the same command again")
     if attempt.status is End.DISK_FULL:  # exit 75, the run resumable from its checkpoint

@@ -31,6 +31,7 @@ from orchestrator.run.ending import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_STORE,
+    EXIT_USER,
     TODO,
     State,
 )
@@ -185,11 +186,14 @@ class Launch:
             backend.close()
 
 
-def exit_code(stopped_by: int | None, *, failed: bool, store_down: bool) -> int:
-    """A launch's exit code: 130/143 interrupted, 1 some run failed for good, 75 the store stayed down (or the
-    runs folder full: infrastructure, every run resumable)."""
+def exit_code(stopped_by: int | None, *, failed: bool, store_down: bool, refused: bool = False) -> int:
+    """A launch's exit code: 130/143 interrupted, 2 the tracking server refused this user (bad input: every
+    run resumable, no attempt counted), 1 some run failed for good, 75 the store stayed down (or the runs
+    folder full: infrastructure, every run resumable)."""
     if stopped_by is not None:
         return EXIT_SIGINT if stopped_by == signal.SIGINT else EXIT_SIGTERM
+    if refused:
+        return EXIT_USER
     if failed:
         return EXIT_FAILED
     return EXIT_STORE if store_down else 0
@@ -209,6 +213,7 @@ class SweepResult:
     exit_code: int = 0
     store_down: bool = False  # ended because the tracking store stayed unreachable
     disk_full: str = ""  # ended because the runs folder stayed full or read-only: what is wrong, in words
+    refused: str = ""  # ended because the tracking server refused this user (HTTP 401/403): what, in words
     experiment_id: str | None = None
 
     def final(self, state: RunState) -> tuple[State, str]:
@@ -253,7 +258,7 @@ def run_sweep(sweep, planned: Sequence[Planned], options: LaunchOptions | None =
         final = states
         scheduler.store_gave_up = True
     return _finish(final, by_key, stopped_by, store_down=scheduler.store_gave_up, experiment_id=launch.experiment_id,
-                   disk_full=scheduler.disk.describe() if scheduler.disk_gave_up else "")
+                   disk_full=scheduler.disk.describe() if scheduler.disk_gave_up else "", refused=scheduler.refused)
 
 
 def describe(sweep) -> str:
@@ -277,9 +282,10 @@ def to_run(states: Sequence[RunState], retry_failed: bool = False) -> list[RunSt
 
 def _finish(states: list[RunState], tasks: dict[str, Task], stopped_by: int | None,
             aborted: bool = False, store_down: bool = False, experiment_id: str | None = None,
-            disk_full: str = "") -> SweepResult:
+            disk_full: str = "", refused: str = "") -> SweepResult:
     result = SweepResult(states, tasks, stopped_by, aborted=aborted, store_down=store_down, disk_full=disk_full,
-                         experiment_id=experiment_id)
+                         refused=refused, experiment_id=experiment_id)
     failed = any(result.final(s)[0] is State.FAILED for s in states)
-    result.exit_code = exit_code(stopped_by, failed=failed, store_down=store_down or bool(disk_full))
+    result.exit_code = exit_code(stopped_by, failed=failed, store_down=store_down or bool(disk_full),
+                                 refused=bool(refused))
     return result

@@ -81,7 +81,8 @@ def ended_word(task: Task) -> str:
         return "finished"
     if task.state is State.FAILED:
         return "diverged" if task.end is End.DIVERGED else "failed"
-    return {End.STOPPED: "stopped", End.STORE_DOWN: "interrupted", End.DISK_FULL: "interrupted"}.get(task.end, "killed")
+    return {End.STOPPED: "stopped", End.STORE_DOWN: "interrupted", End.DISK_FULL: "interrupted",
+            End.REFUSED: "refused"}.get(task.end, "killed")
 
 
 def _end_line(task: Task) -> str:

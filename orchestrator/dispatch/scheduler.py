@@ -14,6 +14,9 @@
 - the same while the runs folder is full or read-only (``orchestrator.diskfault``: a worker's attempt ended
   ``disk_full``, a spec or log could not be written, or too little is free for a run to start): its attempts
   are not counted, the folder is re-checked every few seconds, and after ``disk_timeout`` the scheduler ends;
+- a run that the tracking server refused (HTTP 401/403: ``End.REFUSED``, this user may not write there) starts
+  nothing more: every other run would be refused too. Running workers end on their own, the queue stays
+  resumable, no attempt is counted, and ``refused`` says what was refused (the launch's one error line);
 - the first SIGINT/SIGTERM stops dispatching, gives workers that got the signal too (Ctrl-C reaches
   the whole process group) a moment, then sends SIGTERM to the rest and waits: their runs end KILLED
   and stay resumable. A second signal SIGKILLs the workers and returns at once.
@@ -85,6 +88,7 @@ class Scheduler:
         self.active: dict[str, tuple[Task, Slot, Job]] = {}
         self.stop_signal: int | None = None
         self.store_gave_up = False
+        self.refused = ""  # what the tracking server refused a worker (End.REFUSED): nothing more starts
         self.aborted = False
         self._stop_time = 0.0
         self._forwarded = False
@@ -110,7 +114,7 @@ class Scheduler:
                     self._watch_store(now)
                     self._watch_disk(now)
                     if self.store.down_since is None and not self.store_gave_up and self.disk.down_since is None \
-                            and not self.disk_gave_up:
+                            and not self.disk_gave_up and not self.refused:
                         self._dispatch(now)
                 else:
                     if not self._announced:
@@ -120,7 +124,7 @@ class Scheduler:
                     self._stop_workers(now)
                 self._watch_workers(now)
                 self._collect()
-                idle = self.stop_signal is not None or self.store_gave_up or self.disk_gave_up or not (
+                idle = self.stop_signal is not None or self.store_gave_up or self.disk_gave_up or self.refused or not (
                     self.queue or (self.source is not None and self.source.running()))
                 if not self.active and idle:
                     break
@@ -145,6 +149,9 @@ class Scheduler:
             for task in self.queue:
                 task.end, task.state = End.DISK_FULL, State.RESUMABLE
                 task.message = f"{self.disk.describe()}; resumable"
+        elif self.refused:
+            for task in self.queue:  # not started: the server would refuse it too
+                task.end, task.state, task.message = End.REFUSED, State.RESUMABLE, "not started: refused by the store"
         return self.stop_signal
 
     def _watch_store(self, now: float) -> None:
@@ -309,6 +316,9 @@ class Scheduler:
             task.message = ""
         elif then is Then.KEEP and end.then is not Then.KEEP:  # stopping: whatever it was, it stays resumable
             task.message = "interrupted; resumable"
+        if end is End.REFUSED and not self.refused:
+            self.refused = task.message
+            self.view.note(f"{task.key}: {task.message}; starting nothing more (every run would be refused)")
         if then is Then.WAIT:
             if end is End.STORE_DOWN:
                 task.not_before = now + self.retry_delay_s

@@ -70,6 +70,7 @@ class End(enum.StrEnum):
     BUSY = "busy"  # a live process holds the run (its folder lock here, or its claim elsewhere)
     STORE_DOWN = "store_down"  # the tracking store stayed unreachable: resumable
     DISK_FULL = "disk_full"  # a full or read-only disk refused a write (orchestrator.diskfault): resumable
+    REFUSED = "refused"  # the tracking server refused this user (HTTP 401/403): bad input, resumable, uncounted
 
     @property
     def then(self) -> Then:
@@ -105,10 +106,11 @@ _THEN = {
     End.KILLED: Then.RETRY,  # killed from outside while the sweep goes on: it may be killed again
     End.BUSY: Then.WAIT, End.STORE_DOWN: Then.WAIT, End.DISK_FULL: Then.WAIT,
     End.STOPPED: Then.KEEP,
+    End.REFUSED: Then.KEEP,  # the scheduler starts nothing more: every run would be refused (see Scheduler)
 }
 _EXIT = {End.DIVERGED: EXIT_DIVERGED, End.BAD_INPUT: EXIT_USER, End.ERROR: EXIT_FAILED, End.CRASHED: EXIT_FAILED,
          End.STALLED: EXIT_FAILED, End.STARTED: EXIT_FAILED, End.KILLED: EXIT_SIGTERM, End.BUSY: EXIT_BUSY,
-         End.STORE_DOWN: EXIT_STORE, End.DISK_FULL: EXIT_DISK}
+         End.STORE_DOWN: EXIT_STORE, End.DISK_FULL: EXIT_DISK, End.REFUSED: EXIT_USER}
 _MLFLOW = {End.FINISHED: "FINISHED", End.DIVERGED: "FAILED", End.ERROR: "FAILED", End.BAD_INPUT: "FAILED",
            End.KILLED: "KILLED", End.STOPPED: "KILLED", End.STORE_DOWN: "KILLED", End.DISK_FULL: "KILLED"}
 assert set(_THEN) == set(End), "every End needs a policy"

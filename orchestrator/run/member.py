@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from orchestrator.run.ending import EXIT_DISK, EXIT_SIGINT, End
 from orchestrator.run.folder import Attempt, RunFolder
 from orchestrator.run.spec import WorkerSpec
 from orchestrator.store import claims
-from orchestrator.store.client import Store, StoreDown
+from orchestrator.store.client import Store, StoreDown, StoreRefused, refusal
 from orchestrator.store.logger import AlreadyFinished, RunLogger
 from orchestrator.store.runs import ensure_experiment
 from training.callbacks import Callback
@@ -142,7 +143,8 @@ class Member:
     def end(self, end: End, message: str = "", *, failure: str | None = None, blocking: bool = True) -> None:
         """End the attempt with ``end``: its MLflow run gets ``end.mlflow_status`` (tag ``adareg.failure`` =
         ``failure`` or the end's word; without waiting for the store unless ``blocking``), then the end is
-        recorded. A store that stays down while a FINISHED run is written makes it ``store_down``."""
+        recorded. A store that stays down while a FINISHED run is written makes it ``store_down``; one that
+        refuses this user the write, ``refused``."""
         status = end.mlflow_status
         if self.logger is not None and status is not None:
             try:
@@ -150,19 +152,26 @@ class Member:
                                    blocking=blocking)
             except StoreDown as e:
                 return self.record(End.STORE_DOWN, str(e))
-        elif self.logger is not None and end is End.BUSY:
-            self.logger.abandon()  # not ours (or no longer): leave it to its owner
+            except Exception as e:
+                if (refused := self.refusal(e)) is None:
+                    raise
+                return self.record(End.REFUSED, str(refused))
+        elif self.logger is not None and end in (End.BUSY, End.REFUSED):
+            self.logger.abandon()  # not ours (or no longer), or not ours to write: leave it as it stands
         self.record(end, message)
 
     def ended_early(self, e: BaseException) -> bool:
         """End the attempt if training ``e`` ended it early for a reason of its own (found finished, its
-        claim lost, the store down past its budget, a stop request); False for any other exception."""
+        claim lost, the store down past its budget, the server refusing this user, a stop request); False for
+        any other exception."""
         if isinstance(e, AlreadyFinished):
             self.record(End.ALREADY_FINISHED, str(e), e.run_id)
         elif isinstance(e, claims.Busy):
             self.end(End.BUSY, str(e))
         elif isinstance(e, StoreDown):
             self.end(End.STORE_DOWN, str(e), blocking=False)
+        elif (refused := self.refusal(e)) is not None:  # bad input, not the run's fault: resumable, not counted
+            self.end(End.REFUSED, str(refused))
         elif isinstance(e, StopRun):
             self.end(End.STOPPED, str(e), failure=e.kind)
             self.folder.clear_stop()
@@ -171,6 +180,17 @@ class Member:
         else:
             return False
         return True
+
+    def refusal(self, e: BaseException) -> StoreRefused | None:
+        """``e`` as a ``StoreRefused`` when it is the tracking server's 401/403 (a write refused mid-run: the
+        user's permission revoked, or run creation refused where the write probe passed), else None."""
+        if isinstance(e, StoreRefused):
+            return e
+        run_id = self.logger.run_id if self.logger is not None else None
+        endpoint = re.search(r"endpoint (/\S+)", str(e))
+        what = (f"writing to run {run_id}" if run_id else f"a request for run {self.folder.path.name}") \
+            + (f" ({endpoint.group(1)})" if endpoint else "")
+        return refusal(e, self.spec.tracking_uri, what)
 
     def interrupted(self, e: BaseException) -> None:
         """A signal ended the run: KILLED in MLflow (without waiting for the store), resumable."""
@@ -203,7 +223,9 @@ def unlock(member: Member, raised: BaseException | None = None) -> Attempt:
     if member.attempt is None:
         return member.result()
     if raised is not None:
-        if isinstance(raised, (ConfigError, DataError, UserError)):
+        if isinstance(raised, StoreRefused):
+            member.record(End.REFUSED, str(raised))
+        elif isinstance(raised, (ConfigError, DataError, UserError)):
             member.record(End.BAD_INPUT, str(raised))
         elif isinstance(raised, (KeyboardInterrupt, Terminated)):
             member.record(End.KILLED, "interrupted; resumable")

@@ -19,7 +19,7 @@ from orchestrator.run.folder import Attempt
 from orchestrator.run.member import Member, Terminated, connect, ignore_signals, lock, prepare, unlock
 from orchestrator.run.spec import PackSpec, WorkerSpec
 from orchestrator.store import claims
-from orchestrator.store.client import StoreDown
+from orchestrator.store.client import StoreDown, StoreRefused
 from orchestrator.store.logger import AlreadyFinished
 from orchestrator.store.tags import TAG_PACK
 from training.callbacks import Callback
@@ -109,16 +109,16 @@ def _execute_pack(pack: PackSpec, members: list[Member]) -> None:
         store, experiment_id = connect(lead, members[0].progress.note)
         for m in members:
             prepare(m, store, experiment_id, {TAG_PACK: f"{pack.pack_id}/{pack.size or len(pack.members)}"})
-    except StoreDown as e:
+    except (StoreDown, StoreRefused) as e:
         for m in members:
-            m.record(End.STORE_DOWN, str(e))
+            m.record(End.STORE_DOWN if isinstance(e, StoreDown) else End.REFUSED, str(e))
         return
     for m in members:  # claim every member before the pack starts: one held elsewhere is left out
         if m.ended is None:
             payload = load_checkpoint(m.folder.checkpoint)
             try:
                 m.logger.attach(m.config, plan_for(m.config), list(payload["history"]) if payload else [])
-            except (AlreadyFinished, claims.Busy, StoreDown) as e:
+            except (AlreadyFinished, claims.Busy, StoreDown, StoreRefused) as e:
                 m.ended_early(e)
     todo = [m for m in members if m.ended is None]
     for indices in group_by_epoch([m.folder.checkpoint for m in todo]).values():

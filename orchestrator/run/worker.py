@@ -29,7 +29,7 @@ from orchestrator.run.ending import EXIT_DISK, EXIT_FAILED, EXIT_OK, EXIT_SIGINT
 from orchestrator.run.folder import Attempt
 from orchestrator.run.member import Member, Terminated, connect, ignore_signals, lock, prepare, say, unlock
 from orchestrator.run.spec import PARENT_PID_ENV, PackSpec, WorkerSpec
-from orchestrator.store.client import StoreDown
+from orchestrator.store.client import StoreDown, StoreRefused
 from training.callbacks import Callback
 from training.config import ConfigError, DataError
 
@@ -60,6 +60,8 @@ def _execute(member: Member, callbacks: Sequence[Callback]) -> None:
         prepare(member, store, experiment_id)
     except StoreDown as e:
         member.record(End.STORE_DOWN, str(e))
+    except StoreRefused as e:  # a 401/403: bad input, nothing counted against the run
+        member.record(End.REFUSED, str(e))
     if member.ended is not None:
         return
     from training.loop import Diverged, train  # torch loads here, not when the CLI starts
@@ -72,6 +74,8 @@ def _execute(member: Member, callbacks: Sequence[Callback]) -> None:
     except (KeyboardInterrupt, Terminated) as e:
         ignore_signals()
         return member.interrupted(e)
+    except StoreRefused as e:
+        return member.end(End.REFUSED, str(e))
     except (ConfigError, DataError, UserError):
         member.logger.finish("FAILED", End.ERROR, traceback.format_exc(limit=1), blocking=False)
         raise

@@ -42,6 +42,7 @@ from orchestrator.dispatch.task import QuietView
 from orchestrator.errors import BadValue, arg
 from orchestrator.identity import plan
 from orchestrator.run.ending import End, State
+from orchestrator.store.client import StoreRefused
 from orchestrator.store.tags import TAG_PARENT, TAG_STUDY, TAG_TRIAL
 from orchestrator.sweep.schema import Sweep
 from orchestrator.tune.space import parameters, space_of, suggest, trial_configs, variant_of
@@ -349,6 +350,8 @@ def run_tune(sweep: Sweep, trials: int, options: LaunchOptions | None = None, *,
     finally:
         tuner.close()
         tuner.abandon()  # trials still in flight (stopped by a signal, or the store went down): retried later
+    if launch.scheduler.refused and stopped_by is None:  # the server refused this user a write: bad input
+        raise StoreRefused(launch.scheduler.refused)
     down = launch.scheduler.store_gave_up or launch.scheduler.disk_gave_up  # either: everything resumable
     code = exit_code(stopped_by, failed=bool(tuner.errors), store_down=down)
     return TuneResult(study, tuner.told, tuner.errors, code)

@@ -263,6 +263,21 @@ def test_the_sweep_ends_resumable_after_the_store_timeout(tmp_path):
     assert [(told(t), t.starts) for t in tasks] == [("interrupted", 1), ("interrupted", 0)]
 
 
+def test_a_refusal_of_the_store_starts_nothing_more_and_counts_nothing(tmp_path):
+    """A worker whose write the tracking server refused (HTTP 401/403, mid-run): every other run would be too, so
+    none starts; the one running ends on its own; all stay resumable, no attempt counted."""
+    backend = FakeBackend({"a": ["refused"], "b": ["finished"], "c": ["finished"]}, seconds=0.05)
+    notes = Notes()
+    sched = scheduler(backend, n_slots=2, view=notes, store_probe=lambda: True)
+    tasks = make_tasks(tmp_path, ["a", "b", "c"])
+    assert sched.run(tasks) is None
+    assert sched.refused == "refused (fake)"
+    assert [(t.key, told(t), t.starts, t.failures) for t in tasks] == [
+        ("a", "refused", 1, 0), ("b", "finished", 1, 0), ("c", "refused", 0, 0)]  # b was running: it finished
+    assert [k for k, _, _ in backend.starts] == ["a", "b"]
+    assert any("starting nothing more" in n for n in notes.lines)
+
+
 def test_a_stalled_worker_is_killed_and_retried(tmp_path):
     notes = Notes()
     backend = FakeBackend({"stuck": ["finished", "finished"]}, seconds=30)
