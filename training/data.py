@@ -30,7 +30,6 @@ from training.cifar import Arrays, cifar_arrays
 from training.config import DATASET_SPECS, ConfigError, RunConfig
 
 PAD = 4  # zero padding before the random crop to the image's own size
-DIGITS_SIZE = 32
 DIGITS_TEST_SIZE = 500
 
 # Per-channel mean / std of the training images on the 0..1 scale.
@@ -155,7 +154,8 @@ def _digits() -> tuple[Arrays, Arrays]:
 
     bunch = load_digits()
     x = torch.from_numpy(bunch.images).float().mul_(255.0 / 16.0).unsqueeze(1)  # [N,1,8,8], 0..255
-    x = F.interpolate(x, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    size = DATASET_SPECS["digits"].size
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = x.round_().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
     y = torch.from_numpy(bunch.target).long()
     train, test = train_test_split(np.arange(len(y)), test_size=DIGITS_TEST_SIZE, stratify=bunch.target,

@@ -64,12 +64,8 @@ def _find(folder: str, name: str) -> str | None:
 def _read_checked(path: str, name: str, allow_unofficial: bool) -> bytes:
     """The decompressed bytes of ``path``; DataError unless they are the release's ``name``."""
     try:
-        if path.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                data = f.read()
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise DataError(f"fashion-mnist: cannot read {path} ({_one_line(e)}); {HOW_TO_GET}") from None
     got = hashlib.md5(data, usedforsecurity=False).hexdigest()
@@ -152,8 +148,15 @@ def _download(data_dir: str, looked: list[str]) -> None:
 
 def fashion_arrays(data_dir: str, train: bool, allow_unofficial: bool = False) -> Arrays:
     """One split of Fashion-MNIST: uint8 images ``[N, 1, 28, 28]`` and int64 labels ``[N]`` (CPU)."""
-    root = prepare(data_dir, allow_unofficial)
-    return _read(os.path.abspath(root), train)
+    root = _prepared(os.path.abspath(data_dir), allow_unofficial, tuple(search_dirs(data_dir)))
+    return _read(root, train)
+
+
+@functools.lru_cache(maxsize=4)
+def _prepared(data_dir: str, allow_unofficial: bool, looked: tuple[str, ...]) -> str:
+    """``prepare`` once per process and place (``looked``, the folders it searches, is in the key): a run loads
+    its train and test split, and every member of a pack both, from one check of the files."""
+    return os.path.abspath(prepare(data_dir, allow_unofficial))
 
 
 @functools.lru_cache(maxsize=2)
